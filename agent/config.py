@@ -1,0 +1,350 @@
+"""Typed settings from the environment, an env file and systemd credentials (DESIGN §3).
+
+Every variable is ``EDGE_AGENT_`` + the field path joined by ``__`` (``EDGE_AGENT_MQTT__PORT``). Secrets are
+``SecretStr`` and may also come from files named like the variable in ``$CREDENTIALS_DIRECTORY`` (systemd's
+``LoadCredential=EDGE_AGENT_CLOUD__TOKEN:/etc/edge-agent/cloud-token``). :func:`load_settings` turns every
+validation problem into one :class:`~agent.errors.ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NestedSecretsSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from agent.errors import ConfigError
+
+ENV_PREFIX = "EDGE_AGENT_"
+DEFAULT_ENV_FILE = Path("/etc/edge-agent/agent.env")
+Placement = Literal["auto", "local", "cloud"]
+
+
+def _default_agent_id() -> str:
+    # Host names may carry dots (fine) but never MQTT wildcards; keep the first label only when it is an FQDN.
+    return socket.gethostname().split(".")[0] or "edge-agent"
+
+
+def _default_state_dir() -> Path:
+    # systemd's StateDirectory= sets $STATE_DIRECTORY (colon-separated when several are configured).
+    state = os.environ.get("STATE_DIRECTORY", "")
+    return Path(state.split(":")[0]) if state else Path("/var/lib/edge-agent")
+
+
+def validate_topic_filter(value: str) -> str:
+    """Check an MQTT topic filter (``+`` and ``#`` only as whole levels, ``#`` last)."""
+    if not value:
+        raise ValueError("a topic filter must not be empty")
+    if value.startswith("$share/"):
+        raise ValueError("give the plain filter; EDGE_AGENT_MQTT__SHARED_GROUP adds the $share prefix")
+    if "\x00" in value or len(value.encode()) > 65535:
+        raise ValueError("a topic filter must be valid UTF-8 without NUL and at most 65535 bytes")
+    levels = value.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError(f"'#' must be a whole level and the last one in {value!r}")
+        if "+" in level and level != "+":
+            raise ValueError(f"'+' must be a whole level in {value!r}")
+    return value
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TlsSettings(_Frozen):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_file():
+            raise ValueError(f"{value} does not exist or is not a file")
+        try:
+            with value.open("rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise ValueError(f"{value} cannot be read: {exc.strerror}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("CERT_FILE and KEY_FILE go together for mutual TLS")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca_file is not None or self.cert_file is not None
+
+
+class MqttSettings(_Frozen):
+    host: str = "localhost"
+    port: int = Field(default=1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = "5"
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: TlsSettings = TlsSettings()
+    shared_group: str | None = None
+    client_id: str | None = Field(default=None, description="default: edge-agent-<agent_id>")
+    keepalive_s: int = Field(default=30, ge=5, le=65535)
+    # How many unacknowledged QoS 1 messages the broker may send us at once (MQTT 5 Receive Maximum). It bounds
+    # the messages held in memory before their commit and sets the size of each group commit.
+    receive_maximum: int = Field(default=1000, ge=1, le=65535)
+    # Results and dead letters published but not yet acknowledged by the broker (our own window, see STYLE.md).
+    publish_window: int = Field(default=1000, ge=1, le=20000)
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the broker host must not be empty")
+        return value.strip()
+
+    @field_validator("shared_group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c in value for c in "/+#")):
+            raise ValueError("a shared group name must be non-empty without '/', '+' or '#'")
+        return value
+
+    @model_validator(mode="after")
+    def _backoff(self) -> MqttSettings:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("RECONNECT_MAX_S must be at least RECONNECT_MIN_S")
+        return self
+
+
+class Route(BaseModel):
+    """One subscription and the task its messages become. Keys other than these are task options."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    topic: str
+    task: str
+    placement: Placement = "auto"
+    qos: Literal[0, 1] = 1
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        return validate_topic_filter(value)
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the task name must not be empty")
+        return value
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def _default_routes() -> list[Route]:
+    return [
+        Route(topic="city/+/+/+/data", task="sensor.stats"),
+        Route(topic="city/+/noise/+/pcm", task="noise.spectrum"),
+    ]
+
+
+class LocalSettings(_Frozen):
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+
+
+class CloudSettings(_Frozen):
+    url: str | None = None
+    token: SecretStr | None = None
+    location: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1]) == 0:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class MetricsSettings(_Frozen):
+    port: int = Field(default=9108, ge=0, le=65535)
+
+
+class StoreSettings(_Frozen):
+    # Tasks and results not yet acknowledged by the broker; at the bound, intake pauses (nothing is dropped).
+    max_tasks: int = Field(default=100_000, ge=10)
+    max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
+    # "full" fsyncs every group commit (survives power cuts); "normal" survives process crashes only.
+    synchronous: Literal["full", "normal"] = "full"
+
+
+class LogSettings(_Frozen):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    """All settings of one agent. Built by :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+    )
+
+    agent_id: str = Field(default_factory=_default_agent_id)
+    mqtt: MqttSettings = MqttSettings()
+    routes: list[Route] = Field(default_factory=_default_routes)
+    max_payload_bytes: int = Field(default=1_048_576, ge=1, le=256 * 1024 * 1024)
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    local: LocalSettings = LocalSettings()
+    cloud: CloudSettings = CloudSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    store: StoreSettings = StoreSettings()
+    log: LogSettings = LogSettings()
+    shutdown_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+
+    @field_validator("agent_id")
+    @classmethod
+    def _agent_id(cls, value: str) -> str:
+        if not value or any(c in value for c in "/+#") or any(c.isspace() for c in value):
+            raise ValueError("the agent id must be non-empty without '/', '+', '#' or spaces (it is a topic level)")
+        return value
+
+    @field_validator("routes")
+    @classmethod
+    def _routes(cls, value: list[Route]) -> list[Route]:
+        if not value:
+            raise ValueError("at least one route is needed")
+        seen: set[str] = set()
+        for route in value:
+            if route.topic in seen:
+                raise ValueError(f"the topic filter {route.topic!r} appears twice")
+            seen.add(route.topic)
+        return value
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"edge-agent-{self.agent_id}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if credentials and Path(credentials).is_dir():
+            # Credential files are named like the variable: EDGE_AGENT_MQTT__PASSWORD, EDGE_AGENT_CLOUD__TOKEN.
+            sources.append(
+                NestedSecretsSettingsSource(
+                    file_secret_settings,
+                    secrets_dir=credentials,
+                    secrets_prefix=ENV_PREFIX,
+                    secrets_nested_delimiter="__",
+                    secrets_dir_missing="ok",
+                )
+            )
+        return tuple(sources)
+
+
+def variable_name(loc: tuple[int | str, ...]) -> str:
+    """The environment variable a validation error location belongs to (``('mqtt','port')`` → MQTT__PORT)."""
+    parts: list[str] = []
+    suffix = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int) or (i > 0 and loc[0] == "routes"):
+            suffix += f"[{part}]" if isinstance(part, int) else f".{part}"
+        else:
+            parts.append(str(part).upper())
+    return ENV_PREFIX + "__".join(parts) + suffix
+
+
+def _field_of_settings_error(message: str) -> str:
+    # pydantic-settings says: error parsing value for field "routes" from source "EnvSettingsSource"
+    if 'field "' in message:
+        field = message.split('field "', 1)[1].split('"', 1)[0]
+        return ENV_PREFIX + field.upper()
+    return "configuration"
+
+
+def load_settings(env_file: Path | None = None, *, explicit: bool = False) -> Settings:
+    """Build the settings from the environment and ``env_file``.
+
+    A missing env file is an error only when the operator named it (``explicit``); the default path is optional
+    so the agent also runs from the environment alone.
+    """
+    if env_file is not None and not env_file.exists():
+        if explicit:
+            raise ConfigError("--env-file", f"{env_file} does not exist")
+        env_file = None
+    if env_file is not None:
+        try:
+            with env_file.open("rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError("--env-file", f"{env_file} cannot be read: {exc.strerror}") from exc
+    try:
+        return Settings(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        loc = tuple(error["loc"])
+        given = error.get("input")
+        shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {_redact_input(loc, given)!r})"
+        raise ConfigError(variable_name(loc), _plain(error["msg"]) + shown) from None
+    except SettingsError as exc:
+        cause = exc.__cause__
+        detail = f"not valid JSON ({cause})" if isinstance(cause, json.JSONDecodeError) else str(cause or exc)
+        raise ConfigError(_field_of_settings_error(str(exc)), detail) from None
+
+
+def _redact_input(loc: tuple[int | str, ...], given: object) -> object:
+    return "**********" if loc and str(loc[-1]) in {"password", "token"} else given
+
+
+def _plain(message: str) -> str:
+    # pydantic prefixes custom messages with "Value error, "; operators do not need it.
+    return message.removeprefix("Value error, ")
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data with every secret replaced by ``**********``."""
+    data: dict[str, Any] = settings.model_dump(mode="json")
+    for section, key in (("mqtt", "password"), ("cloud", "token")):
+        if data[section][key] is not None:
+            data[section][key] = "**********"
+    data["client_id"] = settings.client_id
+    return data
