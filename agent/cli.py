@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from agent import daemon, telemetry
 
     telemetry.configure_logging(settings)
+    env_file = args.env_file if args.env_file is not None else DEFAULT_ENV_FILE
+    telemetry.warn_if_world_readable(env_file, telemetry.get_logger("agent.cli"))
     try:
         return daemon.run(settings)
     except ConfigError as exc:

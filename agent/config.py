@@ -313,12 +313,13 @@ def load_settings(env_file: Path | None = None, *, explicit: bool = False) -> Se
         env_file = None
     if env_file is not None:
         try:
-            with env_file.open("rb"):
-                pass
+            env_file.read_bytes().decode("utf-8")
         except OSError as exc:
             raise ConfigError("--env-file", f"{env_file} cannot be read: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError("--env-file", f"{env_file} is not UTF-8 text (byte {exc.start})") from None
     try:
-        return Settings(_env_file=env_file)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         loc = tuple(error["loc"])

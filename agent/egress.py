@@ -1,0 +1,177 @@
+"""Results, dead letters and their delivery (DESIGN §4).
+
+The encoders are pure. :class:`Publisher` runs on the event loop: it publishes committed outbox rows within a
+window of unacknowledged messages (paho's packet ids run out past 65,535 and a big backlog would otherwise
+lose results, STYLE.md), and tells the store when the broker has acknowledged each one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from agent.store import OutboxEntry, Store
+from agent.telemetry import get_logger
+
+log = get_logger(__name__)
+
+RESULT_QOS = 1
+RETRY_REFUSED_S = 0.5
+
+
+def results_topic(agent_id: str, topic: str) -> str:
+    return f"edge/{agent_id}/results/{topic}"
+
+
+def dead_letter_topic(agent_id: str, topic: str) -> str:
+    return f"edge/{agent_id}/dead-letter/{topic}"
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    # allow_nan=False: a NaN would make the message unreadable to strict JSON consumers; tasks return finite
+    # numbers and a violation surfaces as a task failure instead of a poisoned result.
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def dead_letter(agent_id: str, topic: str, reason: str, detail: str, size: int,
+                received_at: float) -> tuple[str, bytes]:
+    body = {"topic": topic, "reason": reason, "detail": detail, "size": size, "received_at": received_at}
+    return dead_letter_topic(agent_id, topic), encode(body)
+
+
+def result_message(agent_id: str, *, task_id: str, kind: str, topic: str, placement: str,
+                   decision: dict[str, Any], timings: dict[str, float],
+                   result: dict[str, Any]) -> tuple[str, bytes]:
+    body = {
+        "task_id": task_id,
+        "kind": kind,
+        "topic": topic,
+        "placement": placement,
+        "decision": decision,
+        "timings": timings,
+        "result": result,
+    }
+    return results_topic(agent_id, topic), encode(body)
+
+
+class Publisher:
+    """Publishes outbox rows in commit order, at most ``window`` unacknowledged at once.
+
+    Rows arrive from the store after each commit. Beyond ``memory_cap`` queued rows it stops holding them in
+    memory ("spilled") and reads them back from the store once the queue drains, so an outage with a long
+    backlog costs disk, not memory.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        publish: Callable[[str, bytes, int], int | None],
+        *,
+        window: int,
+        memory_cap: int = 10_000,
+    ) -> None:
+        self._store = store
+        self._publish = publish
+        self.window = window
+        self._memory_cap = memory_cap
+        self._queue: deque[OutboxEntry] = deque()
+        self._inflight: dict[int, tuple[int, int]] = {}  # mid → (row id, payload size)
+        self._spilled = True  # at start the outbox in the store is the truth
+        self._loading = False
+        self._last_seq = 0
+        self._retry: asyncio.TimerHandle | None = None
+        self.published = 0
+        self.acknowledged = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._load_more()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue)
+
+    def set_window(self, window: int) -> None:
+        self.window = max(1, window)
+        self.pump()
+
+    def idle(self) -> bool:
+        return not self._queue and not self._inflight and not self._spilled and not self._loading
+
+    # ------------------------------------------------------------------ event loop
+
+    def accept(self, entries: list[OutboxEntry]) -> None:
+        if self._spilled or len(self._queue) >= self._memory_cap:
+            # Entries stay in the store; the next load picks them up in seq order.
+            self._spilled = True
+        elif entries:
+            self._queue.extend(entries)
+            self._last_seq = entries[-1].seq
+        self.pump()
+
+    def acked(self, mids: list[int]) -> None:
+        done: list[tuple[int, int]] = []
+        for mid in mids:
+            entry = self._inflight.pop(mid, None)
+            if entry is not None:  # other mids are our status messages
+                done.append(entry)
+        if done:
+            self.acknowledged += len(done)
+            self._store.published(done)
+        self.pump()
+
+    def pump(self) -> None:
+        if self._retry is not None:
+            return
+        queue, inflight, publish = self._queue, self._inflight, self._publish
+        while queue and len(inflight) < self.window:
+            entry = queue[0]
+            mid = publish(entry.topic, entry.payload, RESULT_QOS)
+            if mid is None:
+                assert self._loop is not None
+                self._retry = self._loop.call_later(RETRY_REFUSED_S, self._retry_now)
+                return
+            queue.popleft()
+            inflight[mid] = (entry.id, len(entry.payload))
+            self.published += 1
+        if not queue and self._spilled:
+            self._load_more()
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self.pump()
+
+    def _load_more(self) -> None:
+        if self._loading:
+            return
+        self._loading = True
+        assert self._loop is not None
+        loop = self._loop
+        limit = self._memory_cap
+        def reply(rows: list[OutboxEntry]) -> None:
+            loop.call_soon_threadsafe(self._loaded, rows, limit)
+
+        self._store.load_outbox(self._last_seq, limit, reply)
+
+    def _loaded(self, rows: list[OutboxEntry], limit: int) -> None:
+        self._loading = False
+        inflight_ids = {row_id for row_id, _ in self._inflight.values()}
+        for row in rows:
+            if row.id not in inflight_ids:
+                self._queue.append(row)
+        if rows:
+            self._last_seq = rows[-1].seq
+        # Fewer than asked for: the store holds nothing newer than what was just handed over, and every
+        # later commit reaches accept() after this reply (both come from the writer thread in order).
+        if len(rows) < limit:
+            self._spilled = False
+        self.pump()
+

@@ -1,0 +1,401 @@
+"""The durable inbox and outbox: one SQLite table in WAL mode, written by one thread that commits in groups.
+
+A row is one task through its life::
+
+    state 0 PENDING    input committed; the inbound QoS 1 message is acknowledged only after this commit
+    state 1 OUTBOX     result (or dead letter) committed, input dropped; waiting for the broker's PUBACK
+    state 2 PUBLISHED  tombstone: keeps the inbound (mid, topic, crc) → task_id so a redelivered message that
+                       was already committed keeps its task_id instead of becoming a second task
+
+Every write goes through :meth:`Store.submit` to the writer thread, which drains whatever has queued up,
+applies it in one transaction and only then runs the post-commit actions (acknowledgements, hand-offs).
+Under load the groups grow by themselves; when idle a single message commits alone, so latency stays low.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from agent.errors import ConfigError, StoreError
+from agent.telemetry import get_logger
+
+log = get_logger(__name__)
+
+PENDING, OUTBOX, PUBLISHED = 0, 1, 2
+SCHEMA_VERSION = 1
+MAX_GROUP = 4000  # operations per transaction: bounds the time acknowledgements wait behind one commit
+TOMBSTONES_KEPT = 70_000  # > 65,535 packet ids, so any id the broker may still redeliver is remembered
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id          INTEGER PRIMARY KEY,
+    task_id     TEXT    NOT NULL,
+    topic       TEXT    NOT NULL,
+    kind        TEXT,
+    placement   TEXT,
+    options     TEXT,
+    payload     BLOB,
+    size        INTEGER NOT NULL,
+    received_at REAL    NOT NULL,
+    mid         INTEGER,
+    crc         INTEGER,
+    state       INTEGER NOT NULL,
+    out_topic   TEXT,
+    out_payload BLOB,
+    out_seq     INTEGER
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class NewTask(NamedTuple):
+    """A message accepted by ingress, not yet committed. ``out_*`` set means it is a dead letter already."""
+
+    task_id: str
+    topic: str
+    kind: str | None
+    placement: str | None
+    options: dict[str, Any] | None
+    payload: bytes | None
+    size: int
+    received_at: float
+    mid: int | None
+    crc: int | None
+    out_topic: str | None = None
+    out_payload: bytes | None = None
+
+
+class TaskRef(NamedTuple):
+    """A committed pending task as the dispatcher sees it; ``payload`` may be None when it was spilled."""
+
+    id: int
+    task_id: str
+    topic: str
+    kind: str
+    placement: str
+    options: dict[str, Any]
+    payload: bytes | None
+    size: int
+    received_at: float
+
+
+class OutboxEntry(NamedTuple):
+    id: int
+    topic: str
+    payload: bytes
+    seq: int
+
+
+@dataclass
+class Committed:
+    """What one group commit made durable, handed to the post-commit hook."""
+
+    acks: list[tuple[int, int]] = field(default_factory=list)  # (mid, qos)
+    tasks: list[TaskRef] = field(default_factory=list)
+    outbox: list[OutboxEntry] = field(default_factory=list)
+    released: int = 0
+
+
+CommitHook = Callable[[Committed], None]
+
+
+class _Op(NamedTuple):
+    kind: str
+    args: tuple[Any, ...]
+
+
+class Store:
+    """Durable store with a single writer thread. Public methods are safe to call from any thread."""
+
+    def __init__(self, state_dir: Path, *, max_tasks: int, max_bytes: int, synchronous: str = "full") -> None:
+        self.path = state_dir / "edge-agent.db"
+        self.max_tasks = max_tasks
+        self.max_bytes = max_bytes
+        self._synchronous = synchronous.upper()
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._hook: CommitHook = lambda committed: None
+        # Single-writer counters (admitted: ingress thread; released: writer thread): no lock needed, and
+        # outstanding = admitted - released never races.
+        self.admitted_rows = 0
+        self.admitted_bytes = 0
+        self.released_rows = 0
+        self.released_bytes = 0
+        self._next_seq = 0
+        self._since_prune = 0
+        self.commits = 0
+        self.last_commit_s = 0.0
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={self._synchronous}")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            self._check_schema()
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError("EDGE_AGENT_STATE_DIR", f"cannot open the store at {self.path}: {exc}") from exc
+        rows, size, seq = self._db.execute(
+            "SELECT count(*), coalesce(sum(CASE state WHEN 0 THEN size ELSE length(out_payload) END), 0), "
+            "(SELECT coalesce(max(out_seq), 0) FROM tasks) FROM tasks WHERE state < 2"
+        ).fetchone()
+        self.admitted_rows, self.admitted_bytes, self._next_seq = int(rows), int(size), int(seq) + 1
+
+    def _check_schema(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(f"store schema {row[0]} is not {SCHEMA_VERSION}; move {self.path} aside")
+
+    # ------------------------------------------------------------------ reads at start-up (before threads)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            name: int(self._db.execute("SELECT count(*) FROM tasks WHERE state=?", (state,)).fetchone()[0])
+            for name, state in (("pending", PENDING), ("outbox", OUTBOX), ("published", PUBLISHED))
+        }
+
+    def recent_deliveries(self, limit: int) -> list[tuple[int, str, int, str]]:
+        """(mid, topic, crc, task_id) of the newest committed QoS 1 messages, newest first."""
+        rows = self._db.execute(
+            "SELECT mid, topic, crc, task_id FROM tasks WHERE mid IS NOT NULL ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [(int(m), str(t), int(c), str(i)) for m, t, c, i in rows]
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def load_payload(self, row_id: int) -> bytes | None:
+        """Read a spilled task's input from the event-loop thread (WAL readers do not block the writer)."""
+        if self._reader is None:
+            self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        row = self._reader.execute("SELECT payload FROM tasks WHERE id=?", (row_id,)).fetchone()
+        return None if row is None else row[0]
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def outstanding_rows(self) -> int:
+        return self.admitted_rows - self.released_rows
+
+    @property
+    def outstanding_bytes(self) -> int:
+        return self.admitted_bytes - self.released_bytes
+
+    def has_room(self, size: int) -> bool:
+        return self.outstanding_rows < self.max_tasks and self.outstanding_bytes + size <= self.max_bytes
+
+    def below_resume_mark(self) -> bool:
+        # Resume intake with some slack so we do not flap between full and not full on every message.
+        return self.outstanding_rows < self.max_tasks * 0.9 and self.outstanding_bytes < self.max_bytes * 0.9
+
+    # ------------------------------------------------------------------ writer thread
+
+    def start(self, hook: CommitHook) -> None:
+        self._hook = hook
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Commit what is queued, then close."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout_s)
+            self._thread = None
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("store_checkpoint_failed", error=str(exc))
+        self._db.close()
+        if self._reader is not None:
+            self._reader.close()
+
+    def ingest(self, rows: Sequence[NewTask], acks: Sequence[tuple[int, int]]) -> None:
+        """Called by ingress (one thread): count the rows in now, commit them soon, then acknowledge."""
+        for row in rows:
+            self.admitted_rows += 1
+            self.admitted_bytes += stored_size(row)
+        self._queue.put(_Op("ingest", (rows, acks)))
+
+    def complete(self, row_id: int, size: int, out_topic: str, out_payload: bytes) -> None:
+        self._queue.put(_Op("complete", (row_id, size, out_topic, out_payload)))
+
+    def published(self, row_ids: Iterable[tuple[int, int]]) -> None:
+        """Rows whose result the broker acknowledged: (row id, size of the result payload)."""
+        self._queue.put(_Op("published", (list(row_ids),)))
+
+    def load_pending(self, after_id: int, limit: int, reply: Callable[[list[TaskRef]], None]) -> None:
+        self._queue.put(_Op("load_pending", (after_id, limit, reply)))
+
+    def load_outbox(self, after_seq: int, limit: int, reply: Callable[[list[OutboxEntry]], None]) -> None:
+        self._queue.put(_Op("load_outbox", (after_seq, limit, reply)))
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the writer thread after everything queued before it has been committed."""
+        self._queue.put(_Op("call", (fn,)))
+
+    def _run(self) -> None:
+        running = True
+        while running:
+            op = self._queue.get()
+            batch: list[_Op] = []
+            if op is None:
+                running = False
+            else:
+                batch.append(op)
+            while len(batch) < MAX_GROUP:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    running = False
+                    break
+                batch.append(more)
+            if batch:
+                self._apply_group(batch)
+
+    def _apply_group(self, batch: list[_Op]) -> None:
+        committed = Committed()
+        after: list[Callable[[], None]] = []
+        started = time.perf_counter()
+        while True:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for op in batch:
+                    self._apply(op, committed, after)
+                self._db.execute("COMMIT")
+                break
+            except sqlite3.Error as exc:
+                # Disk full or I/O error: nothing was acknowledged for this group, so retrying loses nothing;
+                # the broker keeps our unacknowledged messages meanwhile.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                committed = Committed()
+                after = []
+                log.error("store_commit_failed", error=str(exc), retry_in_s=1.0)
+                time.sleep(1.0)
+        self.commits += 1
+        self.last_commit_s = time.perf_counter() - started
+        try:
+            self._hook(committed)
+            for fn in after:
+                fn()
+        except Exception:
+            log.exception("store_post_commit_failed")
+        self._since_prune += len(batch)
+        if self._since_prune > 20_000:
+            self._since_prune = 0
+            self._prune()
+
+    def _apply(self, op: _Op, committed: Committed, after: list[Callable[[], None]]) -> None:
+        db = self._db
+        if op.kind == "ingest":
+            rows, acks = op.args
+            for row in rows:
+                dead = row.out_topic is not None
+                state = OUTBOX if dead else PENDING
+                seq = self._take_seq() if dead else None
+                cur = db.execute(
+                    "INSERT INTO tasks (task_id, topic, kind, placement, options, payload, size, received_at, "
+                    "mid, crc, state, out_topic, out_payload, out_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (row.task_id, row.topic, row.kind, row.placement,
+                     json.dumps(row.options) if row.options else None, None if dead else row.payload,
+                     row.size, row.received_at, row.mid, row.crc, state, row.out_topic, row.out_payload, seq),
+                )
+                row_id = int(cur.lastrowid or 0)
+                if dead:
+                    assert row.out_topic is not None and row.out_payload is not None and seq is not None
+                    committed.outbox.append(OutboxEntry(row_id, row.out_topic, row.out_payload, seq))
+                else:
+                    assert row.kind is not None and row.placement is not None
+                    committed.tasks.append(TaskRef(row_id, row.task_id, row.topic, row.kind, row.placement,
+                                                   row.options or {}, row.payload, row.size, row.received_at))
+            committed.acks.extend(acks)
+        elif op.kind == "complete":
+            row_id, size, out_topic, out_payload = op.args
+            seq = self._take_seq()
+            db.execute(
+                "UPDATE tasks SET state=1, payload=NULL, out_topic=?, out_payload=?, out_seq=? WHERE id=? AND state=0",
+                (out_topic, out_payload, seq, row_id),
+            )
+            # The input leaves the store and the result takes its place in the byte count.
+            self.released_bytes += size - len(out_payload)
+            committed.outbox.append(OutboxEntry(row_id, out_topic, out_payload, seq))
+        elif op.kind == "published":
+            (pairs,) = op.args
+            db.executemany("UPDATE tasks SET state=2, out_payload=NULL WHERE id=? AND state=1",
+                           [(row_id,) for row_id, _ in pairs])
+            for _, out_size in pairs:
+                self.released_rows += 1
+                self.released_bytes += out_size
+            committed.released += len(pairs)
+        elif op.kind == "load_pending":
+            after_id, limit, reply = op.args
+            rows = db.execute(
+                "SELECT id, task_id, topic, kind, placement, options, NULL, size, received_at FROM tasks "
+                "WHERE id > ? AND state=0 ORDER BY id LIMIT ?", (after_id, limit)
+            ).fetchall()
+            refs = [TaskRef(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else {}, None, r[7], r[8])
+                    for r in rows]
+            after.append(lambda: reply(refs))
+        elif op.kind == "load_outbox":
+            after_seq, limit, reply = op.args
+            rows = db.execute(
+                "SELECT id, out_topic, out_payload, out_seq FROM tasks WHERE state=1 AND out_seq > ? "
+                "ORDER BY out_seq LIMIT ?", (after_seq, limit)
+            ).fetchall()
+            entries = [OutboxEntry(r[0], r[1], r[2], r[3]) for r in rows]
+            after.append(lambda: reply(entries))
+        elif op.kind == "call":
+            after.append(op.args[0])
+        else:  # pragma: no cover - programming error
+            raise StoreError(f"unknown store operation {op.kind}")
+
+    def _take_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def _prune(self) -> None:
+        """Drop old tombstones; keep enough to recognise any packet id the broker could still redeliver."""
+        row = self._db.execute("SELECT max(id) FROM tasks").fetchone()
+        if row[0] is None:
+            return
+        try:
+            self._db.execute("DELETE FROM tasks WHERE state=2 AND id < ?", (int(row[0]) - TOMBSTONES_KEPT,))
+        except sqlite3.Error as exc:
+            log.warning("store_prune_failed", error=str(exc))
+
+
+def stored_size(row: NewTask) -> int:
+    """Bytes a new row holds in the store: its input, or its dead letter (the input is not kept)."""
+    return len(row.out_payload) if row.out_payload is not None else row.size
+
+
+def ensure_writable(state_dir: Path) -> None:
+    """Fail early, naming the variable, when the state directory cannot hold the store."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        probe = state_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError("EDGE_AGENT_STATE_DIR", f"{state_dir} is not writable: {exc.strerror}") from exc

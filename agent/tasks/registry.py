@@ -1,0 +1,140 @@
+"""Task names → callables: the two built-ins plus user tasks from the ``edge_agent.tasks`` entry points."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import Route
+from agent.errors import ConfigError, UnknownTask
+from agent.tasks import noise_spectrum, sensor_stats
+from agent.telemetry import get_logger
+
+ENTRY_POINT_GROUP = "edge_agent.tasks"
+
+TaskFn = Callable[[bytes, Mapping[str, Any]], dict[str, Any]]
+OptionsCheck = Callable[[Mapping[str, Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """A task: ``heavy`` ones run in the process pool, light ones inline on the daemon's event loop.
+
+    ``check_options``, when given, validates a route's options at start-up and raises ValueError with a
+    message for the operator; without it a bad option would fail every message instead.
+    """
+
+    name: str
+    fn: TaskFn
+    heavy: bool
+    check_options: OptionsCheck | None = None
+
+
+class TaskRegistry:
+    def __init__(self) -> None:
+        self._specs: dict[str, TaskSpec] = {}
+
+    def register(self, spec: TaskSpec) -> None:
+        if not spec.name:
+            raise ValueError("a task name must not be empty")
+        if spec.name in self._specs:
+            raise ValueError(f"a task named {spec.name!r} is already registered")
+        self._specs[spec.name] = spec
+
+    def get(self, name: str) -> TaskSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise UnknownTask(
+                f"task {name!r} is not installed on this gateway; known tasks: {', '.join(self.names())}"
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self) -> Iterator[TaskSpec]:
+        return iter([self._specs[name] for name in self.names()])
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def check_routes(self, routes: Sequence[Route]) -> None:
+        """Stop start-up on the first route naming a task that is not here or giving it a bad option."""
+        for i, route in enumerate(routes):
+            if route.task not in self._specs:
+                raise ConfigError(
+                    f"EDGE_AGENT_ROUTES[{i}].task",
+                    f"unknown task {route.task!r}; known tasks: {', '.join(self.names())}",
+                )
+            check = self._specs[route.task].check_options
+            if check is not None:
+                try:
+                    check(route.options)
+                except ValueError as exc:
+                    raise ConfigError(f"EDGE_AGENT_ROUTES[{i}]", str(exc)) from None
+
+
+def builtin_specs() -> list[TaskSpec]:
+    """Fresh built-ins (a new, empty ``sensor.stats`` state each call)."""
+    return [
+        TaskSpec("sensor.stats", sensor_stats.SensorStats(), heavy=False,
+                 check_options=sensor_stats.check_options),
+        TaskSpec("noise.spectrum", noise_spectrum.noise_spectrum, heavy=True,
+                 check_options=noise_spectrum.check_options),
+    ]
+
+
+def _plugin_spec(entry_point: importlib.metadata.EntryPoint) -> TaskSpec | None:
+    log = get_logger(__name__)
+    try:
+        fn = entry_point.load()
+    except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the gateway; check_routes names it
+        log.warning("task_plugin_failed", name=entry_point.name, error=f"{type(exc).__name__}: {exc}")
+        return None
+    if not callable(fn):
+        log.warning("task_plugin_failed", name=entry_point.name,
+                    error=f"{entry_point.value} is not callable (got {type(fn).__name__})")
+        return None
+    # Heavy unless the plugin says otherwise: running a slow task inline would stall the event loop.
+    return TaskSpec(entry_point.name, fn, heavy=bool(getattr(fn, "heavy", True)))
+
+
+@functools.cache
+def default_registry() -> TaskRegistry:
+    """Built-ins and installed user tasks, built once per process (each pool worker builds its own)."""
+    registry = TaskRegistry()
+    for spec in builtin_specs():
+        registry.register(spec)
+    builtins = set(registry.names())
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry_point.name in builtins:
+            get_logger(__name__).warning(
+                "task_plugin_failed", name=entry_point.name,
+                error=f"{entry_point.value} may not replace the built-in task {entry_point.name!r}",
+            )
+            continue
+        if entry_point.name in registry:
+            get_logger(__name__).warning(
+                "task_plugin_failed", name=entry_point.name,
+                error=f"{entry_point.value}: another installed package already provides this task",
+            )
+            continue
+        plugin = _plugin_spec(entry_point)
+        if plugin is not None:
+            registry.register(plugin)
+    return registry
+
+
+def run_task(name: str, payload: bytes, options: Mapping[str, Any]) -> tuple[dict[str, Any], float]:
+    """Run a task by name and time it; top-level so the process pool can pickle a reference to it."""
+    spec = default_registry().get(name)
+    started = time.perf_counter()
+    result = spec.fn(payload, options)
+    return result, time.perf_counter() - started

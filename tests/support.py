@@ -1,0 +1,254 @@
+"""Real parts for the tests: a Mosquitto broker on a free port, the agent as a process, MQTT clients."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CITYPULSE = SHARED / "data" / "citypulse-aarhus"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Mosquitto:
+    """A real Mosquitto with persistence, so a restart keeps sessions and queued messages."""
+
+    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "") -> None:
+        exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        if exe is None:
+            raise RuntimeError("mosquitto is not installed: apt-get install mosquitto mosquitto-clients")
+        self.exe = exe
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {workdir}/\n"
+            "autosave_interval 1\n"
+            "max_queued_messages 0\n"
+            "max_queued_bytes 0\n"
+            f"log_dest file {self.log}\n"
+            # Started as root (CI), mosquitto would switch to its own user and lose access to this folder.
+            "user root\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+            + extra_conf
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_for(self._listening, 10, f"mosquitto on port {self.port}")
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"mosquitto exited: {self.log.read_text() if self.log.exists() else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: mosquitto saves its persistence file on the way out
+            self.proc.wait(10)
+        self.proc = None
+
+    def restart(self, down_s: float = 0.5) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+
+class Collector:
+    """A persistent-session QoS 1 subscriber that keeps every message it receives."""
+
+    def __init__(self, port: int, topic: str, client_id: str | None = None) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2,
+                                  client_id=client_id or f"collector-{uuid.uuid4().hex[:8]}",
+                                  protocol=paho.MQTTv311, clean_session=False)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        wait_for(self.client.is_connected, 10, "collector connection")
+        time.sleep(0.2)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, msg.payload))
+
+    def snapshot(self) -> list[tuple[str, bytes]]:
+        with self._lock:
+            return list(self.messages)
+
+    def json_under(self, prefix: str) -> list[dict[str, Any]]:
+        return [json.loads(p) for t, p in self.snapshot() if t.startswith(prefix)]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def publisher(port: int, client_id: str | None = None) -> paho.Client:
+    """A device: QoS 1 publishes with a persistent session, so it re-sends across broker restarts."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"device-{uuid.uuid4().hex[:8]}",
+                         protocol=paho.MQTTv311, clean_session=False)
+    client.max_inflight_messages_set(200)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    wait_for(client.is_connected, 10, "device connection")
+    return client
+
+
+def citypulse_rows(n: int, start_seq: int = 0) -> Iterator[dict[str, Any]]:
+    """Real Aarhus traffic rows with numbers as numbers and a unique ``seq``."""
+    seq = start_seq
+    files = sorted(CITYPULSE.glob("AarhusTrafficData*.csv"))
+    while True:
+        for path in files:
+            with path.open(newline="") as fh:
+                for row in csv.DictReader(fh):
+                    out: dict[str, Any] = {}
+                    for key, value in row.items():
+                        try:
+                            out[key] = int(value)
+                        except ValueError:
+                            try:
+                                out[key] = float(value)
+                            except ValueError:
+                                out[key] = value
+                    out["seq"] = seq
+                    yield out
+                    seq += 1
+                    if seq - start_seq >= n:
+                        return
+
+
+class Agent:
+    """The agent as a real process, configured by an env file."""
+
+    def __init__(self, workdir: Path, broker_port: int, agent_id: str | None = None,
+                 extra_env: dict[str, str] | None = None, routes: list[dict[str, Any]] | None = None,
+                 pythonpath: Path | None = None) -> None:
+        self.workdir = workdir
+        self.pythonpath = pythonpath
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.agent_id = agent_id or f"gw-{uuid.uuid4().hex[:6]}"
+        self.env_file = workdir / "agent.env"
+        self.log_path = workdir / "agent.log"
+        lines = {
+            "EDGE_AGENT_AGENT_ID": self.agent_id,
+            "EDGE_AGENT_MQTT__HOST": "127.0.0.1",
+            "EDGE_AGENT_MQTT__PORT": str(broker_port),
+            "EDGE_AGENT_STATE_DIR": str(workdir / "state"),
+            "EDGE_AGENT_METRICS__PORT": "0",
+            "EDGE_AGENT_LOCAL__WORKERS": "1",
+            "EDGE_AGENT_MQTT__RECONNECT_MIN_S": "0.2",
+            "EDGE_AGENT_MQTT__RECONNECT_MAX_S": "2",
+            "EDGE_AGENT_LOG__FORMAT": "json",
+        }
+        if routes is not None:
+            lines["EDGE_AGENT_ROUTES"] = json.dumps(routes)
+        lines.update(extra_env or {})
+        self.env_file.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, wait_connected: bool = True) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+        env.pop("CREDENTIALS_DIRECTORY", None)
+        if self.pythonpath is not None:
+            env["PYTHONPATH"] = str(self.pythonpath)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._log_fh = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--env-file", str(self.env_file)],
+            stdout=self._log_fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        self.starts += 1
+        if wait_connected:
+            wait_for(lambda: self._logged_since(offset, "mqtt_connected"), 30, "the agent to connect")
+
+    def _logged_since(self, offset: int, event: str) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log_tail()}")
+        with self.log_path.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+        return f'"event": "{event}"'.encode() in data or f'"event":"{event}"'.encode() in data
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:]) if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        # SIGKILL the whole process group: the worker pool dies with the agent, as in a power cut.
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._log_fh.close()
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self._log_fh.close()
+        return code
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        if self.proc is not None:
+            self._log_fh.close()
+        if self.proc is not None:
+            self._log_fh.close()

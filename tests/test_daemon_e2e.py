@@ -1,0 +1,281 @@
+"""The agent as operators run it: a real process, a real Mosquitto, real signals."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import Agent, Collector, Mosquitto, citypulse_rows, publisher, wait_for
+
+pytestmark = pytest.mark.integration
+
+TRAFFIC = "city/aarhus/traffic/{}/data"
+ROUTES = [
+    {"topic": "city/+/traffic/+/data", "task": "sensor.stats", "placement": "auto"},
+    {"topic": "city/+/noise/+/pcm", "task": "noise.spectrum"},
+]
+
+
+@pytest.fixture
+def agents(tmp_path: Path):  # type: ignore[no-untyped-def]
+    made: list[Agent] = []
+
+    def make(broker: Mosquitto, name: str = "agent", **kwargs: Any) -> Agent:
+        agent = Agent(tmp_path / name, broker.port, routes=kwargs.pop("routes", ROUTES), **kwargs)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.cleanup()
+
+
+def results_by_seq(collector: Collector, agent: Agent) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = {}
+    for msg in collector.json_under(f"edge/{agent.agent_id}/results/"):
+        out.setdefault(int(msg["result"]["fields"]["seq"]["value"]), []).append(msg)
+    return out
+
+
+def pcm_sine(seconds: float, amplitude: float = 0.3, rate: int = 16000) -> bytes:
+    n = int(seconds * rate)
+    return struct.pack(f"<{n}h", *(int(amplitude * 32767 * math.sin(2 * math.pi * 1000 * i / rate))
+                                   for i in range(n)))
+
+
+def test_happy_path_citypulse_rows(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(broker)
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/#")
+    agent.start()
+    device = publisher(broker.port)
+    rows = list(citypulse_rows(300))
+    for row in rows:
+        device.publish(TRAFFIC.format(row["REPORT_ID"]), json.dumps(row), qos=1)
+    wait_for(lambda: len(results_by_seq(collector, agent)) == len(rows), 60, "300 results")
+
+    results = results_by_seq(collector, agent)
+    first = results[0][0]
+    assert first["kind"] == "sensor.stats"
+    assert first["topic"] == TRAFFIC.format(rows[0]["REPORT_ID"])
+    assert first["placement"] == "local"
+    assert first["decision"]["reason"] == "no_cloud"
+    assert set(first["timings"]) == {"queued_s", "exec_s", "total_s"}
+    assert first["result"]["fields"]["vehicleCount"]["value"] == rows[0]["vehicleCount"]
+    assert set(first["result"]["fields"]["avgSpeed"]) == {"value", "mean", "std", "z", "anomaly"}
+    assert len({r[0]["task_id"] for r in results.values()}) == len(rows)
+    # The retained status says the agent is online.
+    assert (f"edge/{agent.agent_id}/status", b"online") in collector.snapshot()
+
+    assert agent.terminate() == 0
+    wait_for(lambda: (f"edge/{agent.agent_id}/status", b"offline") in collector.snapshot(), 10, "offline status")
+    device.loop_stop()
+    collector.close()
+
+
+def test_noise_spectrum_runs_in_the_worker_pool(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(broker)
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    agent.start()
+    device = publisher(broker.port)
+    for i in range(5):
+        device.publish(f"city/aarhus/noise/mic{i}/pcm", pcm_sine(1.0 + i * 0.5), qos=1)
+    wait_for(lambda: len(collector.snapshot()) == 5, 60, "5 spectra")
+    for msg in collector.json_under(f"edge/{agent.agent_id}/results/"):
+        assert msg["kind"] == "noise.spectrum"
+        assert msg["result"]["leq_db"] == pytest.approx(20 * math.log10(0.3 / math.sqrt(2)), abs=0.1)
+        assert msg["timings"]["exec_s"] > 0
+    assert agent.terminate() == 0
+
+
+def test_mosquitto_clients_as_device_and_consumer(broker: Mosquitto, agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Independent clients: mosquitto_pub as the device, mosquitto_sub as the consumer of results."""
+    for tool in ("mosquitto_pub", "mosquitto_sub"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed: apt-get install mosquitto-clients")
+    agent = agents(broker, extra_env={"EDGE_AGENT_MQTT__PROTOCOL": "3.1.1"})
+    out = (tmp_path / "sub.out").open("wb")
+    sub = subprocess.Popen(["mosquitto_sub", "-p", str(broker.port), "-q", "1", "-v",
+                            "-t", f"edge/{agent.agent_id}/results/#", "-t", f"edge/{agent.agent_id}/dead-letter/#"],
+                           stdout=out)
+    agent.start()
+    time.sleep(0.3)
+    rows = list(citypulse_rows(100))
+    lines = "\n".join(json.dumps(r) for r in rows) + "\n" + "this is not json\n"
+    subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-l", "-t", TRAFFIC.format("158324")],
+                   input=lines.encode(), check=True)
+
+    def received() -> list[str]:
+        return (tmp_path / "sub.out").read_text().splitlines()
+
+    wait_for(lambda: len(received()) >= 101, 60, "101 lines from mosquitto_sub")
+    sub.terminate()
+    sub.wait(10)
+    out.close()
+    seqs = set()
+    dead = []
+    for line in received():
+        topic, payload = line.split(" ", 1)
+        body = json.loads(payload)
+        if "/dead-letter/" in topic:
+            dead.append(body)
+        else:
+            seqs.add(body["result"]["fields"]["seq"]["value"])
+    assert seqs == {r["seq"] for r in rows}
+    assert [d["reason"] for d in dead] == ["invalid_json"]
+    assert agent.terminate() == 0
+
+
+def test_each_dead_letter_reason(broker: Mosquitto, agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    plugin = _failing_plugin(tmp_path / "plugin")
+    routes = [*ROUTES, {"topic": "city/+/boom/+/data", "task": "test.boom"}]
+    first = agents(broker, routes=[*routes, {"topic": "city/old/route/+", "task": "sensor.stats"}],
+                   extra_env={"EDGE_AGENT_MAX_PAYLOAD_BYTES": "2048"}, pythonpath=plugin)
+    collector = Collector(broker.port, f"edge/{first.agent_id}/dead-letter/#")
+    first.start()
+    assert first.terminate() == 0
+    device = publisher(broker.port)
+    # Sent while the agent is down, to a filter the next configuration no longer routes: the persistent
+    # session still holds the subscription, so the broker delivers it and the agent has no task for it.
+    device.publish("city/old/route/x", b'{"a": 1}', qos=1).wait_for_publish(5)
+
+    second = agents(broker, agent_id=first.agent_id, routes=routes,
+                    extra_env={"EDGE_AGENT_MAX_PAYLOAD_BYTES": "2048"}, pythonpath=plugin)
+    second.start()
+    device.publish("city/a/traffic/1/data", b"x" * 4096, qos=1)
+    device.publish("city/a/traffic/2/data", b"{not json", qos=1)
+    device.publish("city/a/traffic/3/data", b'["a", "b"]', qos=1)
+    device.publish("city/a/traffic/4/data", b'{"speed": NaN}', qos=1)
+    device.publish("city/a/noise/5/pcm", b"\x01\x02\x03", qos=1)
+    device.publish("city/a/boom/6/data", b'{"a": 1}', qos=1)
+    device.publish("city/a/traffic/7/data", b'{"ok": 1}', qos=1)  # the daemon carries on
+    wait_for(lambda: len(collector.snapshot()) >= 7, 30, "7 dead letters")
+    by_topic = {t.split("/dead-letter/", 1)[1]: json.loads(p) for t, p in collector.snapshot()}
+    assert by_topic["city/old/route/x"]["reason"] == "unknown_task"
+    assert by_topic["city/a/traffic/1/data"]["reason"] == "too_large"
+    assert by_topic["city/a/traffic/1/data"]["size"] == 4096
+    assert by_topic["city/a/traffic/2/data"]["reason"] == "invalid_json"
+    assert by_topic["city/a/traffic/3/data"]["reason"] == "invalid_payload"
+    assert by_topic["city/a/traffic/4/data"]["reason"] == "invalid_payload"
+    assert by_topic["city/a/noise/5/pcm"]["reason"] == "invalid_payload"
+    assert by_topic["city/a/boom/6/data"]["reason"] == "task_failed"
+    assert "RuntimeError" in by_topic["city/a/boom/6/data"]["detail"]
+    for body in by_topic.values():
+        assert set(body) == {"topic", "reason", "detail", "size", "received_at"}
+    assert "city/a/traffic/7/data" not in by_topic
+    assert second.terminate() == 0
+
+
+def _failing_plugin(root: Path) -> Path:
+    """A user task installed the way a package would install it: a dist-info with an entry point."""
+    root.mkdir(parents=True)
+    (root / "boom_task.py").write_text(
+        "def boom(payload, options):\n    raise RuntimeError('the sensor driver exploded')\n"
+    )
+    dist = root / "boom_task-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: boom-task\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[edge_agent.tasks]\ntest.boom = boom_task:boom\n")
+    return root
+
+
+def test_sigkill_mid_stream_loses_nothing(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(broker)
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    agent.start()
+    device = publisher(broker.port)
+    rows = list(citypulse_rows(3000))
+    for row in rows:
+        device.publish(TRAFFIC.format(row["REPORT_ID"]), json.dumps(row), qos=1)
+    wait_for(lambda: len(collector.snapshot()) >= 300, 60, "the first results")
+    agent.kill()
+    got_at_kill = len(results_by_seq(collector, agent))
+    agent.start()
+    wait_for(lambda: len(results_by_seq(collector, agent)) == len(rows), 120,
+             "every row's result after the restart")
+    assert got_at_kill < len(rows), "the kill came too late to test anything"
+    results = results_by_seq(collector, agent)
+    for copies in results.values():
+        # A result published twice (kill before the broker's PUBACK reached us) keeps its task_id.
+        assert len({c["task_id"] for c in copies}) == 1
+    assert agent.terminate() == 0
+
+
+def test_broker_restart_mid_stream_loses_nothing(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(broker)
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#", client_id="results-consumer")
+    agent.start()
+    device = publisher(broker.port, client_id="traffic-device")
+    rows = list(citypulse_rows(3000))
+    for row in rows[:2000]:
+        device.publish(TRAFFIC.format(row["REPORT_ID"]), json.dumps(row), qos=1)
+    wait_for(lambda: len(collector.snapshot()) >= 200, 60, "the first results")
+    broker.restart()
+    for row in rows[2000:]:
+        device.publish(TRAFFIC.format(row["REPORT_ID"]), json.dumps(row), qos=1)
+    wait_for(lambda: len(results_by_seq(collector, agent)) == len(rows), 120,
+             "every row's result after the broker restart")
+    assert any(e.get("event") == "mqtt_connected" for e in agent.events()[1:])
+    assert agent.terminate() == 0
+
+
+def test_messages_sent_while_down_arrive_on_return(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(broker)
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    agent.start()
+    assert agent.terminate() == 0
+    device = publisher(broker.port)
+    rows = list(citypulse_rows(50))
+    for row in rows:
+        device.publish(TRAFFIC.format(row["REPORT_ID"]), json.dumps(row), qos=1).wait_for_publish(5)
+    agent.start()
+    wait_for(lambda: len(results_by_seq(collector, agent)) == len(rows), 60, "results of queued messages")
+    assert agent.terminate() == 0
+
+
+def test_full_store_pauses_intake_and_loses_nothing(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(broker, extra_env={"EDGE_AGENT_STORE__MAX_TASKS": "10",
+                                      "EDGE_AGENT_MQTT__RECEIVE_MAXIMUM": "20"})
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    agent.start()
+    device = publisher(broker.port)
+    chunk = pcm_sine(2.0)
+    for i in range(60):
+        device.publish(f"city/aarhus/noise/mic{i % 4}/pcm", chunk, qos=1)
+    wait_for(lambda: len(collector.snapshot()) == 60, 120, "all 60 spectra")
+    events = [e["event"] for e in agent.events()]
+    assert "store_full_intake_paused" in events
+    assert "store_intake_resumed" in events
+    assert agent.terminate() == 0
+
+
+def test_sigterm_while_busy_exits_zero_and_resumes(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(broker)
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    agent.start()
+    device = publisher(broker.port)
+    for i in range(30):
+        device.publish(f"city/aarhus/noise/mic{i}/pcm", pcm_sine(3.0), qos=1)
+    wait_for(lambda: len(collector.snapshot()) >= 2, 60, "the first spectra")
+    started = time.monotonic()
+    assert agent.terminate() == 0
+    assert time.monotonic() - started < 15
+    agent.start()
+    wait_for(lambda: len({json.loads(p)["topic"] for _, p in collector.snapshot()}) == 30, 120,
+             "all 30 spectra after the restart")
+    assert agent.terminate() == 0
+
+
+def test_sigint_stops_like_sigterm(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(broker)
+    agent.start()
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGINT)
+    assert agent.proc.wait(20) == 0

@@ -1,0 +1,168 @@
+"""The durable store on real SQLite: group commit, acknowledgements after commit, bounds, resume."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ConfigError
+from agent.store import Committed, NewTask, OutboxEntry, Store, TaskRef
+
+
+def new_task(i: int, size: int = 10, dead: bool = False) -> NewTask:
+    return NewTask(
+        task_id=f"t{i}", topic=f"city/a/traffic/{i}/data", kind=None if dead else "sensor.stats",
+        placement=None if dead else "auto", options=None if dead else {"topic": "x", "window": 5},
+        payload=None if dead else b"x" * size, size=size, received_at=1000.0 + i, mid=i + 1, crc=i,
+        out_topic="edge/gw/dead-letter/x" if dead else None, out_payload=b"{}" if dead else None,
+    )
+
+
+class Hooked:
+    """Collects what each group commit hands on, as the daemon's hook would."""
+
+    def __init__(self) -> None:
+        self.commits: queue.SimpleQueue[Committed] = queue.SimpleQueue()
+
+    def __call__(self, committed: Committed) -> None:
+        self.commits.put(committed)
+
+    def gather(self, until: int, attr: str, timeout: float = 5) -> list[object]:
+        got: list[object] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < until and time.monotonic() < deadline:
+            try:
+                got.extend(getattr(self.commits.get(timeout=0.1), attr))
+            except queue.Empty:
+                continue
+        return got
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = Store(tmp_path, max_tasks=100, max_bytes=10_000_000)
+    yield s
+    if s.alive():
+        s.stop()
+
+
+def test_ack_only_after_commit_and_rows_survive_reopen(tmp_path: Path) -> None:
+    store = Store(tmp_path, max_tasks=100, max_bytes=10_000_000)
+    hook = Hooked()
+    store.start(hook)
+    store.ingest([new_task(i) for i in range(5)], [(i + 1, 1) for i in range(5)])
+    acks = hook.gather(5, "acks")
+    assert acks == [(i + 1, 1) for i in range(5)]
+    store.stop()
+    # What was acknowledged is on disk: a new process finds the five pending tasks.
+    again = Store(tmp_path, max_tasks=100, max_bytes=10_000_000)
+    assert again.counts() == {"pending": 5, "outbox": 0, "published": 0}
+    assert again.outstanding_rows == 5
+    again.stop()
+
+
+def test_group_commit_batches_under_load(store: Store) -> None:
+    hook = Hooked()
+    store.start(hook)
+    for i in range(2000):
+        store.ingest([new_task(i)], [(i % 65535 + 1, 1)])
+    tasks = hook.gather(2000, "tasks")
+    assert len(tasks) == 2000
+    assert store.commits < 2000  # several tasks per transaction
+
+
+def test_task_lifecycle_and_byte_accounting(store: Store) -> None:
+    hook = Hooked()
+    store.start(hook)
+    store.ingest([new_task(0, size=100)], [(1, 1)])
+    (ref,) = hook.gather(1, "tasks")
+    assert isinstance(ref, TaskRef) and ref.payload == b"x" * 100
+    assert ref.options == {"topic": "x", "window": 5}
+    assert store.outstanding_bytes == 100
+    store.complete(ref.id, ref.size, "edge/gw/results/x", b"r" * 30)
+    (entry,) = hook.gather(1, "outbox")
+    assert isinstance(entry, OutboxEntry) and entry.payload == b"r" * 30
+    assert store.outstanding_bytes == 30
+    store.published([(entry.id, 30)])
+    released = 0
+    deadline = time.monotonic() + 5
+    while released < 1 and time.monotonic() < deadline:
+        released += hook.commits.get(timeout=1).released
+    assert store.outstanding_rows == 0 and store.outstanding_bytes == 0
+    assert store.counts() == {"pending": 0, "outbox": 0, "published": 1}
+    # The tombstone remembers the delivery, for redelivery after a crash.
+    assert store.recent_deliveries(10) == [(1, "city/a/traffic/0/data", 0, "t0")]
+
+
+def test_dead_letter_rows_go_straight_to_the_outbox(store: Store) -> None:
+    hook = Hooked()
+    store.start(hook)
+    store.ingest([new_task(0, size=5000, dead=True)], [(1, 1)])
+    (entry,) = hook.gather(1, "outbox")
+    assert isinstance(entry, OutboxEntry)
+    assert store.outstanding_bytes == 2  # the input of a dead letter is not kept
+
+
+def test_bound_by_rows_and_bytes(tmp_path: Path) -> None:
+    store = Store(tmp_path, max_tasks=10, max_bytes=1024 * 1024)
+    assert store.has_room(100)
+    store.ingest([new_task(i) for i in range(10)], [])
+    assert not store.has_room(1)
+    big = Store(tmp_path / "b", max_tasks=1000, max_bytes=1024 * 1024)
+    big.ingest([new_task(0, size=1024 * 1024 - 10)], [])
+    assert big.has_room(10) and not big.has_room(11)
+    store.start(Hooked())
+    big.start(Hooked())
+    store.stop()
+    big.stop()
+
+
+def test_resume_reads_pending_and_outbox_in_order(tmp_path: Path) -> None:
+    store = Store(tmp_path, max_tasks=1000, max_bytes=10_000_000)
+    hook = Hooked()
+    store.start(hook)
+    store.ingest([new_task(i) for i in range(10)], [])
+    refs = hook.gather(10, "tasks")
+    for ref in refs[:4]:
+        assert isinstance(ref, TaskRef)
+        store.complete(ref.id, ref.size, "edge/gw/results/x", f"r{ref.id}".encode())
+    hook.gather(4, "outbox")
+    store.stop()
+
+    again = Store(tmp_path, max_tasks=1000, max_bytes=10_000_000)
+    got: queue.SimpleQueue[object] = queue.SimpleQueue()
+    again.start(Hooked())
+    again.load_pending(0, 3, got.put)
+    again.load_outbox(0, 100, got.put)
+    first = got.get(timeout=5)
+    outbox = got.get(timeout=5)
+    assert [r.task_id for r in first] == ["t4", "t5", "t6"]  # type: ignore[attr-defined]
+    assert all(r.payload is None for r in first)  # type: ignore[attr-defined]
+    assert again.load_payload(first[0].id) == b"x" * 10  # type: ignore[index]
+    assert [e.payload for e in outbox] == [b"r1", b"r2", b"r3", b"r4"]  # type: ignore[attr-defined]
+    again.load_pending(first[-1].id, 100, got.put)  # type: ignore[index]
+    assert [r.task_id for r in got.get(timeout=5)] == ["t7", "t8", "t9"]  # type: ignore[attr-defined]
+    again.stop()
+
+
+def test_call_runs_after_everything_queued_before(store: Store) -> None:
+    hook = Hooked()
+    store.start(hook)
+    seen = threading.Event()
+    order: list[str] = []
+    store.ingest([new_task(0)], [(1, 1)])
+    store.call(lambda: (order.append(f"call:{store.counts()['pending']}"), seen.set()))
+    assert seen.wait(5)
+    assert order == ["call:1"]
+
+
+def test_unwritable_state_dir_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError) as info:
+        Store(blocker / "state", max_tasks=10, max_bytes=1024 * 1024)
+    assert info.value.variable == "EDGE_AGENT_STATE_DIR"

@@ -1,0 +1,113 @@
+"""Pure pieces: topic matching, routing, backoff, hand-off between threads, message encoding."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.config import Route
+from agent.daemon import ThreadHandoff
+from agent.egress import dead_letter, result_message
+from agent.ingress import Router, topic_matches
+from agent.mqtt import backoff_delay, subscription_filter
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "topic", "expected"),
+    [
+        ("city/+/traffic/+/data", "city/aarhus/traffic/158324/data", True),
+        ("city/+/traffic/+/data", "city/aarhus/traffic/158324/data/x", False),
+        ("city/+/traffic/+/data", "city/aarhus/noise/1/data", False),
+        ("city/#", "city", True),
+        ("city/#", "city/a/b/c", True),
+        ("#", "city/a", True),
+        ("#", "$SYS/broker/load", False),
+        ("+/a", "$share/a", False),
+        ("a/+", "a/", True),
+        ("a/+", "a", False),
+        ("a/b", "a/b", True),
+    ],
+)
+def test_topic_matches(topic_filter: str, topic: str, expected: bool) -> None:
+    assert topic_matches(topic_filter, topic) is expected
+
+
+def test_router_first_match_wins_and_caches() -> None:
+    router = Router([Route(topic="city/+/noise/+/pcm", task="noise.spectrum"),
+                     Route(topic="city/#", task="sensor.stats", window=10)])
+    noise = router.match("city/a/noise/1/pcm")
+    assert noise is not None and noise.task == "noise.spectrum"
+    other = router.match("city/a/traffic/1/data")
+    assert other is not None and other.task == "sensor.stats" and other.options == {"window": 10}
+    assert router.match("elsewhere/x") is None
+    assert router.match("city/a/noise/1/pcm") is noise
+
+
+def test_shared_subscription_filter() -> None:
+    assert subscription_filter("city/#", "gateways") == "$share/gateways/city/#"
+    assert subscription_filter("city/#", None) == "city/#"
+
+
+@given(st.integers(min_value=0, max_value=200), st.floats(min_value=0.01, max_value=5),
+       st.floats(min_value=5, max_value=600))
+def test_backoff_grows_with_jitter_and_stays_capped(attempt: int, low: float, high: float) -> None:
+    rng = random.Random(attempt)
+    delay = backoff_delay(attempt, low, high, rng)
+    step = min(high, low * 2 ** min(attempt, 30))
+    assert step / 2 <= delay <= step <= high
+
+
+def test_backoff_has_jitter() -> None:
+    rng = random.Random(1)
+    assert len({round(backoff_delay(5, 0.5, 60, rng), 6) for _ in range(20)}) > 10
+
+
+def test_thread_handoff_delivers_every_item_in_batches() -> None:
+    async def main() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        batches: list[list[int]] = []
+        handoff: ThreadHandoff[int] = ThreadHandoff(loop, batches.append)
+
+        def produce(base: int) -> None:
+            for i in range(20_000):
+                handoff.put(base + i)
+
+        threads = [threading.Thread(target=produce, args=(n * 100_000,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            await asyncio.sleep(0.01)
+        for _ in range(10):
+            await asyncio.sleep(0.01)
+        return batches
+
+    batches = asyncio.run(main())
+    items = [i for b in batches for i in b]
+    assert sorted(items) == sorted(n * 100_000 + i for n in range(3) for i in range(20_000))
+    assert len(batches) < len(items)
+
+
+def test_result_and_dead_letter_shapes() -> None:
+    topic, body = result_message(
+        "gw1", task_id="abc", kind="sensor.stats", topic="city/a/traffic/1/data", placement="local",
+        decision={"t_local_s": None, "t_cloud_s": None, "reason": "no_cloud"},
+        timings={"queued_s": 0.1, "exec_s": 0.01, "total_s": 0.2}, result={"fields": {}},
+    )
+    assert topic == "edge/gw1/results/city/a/traffic/1/data"
+    assert set(json.loads(body)) == {"task_id", "kind", "topic", "placement", "decision", "timings", "result"}
+    topic, body = dead_letter("gw1", "city/a/x", "invalid_json", "bad", 12, 1.5)
+    assert topic == "edge/gw1/dead-letter/city/a/x"
+    assert json.loads(body) == {"topic": "city/a/x", "reason": "invalid_json", "detail": "bad", "size": 12,
+                                "received_at": 1.5}
+
+
+def test_non_finite_results_are_refused() -> None:
+    with pytest.raises(ValueError, match="JSON"):
+        result_message("gw", task_id="a", kind="k", topic="t", placement="local", decision={},
+                       timings={}, result={"x": float("nan")})
