@@ -77,7 +77,7 @@ class Daemon:
                  routes=[r.topic for r in s.routes], resume_pending=counts["pending"],
                  resume_outbox=counts["outbox"])
 
-        executor = LocalExecutor(s.local.workers)
+        executor = LocalExecutor(s)
         dispatcher = Dispatcher(agent_id=s.agent_id, registry=self.registry, executor=executor, store=store)
         link_box: list[MqttLink] = []
         ingress = Ingress(agent_id=s.agent_id, routes=s.routes, max_payload_bytes=s.max_payload_bytes,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import multiprocessing
+import os
 import signal
 import time
 from collections.abc import Mapping
@@ -11,8 +14,9 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from agent.config import Settings
 from agent.tasks import TaskSpec, run_task
-from agent.telemetry import get_logger
+from agent.telemetry import configure_logging, get_logger
 
 log = get_logger(__name__)
 
@@ -21,9 +25,18 @@ class WorkerDied(Exception):
     """A worker process ended while running a task (killed, out of memory, crashed in native code)."""
 
 
-def _worker_init() -> None:
+PR_SET_PDEATHSIG = 1
+
+
+def _worker_init(parent_pid: int, settings: Settings) -> None:
     # Ctrl-C reaches the whole process group; only the daemon decides how to stop, so workers ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # If the agent is SIGKILLed outside systemd (no cgroup to clean up), its workers must not live on.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(0)  # the agent died before the line above took effect
+    configure_logging(settings)
 
 
 def _warm() -> int:
@@ -31,15 +44,18 @@ def _warm() -> int:
 
 
 class LocalExecutor:
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        # forkserver: forking a process that runs paho's and the store's threads could copy a held lock.
-        self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["agent.tasks"])
+    def __init__(self, settings: Settings) -> None:
+        self.workers = settings.local.workers
+        self._settings = settings
+        # spawn, not fork: forking a process that runs paho's and the store's threads could copy a held lock;
+        # not forkserver: its server would outlive a SIGKILLed agent, and workers must be our direct children
+        # for the parent-death signal.
+        self._context = multiprocessing.get_context("spawn")
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context, initializer=_worker_init)
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context, initializer=_worker_init,
+                                   initargs=(os.getpid(), self._settings))
 
     async def warm_up(self) -> None:
         """Start the worker processes now rather than on the first heavy task."""

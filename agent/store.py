@@ -107,6 +107,9 @@ class Committed:
 CommitHook = Callable[[Committed], None]
 
 
+_BARRIERS = frozenset({"load_pending", "load_outbox", "call"})
+
+
 class _Op(NamedTuple):
     kind: str
     args: tuple[Any, ...]
@@ -260,27 +263,38 @@ class Store:
                 running = False
             else:
                 batch.append(op)
-            while len(batch) < MAX_GROUP:
+            while running and len(batch) < MAX_GROUP:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
                     running = False
-                    break
-                batch.append(more)
-            if batch:
-                self._apply_group(batch)
+                else:
+                    batch.append(more)
+            # Reads and calls are barriers: the writes queued before them are committed and handed on first,
+            # and their replies go out before anything queued after them. The dispatcher and publisher rely
+            # on that order to switch from reading the store back to taking hand-offs without a gap.
+            group: list[_Op] = []
+            for item in batch:
+                if item.kind in _BARRIERS:
+                    if group:
+                        self._commit_group(group)
+                        group = []
+                    self._barrier(item)
+                else:
+                    group.append(item)
+            if group:
+                self._commit_group(group)
 
-    def _apply_group(self, batch: list[_Op]) -> None:
+    def _commit_group(self, batch: list[_Op]) -> None:
         committed = Committed()
-        after: list[Callable[[], None]] = []
         started = time.perf_counter()
         while True:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 for op in batch:
-                    self._apply(op, committed, after)
+                    self._apply(op, committed)
                 self._db.execute("COMMIT")
                 break
             except sqlite3.Error as exc:
@@ -289,15 +303,12 @@ class Store:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 committed = Committed()
-                after = []
                 log.error("store_commit_failed", error=str(exc), retry_in_s=1.0)
                 time.sleep(1.0)
         self.commits += 1
         self.last_commit_s = time.perf_counter() - started
         try:
             self._hook(committed)
-            for fn in after:
-                fn()
         except Exception:
             log.exception("store_post_commit_failed")
         self._since_prune += len(batch)
@@ -305,7 +316,7 @@ class Store:
             self._since_prune = 0
             self._prune()
 
-    def _apply(self, op: _Op, committed: Committed, after: list[Callable[[], None]]) -> None:
+    def _apply(self, op: _Op, committed: Committed) -> None:
         db = self._db
         if op.kind == "ingest":
             rows, acks = op.args
@@ -347,27 +358,33 @@ class Store:
                 self.released_rows += 1
                 self.released_bytes += out_size
             committed.released += len(pairs)
-        elif op.kind == "load_pending":
-            after_id, limit, reply = op.args
-            rows = db.execute(
-                "SELECT id, task_id, topic, kind, placement, options, NULL, size, received_at FROM tasks "
-                "WHERE id > ? AND state=0 ORDER BY id LIMIT ?", (after_id, limit)
-            ).fetchall()
-            refs = [TaskRef(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else {}, None, r[7], r[8])
-                    for r in rows]
-            after.append(lambda: reply(refs))
-        elif op.kind == "load_outbox":
-            after_seq, limit, reply = op.args
-            rows = db.execute(
-                "SELECT id, out_topic, out_payload, out_seq FROM tasks WHERE state=1 AND out_seq > ? "
-                "ORDER BY out_seq LIMIT ?", (after_seq, limit)
-            ).fetchall()
-            entries = [OutboxEntry(r[0], r[1], r[2], r[3]) for r in rows]
-            after.append(lambda: reply(entries))
-        elif op.kind == "call":
-            after.append(op.args[0])
         else:  # pragma: no cover - programming error
             raise StoreError(f"unknown store operation {op.kind}")
+
+    def _barrier(self, op: _Op) -> None:
+        try:
+            if op.kind == "load_pending":
+                after_id, limit, reply = op.args
+                rows = self._db.execute(
+                    "SELECT id, task_id, topic, kind, placement, options, size, received_at FROM tasks "
+                    "WHERE id > ? AND state=0 ORDER BY id LIMIT ?", (after_id, limit)
+                ).fetchall()
+                reply([TaskRef(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else {}, None, r[6], r[7])
+                       for r in rows])
+            elif op.kind == "load_outbox":
+                after_seq, limit, reply = op.args
+                rows = self._db.execute(
+                    "SELECT id, out_topic, out_payload, out_seq FROM tasks WHERE state=1 AND out_seq > ? "
+                    "ORDER BY out_seq LIMIT ?", (after_seq, limit)
+                ).fetchall()
+                reply([OutboxEntry(r[0], r[1], r[2], r[3]) for r in rows])
+            else:
+                op.args[0]()
+        except sqlite3.Error as exc:
+            # The reader waits for this reply; try again rather than leave it waiting forever.
+            log.error("store_read_failed", operation=op.kind, error=str(exc), retry_in_s=1.0)
+            time.sleep(1.0)
+            self._queue.put(op)
 
     def _take_seq(self) -> int:
         seq = self._next_seq

@@ -379,12 +379,16 @@ def get_logger(name: str) -> FilteringBoundLogger:
 
 
 def warn_if_world_readable(path: Path, log: FilteringBoundLogger) -> None:
-    """Warn when the env file, which may hold secrets, can be read by any user on the machine."""
+    """Warn when the env file holds a secret and any user on the machine can read it."""
     try:
         mode = path.stat().st_mode
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return  # a missing or unreadable file is the settings loader's to report
-    if mode & stat.S_IROTH:
+    holds_secret = any(
+        line.strip().upper().startswith(("EDGE_AGENT_MQTT__PASSWORD=", "EDGE_AGENT_CLOUD__TOKEN=")) for line in lines
+    )
+    if mode & stat.S_IROTH and holds_secret:
         log.warning(
             "env_file_readable_by_others",
             path=str(path),

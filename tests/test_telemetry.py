@@ -310,10 +310,19 @@ def test_module_loggers_follow_capture_logs(monkeypatch: pytest.MonkeyPatch) -> 
     assert captured == [{"event": "captured", "n": 1, "logger": "agent.tests.telemetry", "log_level": "info"}]
 
 
-@pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o604, True), (0o640, False), (0o600, False)])
-def test_warn_if_world_readable(tmp_path: Path, mode: int, warned: bool) -> None:
+@pytest.mark.parametrize(
+    ("mode", "content", "warned"),
+    [
+        (0o644, "EDGE_AGENT_CLOUD__TOKEN=abcd\n", True),
+        (0o604, "EDGE_AGENT_MQTT__PASSWORD=abcd\n", True),
+        (0o644, "EDGE_AGENT_AGENT_ID=gw\n# EDGE_AGENT_CLOUD__TOKEN=example\n", False),  # no secret in it
+        (0o640, "EDGE_AGENT_CLOUD__TOKEN=abcd\n", False),
+        (0o600, "EDGE_AGENT_CLOUD__TOKEN=abcd\n", False),
+    ],
+)
+def test_warn_if_world_readable(tmp_path: Path, mode: int, content: str, warned: bool) -> None:
     env_file = tmp_path / "agent.env"
-    env_file.write_text("EDGE_AGENT_AGENT_ID=gw\n")
+    env_file.write_text(content)
     env_file.chmod(mode)
     with capture_logs() as captured:
         telemetry.warn_if_world_readable(env_file, module_log)
