@@ -281,3 +281,29 @@ def test_sigint_stops_like_sigterm(broker: Mosquitto, agents) -> None:  # type: 
     assert agent.proc is not None
     agent.proc.send_signal(signal.SIGINT)
     assert agent.proc.wait(20) == 0
+
+
+def test_shared_group_splits_a_stream_between_agents(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    group = {"EDGE_AGENT_MQTT__SHARED_GROUP": "gateways"}
+    first = agents(broker, name="a", extra_env=group)
+    second = agents(broker, name="b", extra_env=group)
+    collector = Collector(broker.port, "edge/+/results/#")
+    first.start()
+    second.start()
+    device = publisher(broker.port)
+    rows = list(citypulse_rows(400))
+    for row in rows:
+        device.publish(TRAFFIC.format(row["REPORT_ID"]), json.dumps(row), qos=1)
+
+    def seqs_by_agent() -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {first.agent_id: [], second.agent_id: []}
+        for topic, payload in collector.snapshot():
+            out[topic.split("/")[1]].append(json.loads(payload)["result"]["fields"]["seq"]["value"])
+        return out
+
+    wait_for(lambda: sum(map(len, seqs_by_agent().values())) >= len(rows), 60, "400 results from two agents")
+    split = seqs_by_agent()
+    assert sorted(split[first.agent_id] + split[second.agent_id]) == [r["seq"] for r in rows]  # each once
+    assert split[first.agent_id] and split[second.agent_id]
+    assert first.terminate() == 0
+    assert second.terminate() == 0
