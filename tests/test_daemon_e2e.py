@@ -194,8 +194,11 @@ def test_sigkill_mid_stream_loses_nothing(broker: Mosquitto, agents) -> None:  #
     rows = list(citypulse_rows(3000))
     for row in rows:
         device.publish(TRAFFIC.format(row["REPORT_ID"]), json.dumps(row), qos=1)
+    status = Collector(broker.port, f"edge/{agent.agent_id}/status")
     wait_for(lambda: len(collector.snapshot()) >= 300, 60, "the first results")
     agent.kill()
+    # The broker publishes our last will when the connection drops without a DISCONNECT.
+    wait_for(lambda: status.snapshot()[-1][1] == b"offline", 10, "the last will")
     got_at_kill = len(results_by_seq(collector, agent))
     agent.start()
     wait_for(lambda: len(results_by_seq(collector, agent)) == len(rows), 120,
