@@ -133,7 +133,8 @@ class Daemon:
         store.start(on_commit)
         dispatcher.start(loop)
         publisher.start(loop)
-        await executor.warm_up()
+        if any(self.registry.get(r.task).heavy for r in s.routes):
+            await executor.warm_up()  # a light-only gateway never starts worker processes
         link.start()
         stats = asyncio.ensure_future(self._report(ingress, dispatcher, publisher, link))
         log.info("agent_started", agent_id=s.agent_id)

@@ -1,0 +1,221 @@
+"""Throughput, memory and latency of the agent's full path against a bare paho-mqtt drain, in one run.
+
+    python benchmarks/throughput.py [--messages N] [--rate R] [--seconds S] [--json]
+
+On one real Mosquitto (started here on a free port):
+
+1. bare paho: N QoS 1 messages (200-byte CityPulse-like JSON) are queued for a persistent session, then a
+   plain paho subscriber drains them; msgs/s from its first to its last message.
+2. the agent: the same N queued for the agent's session, then the agent (a real process, default settings:
+   fsync per group commit) ingests, stores, decides, runs ``sensor.stats`` and publishes each result with QoS 1;
+   msgs/s from the first to the N-th result seen by a consumer, and the agent's peak RSS (VmHWM).
+3. latency: devices offer R msgs/s for S seconds; p50/p99 from publish to the result's arrival.
+
+The machine is shared and noisy, so the ratio agent/bare-paho from the same run is the figure to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support import Agent, Mosquitto, citypulse_rows, wait_for  # noqa: E402
+
+TOPIC = "city/aarhus/traffic/{}/data"
+
+
+def payloads(n: int) -> list[bytes]:
+    """CityPulse rows trimmed to about 200 bytes, each with a unique seq."""
+    out = []
+    for row in citypulse_rows(n):
+        body = {k: row[k] for k in ("status", "avgMeasuredTime", "avgSpeed", "medianMeasuredTime", "TIMESTAMP",
+                                    "vehicleCount", "REPORT_ID", "seq")}
+        out.append(json.dumps(body).encode())
+    return out
+
+
+def queue_messages(port: int, bodies: list[bytes]) -> None:
+    """Publish QoS 1 as fast as the broker acknowledges, waiting for every PUBACK."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-device-{os.getpid()}",
+                         protocol=paho.MQTTv311)
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    infos = [client.publish(TOPIC.format(i % 50), body, qos=1) for i, body in enumerate(bodies)]
+    for info in infos:
+        info.wait_for_publish(60)
+    client.loop_stop()
+    client.disconnect()
+
+
+def subscribe_once(port: int, client_id: str, topic: str) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311,
+                         clean_session=False)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.subscribe(topic, qos=1)[1]
+    time.sleep(0.3)
+    client.loop_stop()
+    client.disconnect()
+
+
+class Drain:
+    """Counts QoS 1 messages on a persistent session and notes the first and last arrival."""
+
+    def __init__(self, port: int, client_id: str, topic: str, expected: int, keep: bool = False) -> None:
+        self.expected = expected
+        self.count = 0
+        self.first = 0.0
+        self.last = 0.0
+        self.kept: list[tuple[float, bytes]] = []
+        self.keep = keep
+        self.done = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311,
+                                  clean_session=False)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.connect("127.0.0.1", port)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        now = time.perf_counter()
+        if self.count == 0:
+            self.first = now
+        self.count += 1
+        self.last = now
+        if self.keep:
+            self.kept.append((time.time(), msg.payload))
+        if self.count >= self.expected:
+            self.done.set()
+
+    def run(self, timeout: float) -> float:
+        self.client.loop_start()
+        self.done.wait(timeout)
+        self.client.loop_stop()
+        self.client.disconnect()
+        if self.count < self.expected:
+            raise RuntimeError(f"only {self.count} of {self.expected} messages arrived")
+        return self.expected / max(self.last - self.first, 1e-9)
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def offer_at_rate(port: int, rate: float, seconds: float) -> None:
+    """A device process publishing at a fixed rate, each message stamped with its send time."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-rate-{os.getpid()}", protocol=paho.MQTTv311)
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    template = payloads(1)[0]
+    start = time.perf_counter()
+    n = int(rate * seconds)
+    for i in range(n):
+        target = start + i / rate
+        delay = target - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        body = template[:-1] + f', "sent_at": {time.time()}, "n": {i}}}'.encode()
+        client.publish(TOPIC.format(i % 50), body, qos=1)
+    time.sleep(1)
+    client.loop_stop()
+    client.disconnect()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--rate", type=float, default=5000.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    work = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
+    broker = Mosquitto(work / "broker", extra_conf="max_inflight_messages 1000\n")
+    broker.start()
+    agent: Agent | None = None
+    try:
+        bodies = payloads(args.messages)
+
+        say(f"bare paho: queueing {args.messages} messages …")
+        subscribe_once(broker.port, "bench-bare", "city/+/traffic/+/data")
+        queue_messages(broker.port, bodies)
+        bare = Drain(broker.port, "bench-bare", "city/+/traffic/+/data", args.messages).run(600)
+        say(f"bare paho drained {bare:,.0f} msgs/s")
+
+        say(f"agent: queueing {args.messages} messages …")
+        agent = Agent(work / "agent", broker.port, agent_id="bench",
+                      routes=[{"topic": "city/+/traffic/+/data", "task": "sensor.stats"}])
+        results_topic = f"edge/{agent.agent_id}/results/#"
+        subscribe_once(broker.port, "bench-results", results_topic)
+        agent.start()  # subscribes
+        agent.terminate()
+        queue_messages(broker.port, bodies)
+        drain = Drain(broker.port, "bench-results", results_topic, args.messages)
+        agent.start(wait_connected=False)
+        assert agent.proc is not None
+        agent_rate = drain.run(600)
+        rss = peak_rss_mb(agent.proc.pid)
+        say(f"agent processed {agent_rate:,.0f} msgs/s (ratio {agent_rate / bare:.2f}), peak RSS {rss:.1f} MB")
+
+        say(f"latency: offering {args.rate:.0f} msgs/s for {args.seconds:.0f} s …")
+        expected = int(args.rate * args.seconds)
+        timed = Drain(broker.port, "bench-latency", results_topic, expected, keep=True)
+        timed.client.loop_start()
+        time.sleep(0.5)
+        device = multiprocessing.get_context("spawn").Process(target=offer_at_rate,
+                                                              args=(broker.port, args.rate, args.seconds))
+        device.start()
+        device.join()
+        wait_for(lambda: timed.count >= expected, 120, "the latency run's results")
+        timed.client.loop_stop()
+        latencies = sorted(
+            (arrived - json.loads(body)["result"]["fields"]["sent_at"]["value"]) * 1000
+            for arrived, body in timed.kept
+        )
+        p50 = statistics.median(latencies)
+        p99 = latencies[int(len(latencies) * 0.99) - 1]
+        rss = max(rss, peak_rss_mb(agent.proc.pid))
+        say(f"latency at {args.rate:.0f} msgs/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        agent.terminate()
+    finally:
+        if agent is not None:
+            agent.cleanup()
+        broker.stop()
+
+    figures = {
+        "bare_paho_msgs_per_s": round(bare, 1),
+        "agent_msgs_per_s": round(agent_rate, 1),
+        "ratio": round(agent_rate / bare, 3),
+        "agent_peak_rss_mb": round(rss, 1),
+        "p50_latency_ms": round(p50, 2),
+        "p99_latency_ms": round(p99, 2),
+        "messages": args.messages,
+        "offered_rate": args.rate,
+    }
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        for key, value in figures.items():
+            print(f"{key:>22}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
