@@ -32,7 +32,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support import Agent, Mosquitto, citypulse_rows, wait_for  # noqa: E402
+from support import Agent, Mosquitto, citypulse_rows, wait_for
 
 TOPIC = "city/aarhus/traffic/{}/data"
 
