@@ -52,7 +52,10 @@ class Dispatcher:
         self._store = store
         self._cap_bytes = memory_cap_bytes
         self._cap_tasks = memory_cap_tasks
-        self._queue: deque[TaskRef] = deque()
+        # Two queues so a burst of heavy tasks waiting for a worker never holds up the light ones; each stays in
+        # commit order (sensor.stats windows see a topic's readings in the order they arrived).
+        self._light: deque[TaskRef] = deque()
+        self._heavy: deque[TaskRef] = deque()
         self._queued_bytes = 0
         self._spilled = True  # at start the pending rows in the store are the truth
         self._loading = False
@@ -73,27 +76,35 @@ class Dispatcher:
 
     @property
     def backlog(self) -> int:
-        return len(self._queue)
+        return len(self._light) + len(self._heavy)
 
     @property
     def running(self) -> int:
         return len(self._running)
 
     def idle(self) -> bool:
-        return not self._queue and not self._running and not self._spilled and not self._loading
+        return not self.backlog and not self._running and not self._spilled and not self._loading
 
     # ------------------------------------------------------------------ intake
 
     def accept(self, tasks: list[TaskRef]) -> None:
         if not tasks:
             return
-        if self._spilled or len(self._queue) >= self._cap_tasks or self._queued_bytes >= self._cap_bytes:
+        if self._spilled or self.backlog >= self._cap_tasks or self._queued_bytes >= self._cap_bytes:
             self._spilled = True  # the store has them; _load_more reads them back in id order
         else:
-            self._queue.extend(tasks)
-            self._queued_bytes += sum(t.size for t in tasks)
+            for ref in tasks:
+                self._enqueue(ref)
             self._last_id = tasks[-1].id
         self._schedule()
+
+    def _enqueue(self, ref: TaskRef) -> None:
+        spec = self._registry.get(ref.kind) if ref.kind in self._registry else None
+        if spec is not None and spec.heavy:
+            self._heavy.append(ref)
+        else:
+            self._light.append(ref)
+        self._queued_bytes += ref.size
 
     def _load_more(self) -> None:
         if self._loading or self.closing:
@@ -110,7 +121,7 @@ class Dispatcher:
         self._loading = False
         for ref in refs:
             if ref.id not in self._running:
-                self._queue.append(ref)
+                self._enqueue(ref)
         if refs:
             self._last_id = refs[-1].id
         if len(refs) < limit:
@@ -128,36 +139,38 @@ class Dispatcher:
         self._scheduled = False
         if self.closing:
             return
-        budget = INLINE_BUDGET
-        queue = self._queue
-        while queue and budget > 0:
-            ref = queue[0]
-            spec = self._registry.get(ref.kind) if ref.kind in self._registry else None
-            if spec is not None and spec.heavy and len(self._running) >= self._heavy_limit:
-                break  # wait for a worker; keeps commit order for the light tasks behind it too
-            queue.popleft()
+        heavy = self._heavy
+        while heavy and len(self._running) < self._heavy_limit:
+            ref = heavy.popleft()
             self._queued_bytes -= ref.size
             payload = ref.payload if ref.payload is not None else self._store.load_payload(ref.id)
-            if payload is None:
-                continue  # already completed by an earlier run (row no longer pending)
-            decision = self._decide(ref)
-            if spec is None:
-                self._fail(ref, UnknownTask(f"task {ref.kind!r} is not installed on this gateway"))
-            elif spec.heavy:
+            if payload is not None:  # None: no longer pending (finished by an earlier run)
+                decision = self._decide(ref)
                 self._running[ref.id] = asyncio.ensure_future(self._run_heavy(ref, payload, decision))
-            else:
-                budget -= 1
-                started = time.time()
-                try:
-                    result, service_s = self._executor.run_inline(spec, payload, ref.options)
-                except Exception as exc:  # noqa: BLE001 - any task error becomes a dead letter
-                    self._fail(ref, exc)
-                else:
-                    self._complete(ref, decision, result, service_s, started)
-        if queue and budget == 0:
+        light = self._light
+        for _ in range(min(len(light), INLINE_BUDGET)):
+            ref = light.popleft()
+            self._queued_bytes -= ref.size
+            payload = ref.payload if ref.payload is not None else self._store.load_payload(ref.id)
+            if payload is not None:
+                self._run_light(ref, payload)
+        if light:
             self._schedule()
-        elif not queue and self._spilled:
+        elif self._spilled and self.backlog < self._cap_tasks // 2:
             self._load_more()
+
+    def _run_light(self, ref: TaskRef, payload: bytes) -> None:
+        decision = self._decide(ref)
+        if ref.kind not in self._registry:
+            self._fail(ref, UnknownTask(f"task {ref.kind!r} is not installed on this gateway"))
+            return
+        started = time.time()
+        try:
+            result, service_s = self._executor.run_inline(self._registry.get(ref.kind), payload, ref.options)
+        except Exception as exc:  # noqa: BLE001 - any task error becomes a dead letter
+            self._fail(ref, exc)
+        else:
+            self._complete(ref, decision, result, service_s, started)
 
     def _decide(self, ref: TaskRef) -> dict[str, Any]:
         """Where the task runs and why. Only the gateway executes tasks so far."""
@@ -175,7 +188,7 @@ class Dispatcher:
             if attempts < WORKER_RETRIES:
                 # Others' tasks die with the pool too; give each one more chance in the fresh pool.
                 self._attempts[ref.id] = attempts + 1
-                self._queue.appendleft(ref._replace(payload=payload))
+                self._heavy.appendleft(ref._replace(payload=payload))
                 self._queued_bytes += ref.size
             else:
                 self._attempts.pop(ref.id, None)
