@@ -173,17 +173,39 @@ def test_each_dead_letter_reason(broker: Mosquitto, agents, tmp_path: Path) -> N
     assert second.terminate() == 0
 
 
-def _failing_plugin(root: Path) -> Path:
+def _plugin(root: Path, name: str, source: str) -> Path:
     """A user task installed the way a package would install it: a dist-info with an entry point."""
     root.mkdir(parents=True)
-    (root / "boom_task.py").write_text(
-        "def boom(payload, options):\n    raise RuntimeError('the sensor driver exploded')\n"
-    )
-    dist = root / "boom_task-1.0.dist-info"
+    (root / f"{name}_task.py").write_text(source)
+    dist = root / f"{name}_task-1.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: boom-task\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[edge_agent.tasks]\ntest.boom = boom_task:boom\n")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-task\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[edge_agent.tasks]\ntest.{name} = {name}_task:{name}\n")
     return root
+
+
+def _failing_plugin(root: Path) -> Path:
+    return _plugin(root, "boom", "def boom(payload, options):\n    raise RuntimeError('the sensor driver exploded')\n")
+
+
+def test_light_tasks_do_not_wait_behind_heavy_ones(broker: Mosquitto, agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    plugin = _plugin(tmp_path / "plugin", "slow",
+                     "import time\ndef slow(payload, options):\n    time.sleep(0.5)\n    return {'slept': 0.5}\n")
+    routes = [*ROUTES, {"topic": "city/+/camera/+/frame", "task": "test.slow"}]
+    agent = agents(broker, routes=routes, pythonpath=plugin)
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    agent.start()
+    device = publisher(broker.port)
+    for i in range(8):  # four seconds of work for the single worker
+        device.publish(f"city/aarhus/camera/c{i}/frame", b"frame", qos=1)
+    rows = list(citypulse_rows(20))
+    for row in rows:
+        device.publish(TRAFFIC.format(row["REPORT_ID"]), json.dumps(row), qos=1)
+    wait_for(lambda: len(results_by_seq(collector, agent)) == len(rows), 10, "the light results")
+    slow_done = [p for t, p in collector.snapshot() if "/camera/" in t]
+    assert len(slow_done) < 8, "the light tasks waited for the heavy ones"
+    wait_for(lambda: len(collector.snapshot()) == 28, 30, "the heavy results too")
+    assert agent.terminate() == 0
 
 
 def test_sigkill_mid_stream_loses_nothing(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
