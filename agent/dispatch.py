@@ -216,8 +216,8 @@ class Dispatcher:
                          "total_s": round(max(0.0, finished - ref.received_at), 6)},
                 result=result,
             )
-        except (TypeError, ValueError) as exc:
-            self._fail(ref, ValueError(f"the task returned a result that is not finite JSON: {exc}"))
+        except TypeError as exc:  # orjson.JSONEncodeError: a value JSON cannot hold (bytes, sets, objects…)
+            self._fail(ref, ValueError(f"the task returned a result that is not JSON: {exc}"))
             return
         self.completed += 1
         self._store.complete(ref.id, ref.size, topic, body)

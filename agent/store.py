@@ -14,7 +14,6 @@ Under load the groups grow by themselves; when idle a single message commits alo
 
 from __future__ import annotations
 
-import json
 import queue
 import sqlite3
 import threading
@@ -23,6 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import orjson
 
 from agent.errors import ConfigError, StoreError
 from agent.telemetry import get_logger
@@ -328,7 +329,7 @@ class Store:
                     "INSERT INTO tasks (task_id, topic, kind, placement, options, payload, size, received_at, "
                     "mid, crc, state, out_topic, out_payload, out_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (row.task_id, row.topic, row.kind, row.placement,
-                     json.dumps(row.options) if row.options else None, None if dead else row.payload,
+                     orjson.dumps(row.options) if row.options else None, None if dead else row.payload,
                      row.size, row.received_at, row.mid, row.crc, state, row.out_topic, row.out_payload, seq),
                 )
                 row_id = int(cur.lastrowid or 0)
@@ -369,7 +370,7 @@ class Store:
                     "SELECT id, task_id, topic, kind, placement, options, size, received_at FROM tasks "
                     "WHERE id > ? AND state=0 ORDER BY id LIMIT ?", (after_id, limit)
                 ).fetchall()
-                reply([TaskRef(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else {}, None, r[6], r[7])
+                reply([TaskRef(r[0], r[1], r[2], r[3], r[4], orjson.loads(r[5]) if r[5] else {}, None, r[6], r[7])
                        for r in rows])
             elif op.kind == "load_outbox":
                 after_seq, limit, reply = op.args

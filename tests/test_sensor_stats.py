@@ -183,13 +183,6 @@ def test_invalid_senml_packs(pack: list[Any], detail: str) -> None:
         (b"true", "got a boolean"),
         (b'{"status": "OK", "when": "2014-08-01"}', "no numeric reading"),
         (b"{}", "no numeric reading"),
-        (b'{"a": NaN}', "NaN, which is not a number"),
-        (b'{"a": Infinity}', "Infinity"),
-        (b'{"a": -Infinity}', "-Infinity"),
-        (b'[{"n": "a", "v": NaN}]', "NaN"),
-        (b'{"a": 1e400}', "'a' is too large for a 64-bit float"),
-        (b'{"a": ' + b"9" * 400 + b"}", "'a' is an integer too large for a 64-bit float"),
-        (b'{"a": ' + b"9" * 5000 + b"}", "a number too large to use"),
     ],
 )
 def test_invalid_payloads(payload: bytes, detail: str) -> None:
@@ -200,11 +193,19 @@ def test_invalid_payloads(payload: bytes, detail: str) -> None:
 @pytest.mark.parametrize(
     ("payload", "detail"),
     [
-        (b'{"a": 1, "b": "\xff"}', r"not valid UTF-8 text \(byte 0xff at offset 15\)"),
-        (b'{"a": 1,', "not valid JSON: Expecting property name enclosed in double quotes at line 1 column 9"),
+        (b'{"a": 1, "b": "\xff"}', "not valid UTF-8"),
+        (b'{"a": 1,', "not valid JSON: .*line 1 column 9"),
         (b"", "not valid JSON"),
-        (b"[" * 100_000, "nested too deeply"),
-        (b'{"a": ' * 100_000, "nested too deeply"),
+        (b"[" * 100_000, "depth limit"),
+        (b'{"a": ' * 100_000, "depth limit"),
+        # Strict RFC 8259: no NaN/Infinity literals, no number beyond a double.
+        (b'{"a": NaN}', "not valid JSON"),
+        (b'{"a": Infinity}', "not valid JSON"),
+        (b'{"a": -Infinity}', "not valid JSON"),
+        (b'[{"n": "a", "v": NaN}]', "not valid JSON"),
+        (b'{"a": 1e400}', "infinity"),
+        (b'{"a": ' + b"9" * 400 + b"}", "infinity"),
+        (b'{"a": ' + b"9" * 5000 + b"}", "not valid JSON"),
         ('{"a": 1}'.encode("utf-16"), "not valid UTF-8"),
     ],
 )
@@ -223,8 +224,8 @@ def test_more_than_the_field_cap_is_refused() -> None:
 def test_a_refused_message_leaves_the_windows_untouched() -> None:
     stats = SensorStats()
     feed(stats, [1, 2, 3])
-    with pytest.raises(InvalidPayload):
-        run(stats, {"x": 1000, "y": 1e400})
+    with pytest.raises(InvalidPayload):  # the second record is refused after the first was read
+        run(stats, [{"n": "x", "v": 1000}, {"n": 5, "v": 1}])
     assert feed(stats, [4])["mean"] == 2.0
 
 
@@ -354,7 +355,9 @@ def test_stored_readings_stay_within_the_budget() -> None:
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 reading = st.one_of(finite, st.integers(min_value=-(10**300), max_value=10**300), finite.map(repr))
-label = st.one_of(st.none(), st.booleans(), st.text(max_size=5).filter(lambda s: not _numeric(s)),
+# Lone surrogates are not valid UTF-8 once decoded; strict JSON parsing refuses them (a separate test).
+text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=5)
+label = st.one_of(st.none(), st.booleans(), text.filter(lambda s: not _numeric(s)),
                   st.lists(finite, max_size=2), st.dictionaries(st.text(max_size=3), finite, max_size=2))
 
 
@@ -367,9 +370,11 @@ def _numeric(text: str) -> bool:
 
 def _check_entry(entry: dict[str, Any], sent: Any) -> None:
     assert set(entry) == {"value", "mean", "std", "z", "anomaly"}
-    expected = float(sent) if isinstance(sent, str) else sent
+    # Strings and integers beyond 64 bits arrive as floats (the JSON parser reads the latter as doubles).
+    as_float = isinstance(sent, str) or (isinstance(sent, int) and not -(2**63) <= sent < 2**64)
+    expected = float(sent) if as_float else sent
     assert entry["value"] == expected
-    assert type(entry["value"]) is (type(sent) if not isinstance(sent, str) else float)
+    assert type(entry["value"]) is (float if as_float else type(sent))
     for key in ("mean", "std", "z"):
         assert type(entry[key]) is float
         assert math.isfinite(entry[key])

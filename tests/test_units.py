@@ -107,7 +107,11 @@ def test_result_and_dead_letter_shapes() -> None:
                                 "received_at": 1.5}
 
 
-def test_non_finite_results_are_refused() -> None:
-    with pytest.raises(ValueError, match="JSON"):
+def test_results_stay_strict_json() -> None:
+    _, body = result_message("gw", task_id="a", kind="k", topic="t", placement="local", decision={},
+                             timings={}, result={"x": float("nan"), "y": float("inf")})
+    assert json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} in a result"))["result"] == {"x": None,
+                                                                                                      "y": None}
+    with pytest.raises(TypeError):
         result_message("gw", task_id="a", kind="k", topic="t", placement="local", decision={},
-                       timings={}, result={"x": float("nan")})
+                       timings={}, result={"x": {1, 2}})
