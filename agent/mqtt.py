@@ -253,9 +253,7 @@ class MqttLink:
                         error=f"{type(exc).__name__}: {exc}")
 
     def _mark_disconnected(self) -> None:
-        if self.connected.is_set():
-            self.connected.clear()
-            self._on_connected_safe(connected=False, session_present=False)
+        self.connected.clear()
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -297,7 +295,7 @@ class MqttLink:
             self.connected.set()
             log.info("mqtt_connected", host=self._settings.host, port=self._settings.port,
                      session_present=session_present, protocol=self._settings.protocol)
-            self._on_connected_safe(connected=True, session_present=session_present)
+            self._on_connected_cb(session_present)
         except Exception:
             log.exception("callback_failed", callback="on_connect")
 
@@ -361,10 +359,3 @@ class MqttLink:
             self._on_puback_cb(mid)
         except Exception:
             log.exception("callback_failed", callback="on_publish")
-
-    def _on_connected_safe(self, *, connected: bool, session_present: bool) -> None:
-        try:
-            if connected:
-                self._on_connected_cb(session_present)
-        except Exception:
-            log.exception("callback_failed", callback="on_connected")
