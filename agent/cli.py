@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     env_file = args.env_file if args.env_file is not None else DEFAULT_ENV_FILE
     telemetry.warn_if_world_readable(env_file, telemetry.get_logger("agent.cli"))
     try:
-        return daemon.run(settings)
+        # SIGHUP re-reads the same sources; a bad new value is logged and the running settings stay.
+        return daemon.run(settings, reload=lambda: _settings(args))
     except ConfigError as exc:
         # Raised while opening the store or the TLS context: still before connecting anywhere.
         print(f"edge-agent: configuration error: {exc}", file=sys.stderr)

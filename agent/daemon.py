@@ -1,4 +1,4 @@
-"""Wiring and lifecycle: build the stages, connect them, start, report, stop. No business logic here."""
+"""Wiring and lifecycle: build the stages, connect them, start, report, reload, stop. No business logic here."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from agent.config import Settings
+from agent.config import Route, Settings
 from agent.dispatch import Dispatcher
 from agent.egress import Publisher
+from agent.errors import ConfigError
 from agent.executor import LocalExecutor
 from agent.ingress import Ingress
+from agent.metrics import AgentCollector, Gauge, LabelledCounter, LabelledHistogram, MetricsServer
 from agent.mqtt import MqttLink
 from agent.store import Committed, Store, ensure_writable
+from agent.systemd import Notifier
 from agent.tasks import default_registry
 from agent.telemetry import get_logger
 
@@ -25,7 +28,9 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 STATS_EVERY_S = 60.0
+STATUS_EVERY_S = 5.0
 SUBSCRIPTIONS_KEY = "subscriptions"
+Reloader = Callable[[], Settings]
 
 
 class ThreadHandoff(Generic[T]):
@@ -53,137 +58,280 @@ class ThreadHandoff(Generic[T]):
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, reload: Reloader | None = None) -> None:
         self.settings = settings
+        self._reload_settings = reload
         ensure_writable(settings.state_dir)
         self.registry = default_registry()
         self.store = Store(settings.state_dir, max_tasks=settings.store.max_tasks,
                            max_bytes=settings.store.max_bytes, synchronous=settings.store.synchronous)
+        self.notifier = Notifier()
         self.stopping = asyncio.Event()
-        self.started_at = time.monotonic()
+        self.loop_tick = time.monotonic()
 
     def request_stop(self, reason: str) -> None:
         if not self.stopping.is_set():
             log.info("stop_requested", reason=reason)
+            self.notifier.stopping()
             self.stopping.set()
+
+    # ------------------------------------------------------------------ wiring
+
+    def _build(self, loop: asyncio.AbstractEventLoop) -> None:
+        s, store = self.settings, self.store
+        self.executor = LocalExecutor(s)
+        self.dispatcher = Dispatcher(agent_id=s.agent_id, registry=self.registry, executor=self.executor,
+                                     store=store)
+        self.ingress = Ingress(agent_id=s.agent_id, routes=s.routes, max_payload_bytes=s.max_payload_bytes,
+                               store=store, ack=self._ack, request_redelivery=self._request_redelivery)
+        self.ingress.remember(store.recent_deliveries(s.mqtt.receive_maximum))
+        previous = json.loads(store.get_meta(SUBSCRIPTIONS_KEY) or "[]")
+        self.pubacks: ThreadHandoff[int] = ThreadHandoff(loop, self._acked)
+        self.link = MqttLink(
+            s.mqtt, client_id=s.client_id, agent_id=s.agent_id,
+            topic_filters=[(r.topic, r.qos) for r in s.routes],
+            on_message=self.ingress.handle, on_puback=self.pubacks.put, on_connected=self._connected,
+            unsubscribe=[f for f in previous if f not in {r.topic for r in s.routes}],
+        )
+        self.publisher = Publisher(store, self.link.publish, window=s.mqtt.publish_window)
+        self.metrics: MetricsServer | None = None
+        if s.metrics.port:
+            self.metrics = MetricsServer(s.metrics.port, self._collector(), healthy=self._healthy,
+                                         ready=self._ready)
+
+    def _ack(self, mid: int, qos: int) -> None:
+        self.link.ack(mid, qos)
+
+    def _request_redelivery(self) -> None:
+        self.link.request_reconnect()
+
+    def _acked(self, mids: list[int]) -> None:
+        self.publisher.acked(mids)
+
+    def _connected(self, session_present: bool) -> None:  # network thread, after every CONNACK
+        routes = self.settings.routes
+        # Remember what we subscribe to, so filters dropped from the routes are unsubscribed next time.
+        self.store.call(lambda: self.store.set_meta(SUBSCRIPTIONS_KEY, json.dumps([r.topic for r in routes])))
+        # MQTT 5: never have more results unacknowledged than the broker says it accepts.
+        window = min(self.settings.mqtt.publish_window, self.link.server_receive_maximum)
+        self._loop.call_soon_threadsafe(self.publisher.set_window, window)
+
+    def _deliver(self, committed: Committed) -> None:  # event loop
+        if committed.tasks:
+            self.dispatcher.accept(committed.tasks)
+        if committed.outbox:
+            self.publisher.accept(committed.outbox)
+
+    def _on_commit(self, committed: Committed) -> None:  # writer thread, after each group commit
+        if committed.acks:
+            self.ingress.mark_acked(committed.acks)
+            for mid, qos in committed.acks:
+                self.link.ack(mid, qos)
+        if committed.tasks or committed.outbox:
+            self._loop.call_soon_threadsafe(self._deliver, committed)
+        if committed.released:
+            self.ingress.maybe_resume()
+
+    # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> int:
         s = self.settings
-        loop = asyncio.get_running_loop()
-        store = self.store
-        counts = store.counts()
+        loop = self._loop = asyncio.get_running_loop()
+        counts = self.store.counts()
         log.info("agent_starting", agent_id=s.agent_id, broker=f"{s.mqtt.host}:{s.mqtt.port}",
-                 protocol=s.mqtt.protocol, store=str(store.path), workers=s.local.workers,
+                 protocol=s.mqtt.protocol, store=str(self.store.path), workers=s.local.workers,
                  routes=[r.topic for r in s.routes], resume_pending=counts["pending"],
-                 resume_outbox=counts["outbox"])
-
-        executor = LocalExecutor(s)
-        dispatcher = Dispatcher(agent_id=s.agent_id, registry=self.registry, executor=executor, store=store)
-        link_box: list[MqttLink] = []
-        ingress = Ingress(agent_id=s.agent_id, routes=s.routes, max_payload_bytes=s.max_payload_bytes,
-                          store=store, ack=lambda mid, qos: link_box[0].ack(mid, qos),
-                          request_redelivery=lambda: link_box[0].request_reconnect())
-        ingress.remember(store.recent_deliveries(s.mqtt.receive_maximum))
-
-        filters = [r.topic for r in s.routes]
-        previous = json.loads(store.get_meta(SUBSCRIPTIONS_KEY) or "[]")
-        stale = [f for f in previous if f not in filters]
-
-        def subscribed(session_present: bool) -> None:  # network thread, after every CONNACK
-            # Remember what we subscribe to, so filters dropped from the routes are unsubscribed next time.
-            store.call(lambda: store.set_meta(SUBSCRIPTIONS_KEY, json.dumps(filters)))
-            stale.clear()
-            # MQTT 5: never have more results unacknowledged than the broker says it accepts.
-            window = min(s.mqtt.publish_window, link_box[0].server_receive_maximum)
-            loop.call_soon_threadsafe(publisher_box[0].set_window, window)
-
-        publisher_box: list[Publisher] = []
-        pubacks: ThreadHandoff[int] = ThreadHandoff(loop, lambda mids: publisher_box[0].acked(mids))
-        link = MqttLink(
-            s.mqtt, client_id=s.client_id, agent_id=s.agent_id,
-            topic_filters=[(r.topic, r.qos) for r in s.routes],
-            on_message=ingress.handle, on_puback=pubacks.put, on_connected=subscribed,
-            stale_filters=lambda: list(stale),
-        )
-        link_box.append(link)
-        publisher = Publisher(store, link.publish, window=s.mqtt.publish_window)
-        publisher_box.append(publisher)
-
-        def deliver(committed: Committed) -> None:
-            if committed.tasks:
-                dispatcher.accept(committed.tasks)
-            if committed.outbox:
-                publisher.accept(committed.outbox)
-
-        def on_commit(committed: Committed) -> None:  # writer thread, after each group commit
-            if committed.acks:
-                ingress.mark_acked(committed.acks)
-                for mid, qos in committed.acks:
-                    link.ack(mid, qos)
-            if committed.tasks or committed.outbox:
-                loop.call_soon_threadsafe(deliver, committed)
-            if committed.released:
-                ingress.maybe_resume()
-
+                 resume_outbox=counts["outbox"], systemd=self.notifier.enabled)
+        self._build(loop)
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, name)
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("sighup_ignored",
-                                                                 detail="restart the agent to apply changes"))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
 
-        store.start(on_commit)
-        dispatcher.start(loop)
-        publisher.start(loop)
+        if self.metrics is not None:
+            self.metrics.start()
+        self.store.start(self._on_commit)
+        self.dispatcher.start(loop)
+        self.publisher.start(loop)
         if any(self.registry.get(r.task).heavy for r in s.routes):
-            await executor.warm_up()  # a light-only gateway never starts worker processes
-        link.start()
-        stats = asyncio.ensure_future(self._report(ingress, dispatcher, publisher, link))
+            await self.executor.warm_up()  # a light-only gateway never starts worker processes
+        self.link.start()
+        housekeeping = asyncio.ensure_future(self._housekeeping())
         log.info("agent_started", agent_id=s.agent_id)
 
         await self.stopping.wait()
-        stats.cancel()
-        return await self._shutdown(ingress, dispatcher, publisher, link, executor)
+        housekeeping.cancel()
+        return await self._shutdown()
 
-    async def _shutdown(self, ingress: Ingress, dispatcher: Dispatcher, publisher: Publisher, link: MqttLink,
-                        executor: LocalExecutor) -> int:
+    async def _housekeeping(self) -> None:
+        """Readiness, watchdog pings, the systemd status line and the minutely stats line."""
+        ready = False
+        interval = min(1.0, self.notifier.watchdog_s or 1.0)
+        last_status = last_stats = time.monotonic()
+        while True:
+            now = time.monotonic()
+            self.loop_tick = now  # this coroutine running is the proof that the event loop is not stuck
+            if not ready and self.link.connected.is_set():
+                ready = True  # store open (it opened before anything else) and broker connected
+                self.notifier.ready(self._status_line())
+                log.info("agent_ready")
+            if self.notifier.watchdog_s is not None and self._healthy()[0]:
+                self.notifier.watchdog()
+            if ready and now - last_status >= STATUS_EVERY_S:
+                self.notifier.status(self._status_line())
+                last_status = now
+            if now - last_stats >= STATS_EVERY_S:
+                self._log_stats()
+                last_stats = now
+            await asyncio.sleep(interval)
+
+    def _healthy(self) -> tuple[bool, str]:
+        """Alive means every loop turns: the event loop, the MQTT network thread and the store writer."""
+        problems = []
+        if time.monotonic() - self.loop_tick > 10.0:
+            problems.append("event loop stuck")
+        if not self.link.alive(within_s=10.0):
+            problems.append("MQTT network thread stuck")
+        if not self.store.healthy():
+            problems.append("store writer stuck")
+        return (not problems, "; ".join(problems) or "ok")
+
+    def _ready(self) -> tuple[bool, str]:
+        if self.stopping.is_set():
+            return False, "stopping"
+        if not self.link.connected.is_set():
+            return False, "not connected to the broker"
+        if self.ingress.paused:
+            return False, "store full: intake paused"
+        return True, "ok"
+
+    def _status_line(self) -> str:
+        c = self.ingress.counters
+        state = "connected" if self.link.connected.is_set() else "reconnecting"
+        return (f"{state}; {c.received} received, {self.dispatcher.completed} done, "
+                f"{c.dead_lettered + self.dispatcher.dead_lettered} dead-lettered, "
+                f"{self.dispatcher.backlog} queued, {self.store.outstanding_rows} in store"
+                + ("; intake paused (store full)" if self.ingress.paused else ""))
+
+    def _log_stats(self) -> None:
+        c = self.ingress.counters
+        log.info("agent_stats", connected=self.link.connected.is_set(), received=c.received,
+                 accepted=c.accepted, dead_lettered=c.dead_lettered + self.dispatcher.dead_lettered,
+                 completed=self.dispatcher.completed, duplicates=c.duplicates, held_back=c.held_back,
+                 store_rows=self.store.outstanding_rows, queued=self.dispatcher.backlog,
+                 running=self.dispatcher.running, results_unconfirmed=self.publisher.inflight,
+                 intake_paused=self.ingress.paused, threads=threading.active_count())
+
+    async def _reload(self) -> None:
+        """SIGHUP: apply new routes without a restart; other changes are named and wait for one."""
+        self.notifier.reloading()
+        try:
+            if self._reload_settings is None:
+                raise ConfigError("SIGHUP", "this agent was started without a settings file to reload")
+            new = self._reload_settings()
+            self.registry.check_routes(new.routes)
+        except ConfigError as exc:
+            log.error("reload_failed", variable=exc.variable, problem=exc.problem, kept="the running settings")
+        else:
+            self._apply(new)
+        self.notifier.ready(self._status_line())
+
+    def _apply(self, new: Settings) -> None:
+        old = self.settings
+        if new.routes != old.routes:
+            self._apply_routes(new.routes, old.routes)
+        changed = sorted(
+            key for key in type(new).model_fields
+            if key != "routes" and getattr(new, key) != getattr(old, key)
+        )
+        self.settings = new.model_copy(update={key: getattr(old, key) for key in changed})
+        if changed:
+            log.warning("reload_needs_restart", settings=[f"EDGE_AGENT_{k.upper()}" for k in changed],
+                        detail="these take effect at the next start")
+        log.info("reload_applied", routes=[r.topic for r in new.routes])
+
+    def _apply_routes(self, routes: list[Route], previous: list[Route]) -> None:
+        self.ingress.set_routes(routes)
+        kept = {r.topic for r in routes}
+        self.link.set_subscriptions([(r.topic, r.qos) for r in routes],
+                                    [r.topic for r in previous if r.topic not in kept])
+        self.store.call(lambda: self.store.set_meta(SUBSCRIPTIONS_KEY, json.dumps(sorted(kept))))
+
+    async def _shutdown(self) -> int:
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
-        ingress.closing = True  # new messages stay unacknowledged: the broker keeps them for our next start
-        finished = await dispatcher.drain(max(0.1, deadline - time.monotonic() - 1.0))
+        self.ingress.closing = True  # new messages stay unacknowledged: the broker keeps them for our next start
+        finished = await self.dispatcher.drain(max(0.1, deadline - time.monotonic() - 1.0))
         await self._store_barrier()  # results just computed are committed and handed to the publisher
         # Give them a chance to reach the broker; whatever is left stays in the outbox for the next start.
-        while not publisher.idle() and link.connected.is_set() and time.monotonic() < deadline - 0.5:
+        while not self.publisher.idle() and self.link.connected.is_set() and time.monotonic() < deadline - 0.5:
             await asyncio.sleep(0.02)
-        link.stop(timeout_s=max(0.5, deadline - time.monotonic()))
+        self.link.stop(timeout_s=max(0.5, deadline - time.monotonic()))
         await asyncio.sleep(0)  # run PUBACK hand-offs queued by the network thread
-        executor.shutdown()
+        self.executor.shutdown()
         self.store.stop()
-        log.info("agent_stopped", all_running_finished=finished, results_unconfirmed=publisher.inflight,
-                 results_waiting=publisher.backlog, pending_tasks=dispatcher.backlog)
+        if self.metrics is not None:
+            self.metrics.stop()
+        log.info("agent_stopped", all_running_finished=finished, results_unconfirmed=self.publisher.inflight,
+                 results_waiting=self.publisher.backlog, pending_tasks=self.dispatcher.backlog)
+        self.notifier.close()
         return 0
 
     async def _store_barrier(self) -> None:
         """Wait until the writer has committed everything queued so far and run its hand-offs."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
+
         def release() -> None:
             loop.call_soon_threadsafe(done.set_result, None)
 
         self.store.call(release)
         await done
 
-    async def _report(self, ingress: Ingress, dispatcher: Dispatcher, publisher: Publisher,
-                      link: MqttLink) -> None:
-        """One status line a minute: what an operator looks at first in the journal."""
-        while True:
-            await asyncio.sleep(STATS_EVERY_S)
-            c = ingress.counters
-            log.info("agent_stats", connected=link.connected.is_set(), received=c.received,
-                     accepted=c.accepted, dead_lettered=c.dead_lettered + dispatcher.dead_lettered,
-                     completed=dispatcher.completed, duplicates=c.duplicates, held_back=c.held_back,
-                     store_rows=self.store.outstanding_rows, queued=dispatcher.backlog,
-                     running=dispatcher.running, results_unconfirmed=publisher.inflight,
-                     intake_paused=ingress.paused, threads=threading.active_count())
+    # ------------------------------------------------------------------ metrics
+
+    def _collector(self) -> AgentCollector:
+        c = AgentCollector()
+        ingress, dispatcher, store, link, publisher = (self.ingress, self.dispatcher, self.store, self.link,
+                                                       self.publisher)
+
+        def dead_letters() -> dict[str, int]:
+            merged = dict(ingress.counters.dead_by_reason)
+            for reason, n in dispatcher.dead_by_reason.items():
+                merged[reason] = merged.get(reason, 0) + n
+            return merged
+
+        c.counters += [
+            LabelledCounter("edge_agent_messages", "Messages accepted as tasks, by route filter.", ("route",),
+                            lambda: ingress.counters.by_route),
+            LabelledCounter("edge_agent_decisions", "Placement decisions, by target and reason.",
+                            ("target", "reason"), lambda: dispatcher.decisions),
+            LabelledCounter("edge_agent_dead_letters", "Messages sent to the dead-letter topic, by reason.",
+                            ("reason",), dead_letters),
+            LabelledCounter("edge_agent_messages_received", "Messages received from the broker.", (),
+                            lambda: {(): ingress.counters.received}),
+            LabelledCounter("edge_agent_duplicates_received", "Redeliveries recognised as already stored.", (),
+                            lambda: {(): ingress.counters.duplicates}),
+            LabelledCounter("edge_agent_store_commits", "Group commits of the store.", (),
+                            lambda: {(): store.commits}),
+        ]
+        c.histograms.append(LabelledHistogram(
+            "edge_agent_task_duration_seconds", "Measured service time of each task, by placement and kind.",
+            ("placement", "kind"), lambda: dispatcher.durations))
+        c.gauges += [
+            Gauge("edge_agent_store_tasks", "Tasks and results in the store not yet acknowledged by the broker.",
+                  lambda: store.outstanding_rows),
+            Gauge("edge_agent_store_bytes", "Bytes of inputs and results held in the store.",
+                  lambda: store.outstanding_bytes),
+            Gauge("edge_agent_queue_depth", "Committed tasks waiting to run.", lambda: dispatcher.backlog),
+            Gauge("edge_agent_running_tasks", "Tasks running in the worker pool.", lambda: dispatcher.running),
+            Gauge("edge_agent_results_unacknowledged", "Results published, awaiting the broker's PUBACK.",
+                  lambda: publisher.inflight),
+            Gauge("edge_agent_mqtt_connected", "1 while connected to the broker.",
+                  lambda: float(link.connected.is_set())),
+            Gauge("edge_agent_intake_paused", "1 while the store is full and intake is paused.",
+                  lambda: float(ingress.paused)),
+        ]
+        return c
 
 
-def run(settings: Settings) -> int:
-    daemon = Daemon(settings)
-    return asyncio.run(daemon.run())
+def run(settings: Settings, reload: Reloader | None = None) -> int:
+    return asyncio.run(Daemon(settings, reload).run())

@@ -15,6 +15,7 @@ from typing import Any
 from agent.egress import dead_letter, result_message
 from agent.errors import PayloadError, UnknownTask
 from agent.executor import LocalExecutor, WorkerDied
+from agent.metrics import Histogram
 from agent.store import Store, TaskRef
 from agent.tasks import TaskRegistry
 from agent.telemetry import get_logger
@@ -67,6 +68,9 @@ class Dispatcher:
         self.closing = False
         self.completed = 0
         self.dead_lettered = 0
+        self.decisions: dict[tuple[str, str], int] = {}  # (target, reason) → count
+        self.dead_by_reason: dict[str, int] = {}
+        self.durations: dict[tuple[str, str], Histogram] = {}  # (placement, kind) → service time
         self.samples: deque[ServiceSample] = deque(maxlen=1000)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -175,6 +179,8 @@ class Dispatcher:
     def _decide(self, ref: TaskRef) -> dict[str, Any]:
         """Where the task runs and why. Only the gateway executes tasks so far."""
         reason = "placement" if ref.placement == "local" else "no_cloud"
+        key = ("local", reason)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
         return {"target": "local", "t_local_s": None, "t_cloud_s": None, "reason": reason}
 
     async def _run_heavy(self, ref: TaskRef, payload: bytes, decision: dict[str, Any]) -> None:
@@ -206,6 +212,11 @@ class Dispatcher:
                   started: float) -> None:
         finished = time.time()
         self.samples.append(ServiceSample(ref.kind, "local", ref.size, service_s))
+        key = ("local", ref.kind)
+        histogram = self.durations.get(key)
+        if histogram is None:
+            histogram = self.durations[key] = Histogram()
+        histogram.observe(service_s)
         try:
             topic, body = result_message(
                 self._agent_id, task_id=ref.task_id, kind=ref.kind, topic=ref.topic, placement="local",
@@ -229,6 +240,7 @@ class Dispatcher:
             reason, detail = "task_failed", f"{type(exc).__name__}: {exc}"[:500]
             log.warning("task_failed", kind=ref.kind, topic=ref.topic, task_id=ref.task_id, error=detail)
         self.dead_lettered += 1
+        self.dead_by_reason[reason] = self.dead_by_reason.get(reason, 0) + 1
         topic, body = dead_letter(self._agent_id, ref.topic, reason, detail, ref.size, ref.received_at)
         self._store.complete(ref.id, ref.size, topic, body)
 

@@ -6,11 +6,11 @@ Parsing belongs to the task (its errors become dead letters with the task's reas
 
 from __future__ import annotations
 
+import os
 import threading
-import uuid
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.config import Route
 from agent.egress import dead_letter
@@ -75,6 +75,8 @@ class IngressCounters:
     dead_lettered: int = 0
     duplicates: int = 0
     held_back: int = 0  # not acknowledged because the store was full (the broker redelivers them)
+    by_route: dict[str, int] = field(default_factory=dict)  # accepted messages per route filter
+    dead_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 class Ingress:
@@ -136,7 +138,7 @@ class Ingress:
             self._hold_back(msg)
             return
 
-        task_id = uuid.uuid4().hex
+        task_id = os.urandom(16).hex()  # 128 random bits like uuid4, a quarter of its cost on this hot path
         route = self.router.match(msg.topic)
         if size > self._max_payload:
             row = self._dead(msg, task_id, crc, "too_large",
@@ -149,13 +151,16 @@ class Ingress:
             options["topic"] = msg.topic
             row = NewTask(task_id, msg.topic, route.task, route.placement, options, payload, size,
                           msg.received_at, msg.mid if msg.qos else None, crc if msg.qos else None)
-            self.counters.accepted += 1
+            counters = self.counters
+            counters.accepted += 1
+            counters.by_route[route.topic] = counters.by_route.get(route.topic, 0) + 1
         if msg.qos:
             self._deliveries[msg.mid] = Delivery(msg.topic, crc, task_id, acked=False)
         self._store.ingest((row,), ((msg.mid, msg.qos),) if msg.qos else ())
 
     def _dead(self, msg: InboundMessage, task_id: str, crc: int, reason: str, detail: str) -> NewTask:
         self.counters.dead_lettered += 1
+        self.counters.dead_by_reason[reason] = self.counters.dead_by_reason.get(reason, 0) + 1
         out_topic, out_payload = dead_letter(self._agent_id, msg.topic, reason, detail, len(msg.payload),
                                              msg.received_at)
         log.warning("dead_letter", reason=reason, topic=msg.topic, detail=detail)

@@ -88,7 +88,7 @@ class MqttLink:
         on_message: Callable[[InboundMessage], None],
         on_puback: Callable[[int], None],
         on_connected: Callable[[bool], None] = lambda session_present: None,
-        stale_filters: Callable[[], Sequence[str]] = tuple,
+        unsubscribe: Sequence[str] = (),
     ) -> None:
         self._settings = settings
         self._agent_id = agent_id
@@ -96,7 +96,8 @@ class MqttLink:
         self._on_message_cb = on_message
         self._on_puback_cb = on_puback
         self._on_connected_cb = on_connected
-        self._stale_filters = stale_filters
+        # Filters our persistent session may still hold from earlier routes; dropped at the next CONNACK.
+        self._unsubscribe = list(unsubscribe)
         self._rng = random.Random()
         self._stop = threading.Event()
         self._reconnect_requested = threading.Event()
@@ -299,12 +300,20 @@ class MqttLink:
         except Exception:
             log.exception("callback_failed", callback="on_connect")
 
+    def set_subscriptions(self, topic_filters: Sequence[tuple[str, int]], unsubscribe: Sequence[str]) -> None:
+        """New routes (SIGHUP): subscribe now when connected, and after every later CONNACK."""
+        self._filters = list(topic_filters)
+        self._unsubscribe = list(unsubscribe)
+        if self.connected.is_set():
+            self._subscribe_all(session_present=True)
+
     def _subscribe_all(self, session_present: bool) -> None:
         group = self._settings.shared_group
-        stale = [subscription_filter(f, group) for f in self._stale_filters()]
+        stale = [subscription_filter(f, group) for f in self._unsubscribe]
         if stale:
             self._client.unsubscribe(stale)
             log.info("mqtt_unsubscribed_stale", filters=stale)
+            self._unsubscribe = []
         subscriptions: list[tuple[str, Any]] = []
         for topic_filter, qos in self._filters:
             full = subscription_filter(topic_filter, group)

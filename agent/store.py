@@ -138,6 +138,7 @@ class Store:
         self._since_prune = 0
         self.commits = 0
         self.last_commit_s = 0.0
+        self.busy_since: float | None = None  # monotonic start of the group being written, for health checks
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -217,6 +218,11 @@ class Store:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def healthy(self, stuck_after_s: float = 60.0) -> bool:
+        """The writer runs and no commit has been hanging (a dying SD card blocks in fsync, not in an error)."""
+        busy = self.busy_since
+        return self.alive() and (busy is None or time.monotonic() - busy < stuck_after_s)
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Commit what is queued, then close."""
         if self._thread is not None:
@@ -291,6 +297,7 @@ class Store:
     def _commit_group(self, batch: list[_Op]) -> None:
         committed = Committed()
         started = time.perf_counter()
+        self.busy_since = time.monotonic()
         while True:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -306,6 +313,7 @@ class Store:
                 committed = Committed()
                 log.error("store_commit_failed", error=str(exc), retry_in_s=1.0)
                 time.sleep(1.0)
+        self.busy_since = None
         self.commits += 1
         self.last_commit_s = time.perf_counter() - started
         try:

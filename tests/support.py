@@ -168,9 +168,10 @@ class Agent:
 
     def __init__(self, workdir: Path, broker_port: int, agent_id: str | None = None,
                  extra_env: dict[str, str] | None = None, routes: list[dict[str, Any]] | None = None,
-                 pythonpath: Path | None = None) -> None:
+                 pythonpath: Path | None = None, process_env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.pythonpath = pythonpath
+        self.process_env = process_env or {}  # beside the env file, e.g. systemd's NOTIFY_SOCKET
         workdir.mkdir(parents=True, exist_ok=True)
         self.agent_id = agent_id or f"gw-{uuid.uuid4().hex[:6]}"
         self.env_file = workdir / "agent.env"
@@ -198,6 +199,7 @@ class Agent:
         env.pop("CREDENTIALS_DIRECTORY", None)
         if self.pythonpath is not None:
             env["PYTHONPATH"] = str(self.pythonpath)
+        env.update(self.process_env)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log_fh = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -216,6 +218,15 @@ class Agent:
             fh.seek(offset)
             data = fh.read()
         return f'"event": "{event}"'.encode() in data or f'"event":"{event}"'.encode() in data
+
+    def write_env(self, **settings: str) -> None:
+        """Change settings in the env file (for SIGHUP reloads)."""
+        lines = dict(line.split("=", 1) for line in self.env_file.read_text().splitlines() if "=" in line)
+        lines.update(settings)
+        self.env_file.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+
+    def wait_logged(self, event: str, timeout: float = 30) -> None:
+        wait_for(lambda: any(e.get("event") == event for e in self.events()), timeout, f"the agent to log {event}")
 
     def events(self) -> list[dict[str, Any]]:
         out = []

@@ -1,0 +1,145 @@
+"""What an operator relies on: systemd notify and watchdog, /metrics and health, SIGHUP reloads."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import Agent, Collector, Mosquitto, citypulse_rows, free_port, publisher, wait_for
+
+pytestmark = pytest.mark.integration
+
+TRAFFIC_ROUTE = {"topic": "city/+/traffic/+/data", "task": "sensor.stats"}
+
+
+@pytest.fixture
+def agents(tmp_path: Path):  # type: ignore[no-untyped-def]
+    made: list[Agent] = []
+
+    def make(broker: Mosquitto, **kwargs: Any) -> Agent:
+        agent = Agent(tmp_path / f"agent{len(made)}", broker.port, routes=kwargs.pop("routes", [TRAFFIC_ROUTE]),
+                      **kwargs)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.cleanup()
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own loopback endpoint
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_notify_ready_watchdog_status_and_stopping(broker: Mosquitto, agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(0.2)
+    agent = agents(broker, process_env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000"})
+    received: list[dict[str, str]] = []
+
+    def drain() -> list[dict[str, str]]:
+        while True:
+            try:
+                datagram = sock.recv(4096)
+            except TimeoutError:
+                return received
+            received.append(dict(line.split("=", 1) for line in datagram.decode().splitlines()))
+
+    agent.start()
+    wait_for(lambda: any(m.get("READY") == "1" for m in drain()), 20, "READY=1")
+    ready = next(m for m in received if m.get("READY") == "1")
+    assert "connected" in ready["STATUS"]
+    wait_for(lambda: sum(m.get("WATCHDOG") == "1" for m in drain()) >= 3, 20, "watchdog pings")
+    assert agent.terminate() == 0
+    drain()
+    assert any(m.get("STOPPING") == "1" for m in received)
+    sock.close()
+
+
+def test_metrics_health_and_readiness(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    agent = agents(broker, extra_env={"EDGE_AGENT_METRICS__PORT": str(port)})
+    agent.start()
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: get(base + "/readyz")[0] == 200, 20, "readiness")
+    assert get(base + "/healthz") == (200, "ok\n")
+    device = publisher(broker.port)
+    for row in citypulse_rows(30):
+        device.publish("city/aarhus/traffic/1/data", json.dumps(row), qos=1)
+    device.publish("city/aarhus/traffic/1/data", b"{broken", qos=1).wait_for_publish(5)
+
+    def metrics() -> str:
+        return get(base + "/metrics")[1]
+
+    wait_for(lambda: 'edge_agent_dead_letters_total{reason="invalid_json"} 1.0' in metrics(), 20, "metrics")
+    text = metrics()
+    assert 'edge_agent_messages_total{route="city/+/traffic/+/data"} 31.0' in text
+    assert 'edge_agent_decisions_total{reason="no_cloud",target="local"} 31.0' in text  # the broken one too
+    assert 'edge_agent_task_duration_seconds_count{kind="sensor.stats",placement="local"} 30.0' in text
+    assert "edge_agent_mqtt_connected 1.0" in text
+    assert "edge_agent_store_tasks " in text
+    assert get(base + "/nothing")[0] == 404
+
+    broker.stop()
+    wait_for(lambda: get(base + "/readyz")[0] == 503, 20, "not ready without the broker")
+    assert "broker" in get(base + "/readyz")[1]
+    assert get(base + "/healthz")[0] == 200  # alive: reconnecting is not a failure
+    broker.start()
+    wait_for(lambda: get(base + "/readyz")[0] == 200, 30, "ready again")
+    assert agent.terminate() == 0
+
+
+def test_metrics_port_in_use_is_a_config_error(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        agent = agents(broker, extra_env={"EDGE_AGENT_METRICS__PORT": str(taken.getsockname()[1])})
+        proc = subprocess.run([sys.executable, "-m", "agent", "run", "--env-file", str(agent.env_file)],
+                              capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 78
+    assert "EDGE_AGENT_METRICS__PORT" in proc.stderr
+
+
+def test_sighup_reloads_routes_without_losing_messages(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(broker)
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    agent.start()
+    device = publisher(broker.port)
+    device.publish("city/a/traffic/1/data", b'{"speed": 1}', qos=1)
+    wait_for(lambda: len(collector.snapshot()) == 1, 20, "the first result")
+
+    agent.write_env(EDGE_AGENT_ROUTES=json.dumps([{"topic": "city/+/parking/+/data", "task": "sensor.stats"}]))
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_logged("reload_applied")
+    time.sleep(0.5)
+    device.publish("city/a/parking/2/data", b'{"free": 10}', qos=1)
+    device.publish("city/a/traffic/1/data", b'{"speed": 2}', qos=1)  # no longer routed, nor subscribed
+    wait_for(lambda: any("/parking/" in t for t, _ in collector.snapshot()), 20, "a result on the new route")
+    time.sleep(1)
+    assert [t for t, _ in collector.snapshot() if "/traffic/" in t] == [
+        f"edge/{agent.agent_id}/results/city/a/traffic/1/data"]
+
+    # A bad value on reload keeps the running settings.
+    agent.write_env(EDGE_AGENT_ROUTES="[{broken")
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_logged("reload_failed")
+    device.publish("city/a/parking/3/data", b'{"free": 9}', qos=1)
+    wait_for(lambda: sum("/parking/" in t for t, _ in collector.snapshot()) == 2, 20, "still working")
+    failed = next(e for e in agent.events() if e.get("event") == "reload_failed")
+    assert failed["variable"] == "EDGE_AGENT_ROUTES"
+    assert agent.terminate() == 0
