@@ -9,10 +9,12 @@ escaping a callback would kill the network thread (thingsboard-gateway #2086).
 from __future__ import annotations
 
 import random
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
@@ -55,13 +57,17 @@ def subscription_filter(topic_filter: str, shared_group: str | None) -> str:
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext:
-    """Build the TLS context now, so a bad CA or key stops start-up with a clear message."""
+    """Build the TLS context now, so a bad CA, key or certificate stops start-up with a clear message."""
     tls = settings.tls
     try:
         context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError("EDGE_AGENT_MQTT__TLS__CA_FILE", f"not a usable CA bundle: {exc}") from exc
     if tls.cert_file and tls.key_file:
+        expiry = certificate_expiry(tls.cert_file)
+        if expiry is not None and expiry < time.time():
+            raise ConfigError("EDGE_AGENT_MQTT__TLS__CERT_FILE",
+                              f"the certificate expired on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(expiry))}")
         try:
             context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
         except (ssl.SSLError, OSError) as exc:
@@ -69,6 +75,48 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext:
                 "EDGE_AGENT_MQTT__TLS__CERT_FILE", f"certificate and key do not load as a pair: {exc}"
             ) from exc
     return context
+
+
+def certificate_expiry(path: Path) -> float | None:
+    """notAfter of a PEM certificate as a Unix time; None when it cannot be read this way."""
+    # The ssl module's own certificate decoder (private but present in every CPython 3); a failure here only
+    # skips this early check: the handshake still validates the certificate.
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        return float(ssl.cert_time_to_seconds(decode(str(path))["notAfter"]))
+    except (ssl.SSLError, OSError, KeyError, ValueError):
+        return None
+
+
+def explain_connect_error(exc: BaseException, settings: MqttSettings) -> str:
+    """A failed connection attempt in words an operator can act on."""
+    where = f"{settings.host}:{settings.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code == 10:
+            return f"the broker's certificate at {where} has expired"
+        if code in (2, 18, 19, 20, 21):
+            return (f"the broker's certificate at {where} is not signed by the CA in "
+                    f"EDGE_AGENT_MQTT__TLS__CA_FILE ({exc.verify_message})")
+        if code == 62:
+            return f"the broker's certificate does not name {settings.host!r} ({exc.verify_message})"
+        return f"the broker's certificate at {where} was refused: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        reason = str(exc.reason or exc)
+        if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason:
+            return f"{where} does not speak TLS (a plain MQTT port?)"
+        if "ALERT" in reason:
+            return f"the broker refused this agent's certificate (EDGE_AGENT_MQTT__TLS__CERT_FILE): {reason}"
+        return f"TLS with {where} failed: {reason}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"nothing accepts connections on {where} (is the broker running?)"
+    if isinstance(exc, socket.gaierror):
+        return f"the broker host {settings.host!r} cannot be resolved ({exc.strerror})"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return f"no answer from {where} (timed out)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class MqttLink:
@@ -107,6 +155,7 @@ class MqttLink:
         self.server_receive_maximum = 65535
         self._v5 = settings.protocol == "5"
         self._last_refusal: str | None = None
+        self._awaiting_connack = False
 
         protocol = paho.MQTTv5 if self._v5 else paho.MQTTv311
         client = paho.Client(
@@ -208,8 +257,11 @@ class MqttLink:
                 log.warning("mqtt_loop_error", error=repr(exc))
                 rc = MQTTErrorCode.MQTT_ERR_CONN_LOST
             if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
-                if self.connected.is_set() or self._connecting():
+                if self.connected.is_set():
                     log.warning("mqtt_connection_lost", rc=paho.error_string(rc))
+                elif self._awaiting_connack:
+                    self._refused_before_connack()
+                self._awaiting_connack = False
                 self._mark_disconnected()
                 delay = backoff_delay(attempt, self._settings.reconnect_min_s,
                                       self._settings.reconnect_max_s, self._rng)
@@ -236,13 +288,24 @@ class MqttLink:
                 properties=properties,
             )
         except (OSError, ssl.SSLError, ValueError) as exc:
-            message = f"{type(exc).__name__}: {exc}"
+            message = explain_connect_error(exc, self._settings)
             if message != self._last_refusal:
                 log.warning("mqtt_connect_failed", host=self._settings.host, port=self._settings.port,
                             error=message)
                 self._last_refusal = message
             return False
+        self._awaiting_connack = True
         return True
+
+    def _refused_before_connack(self) -> None:
+        # With TLS 1.3 the broker checks our certificate after the handshake looks complete to us, so a
+        # refused certificate shows up only as a connection closed before any CONNACK.
+        detail = "the broker closed the connection before accepting it"
+        if self._settings.tls.cert_file:
+            detail += "; check that it accepts this agent's certificate (EDGE_AGENT_MQTT__TLS__CERT_FILE)"
+        if detail != self._last_refusal:
+            log.error("mqtt_connect_failed", host=self._settings.host, port=self._settings.port, error=detail)
+            self._last_refusal = detail
 
     def _drop_connection(self) -> None:
         # We own the network thread, so reconnecting here cannot race paho's socket handling.
@@ -281,6 +344,7 @@ class MqttLink:
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Properties | None) -> None:
         try:
+            self._awaiting_connack = False
             if reason.is_failure:
                 text = str(reason)
                 if text != self._last_refusal:
