@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from support import Agent, Collector, Mosquitto, citypulse_rows, free_port, publisher, wait_for
 
 pytestmark = pytest.mark.integration
