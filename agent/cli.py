@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent import __version__
 from agent.config import DEFAULT_ENV_FILE, Settings, load_settings, redacted
 from agent.errors import ConfigError
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus=78 stops restart loops
+EX_USAGE = 2  # bad command-line input (argparse uses 2 as well)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +35,63 @@ def _parser() -> argparse.ArgumentParser:
     env_file_option(run)
     check = sub.add_parser("check-config", help="validate the settings and print them with secrets redacted")
     env_file_option(check)
+
+    explain = sub.add_parser(
+        "explain",
+        help="show both expected totals of one task, term by term, and where it would run",
+        description="Priors come from the settings; the options below replace them with the figures to explain.",
+    )
+    env_file_option(explain)
+    explain.add_argument("--kind", required=True, help="task kind, e.g. noise.spectrum")
+    explain.add_argument("--bytes", type=_non_negative_int, required=True, help="input size in bytes")
+    explain.add_argument("--uplink-mbps", type=_positive_float, help="uplink bandwidth (default: the prior)")
+    explain.add_argument("--downlink-mbps", type=_positive_float, help="downlink bandwidth (default: the prior)")
+    explain.add_argument("--rtt-ms", type=_non_negative_float, help="round trip to the cloud (default: the prior)")
+    explain.add_argument("--provisioning-s", type=_non_negative_float, help="time to start a lease")
+    explain.add_argument("--warm", action="store_true", help="a ready lease exists (no provisioning term)")
+    explain.add_argument("--backlog", type=_non_negative_int, default=0,
+                         help="tasks of this kind and size already queued or running on the gateway")
+    explain.add_argument("--uplink-queued-bytes", type=_non_negative_int, default=0,
+                         help="other inputs already waiting on the uplink")
+    explain.add_argument("--workers", type=_positive_int, help="gateway workers (default: EDGE_AGENT_LOCAL__WORKERS)")
+    explain.add_argument("--placement", choices=("auto", "local", "cloud"), default="auto")
+    explain.add_argument("--no-cloud", action="store_true", help="as if EDGE_AGENT_CLOUD__URL were unset")
+    explain.add_argument("--circuit-open", action="store_true", help="as if the cloud circuit breaker were open")
+    explain.add_argument("--json", action="store_true", help="print the decision and estimates as JSON")
+
+    replay = sub.add_parser(
+        "replay",
+        help="replay a real bandwidth trace and a workload through the policy and baselines",
+        description="Trace format is detected from the content: Mahimahi (one ms timestamp per line) or two "
+        "columns 'time_s Mbps'. The decision settings are the defaults unless --env-file is given.",
+    )
+    replay.add_argument("--uplink", type=Path, required=True, help="uplink trace")
+    replay.add_argument("--downlink", type=Path, help="downlink trace (default: the uplink's)")
+    replay.add_argument("--seed", type=int, default=1, help="seed of the workload's random draws (default 1)")
+    replay.add_argument("--workload", type=Path, help="workload JSON (default: the documented mix)")
+    replay.add_argument("--env-file", type=Path, help="take EDGE_AGENT_DECISION__* settings from this file")
+    replay.add_argument("--json", action="store_true", help="print the summary as JSON")
+    replay.add_argument("--plot", type=Path, metavar="FILE.png", help="draw bandwidth and decisions (needs [plot])")
     return parser
+
+
+def _number(kind: type[int] | type[float], minimum: float, strict: bool) -> Callable[[str], Any]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}: {text!r}")
+        return value
+
+    return parse
+
+
+_non_negative_int = _number(int, 0, strict=False)
+_positive_int = _number(int, 0, strict=True)
+_non_negative_float = _number(float, 0.0, strict=False)
+_positive_float = _number(float, 0.0, strict=True)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -45,6 +105,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "replay":
+        return _replay(args)
     try:
         settings = _settings(args)
     except ConfigError as exc:
@@ -55,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(redacted(settings), sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
         return 0
+    if args.command == "explain":
+        return _explain(args, settings)
 
     from agent import daemon, telemetry
 
@@ -68,6 +132,74 @@ def main(argv: list[str] | None = None) -> int:
         # Raised while opening the store or the TLS context: still before connecting anywhere.
         print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
+
+
+def _explain(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.decision.explain import Scenario, explain, render
+
+    scenario = Scenario(
+        kind=args.kind,
+        in_bytes=args.bytes,
+        uplink_mbps=args.uplink_mbps,
+        downlink_mbps=args.downlink_mbps,
+        rtt_s=None if args.rtt_ms is None else args.rtt_ms / 1000.0,
+        provisioning_s=args.provisioning_s,
+        local_backlog=args.backlog,
+        uplink_queued_bytes=args.uplink_queued_bytes,
+        lease_warm=args.warm,
+        local_workers=args.workers or settings.local.workers,
+        placement=args.placement,
+        cloud_available=not args.no_cloud,
+        circuit_open=args.circuit_open,
+    )
+    decision, snapshot = explain(settings.decision, scenario)
+    if args.json:
+        out = {"target": decision.target, "reason": decision.reason, "t_local_s": decision.t_local_s,
+               "t_cloud_s": decision.t_cloud_s, "terms": dict(decision.terms), "estimates": snapshot}
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(render(scenario, decision, snapshot, settings.decision))
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from agent.config import DecisionSettings
+    from agent.replay import TraceError, as_json, format_table, load_workload, run_replay
+    from agent.replay.workload import DEFAULT_WORKLOAD
+
+    try:
+        # Replays are comparable only with fixed settings: the defaults, unless a file is named.
+        decision = load_settings(args.env_file, explicit=True).decision if args.env_file else DecisionSettings()
+        workload = load_workload(args.workload) if args.workload else DEFAULT_WORKLOAD
+    except ConfigError as exc:
+        print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except ValueError as exc:
+        print(f"edge-agent replay: {exc}", file=sys.stderr)
+        return EX_USAGE
+    try:
+        result = run_replay(args.uplink, args.downlink, seed=args.seed, workload=workload, settings=decision)
+    except TraceError as exc:
+        print(f"edge-agent replay: {exc}", file=sys.stderr)
+        return EX_USAGE
+    if args.json:
+        json.dump(as_json(result), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(result))
+    if args.plot:
+        from agent.replay.plot import PlotUnavailable, plot_replay
+
+        try:
+            plot_replay(result, args.plot)
+        except PlotUnavailable as exc:
+            print(f"edge-agent replay: {exc}", file=sys.stderr)
+            return EX_USAGE
+        except OSError as exc:
+            print(f"edge-agent replay: cannot write {args.plot}: {exc.strerror}", file=sys.stderr)
+            return EX_USAGE
+    return 0
 
 
 if __name__ == "__main__":

@@ -66,6 +66,20 @@ def validate_topic_filter(value: str) -> str:
     return value
 
 
+def readable_file(value: Path | None) -> Path | None:
+    """Check now that a configured file can be read, so start-up fails with the variable's name."""
+    if value is None:
+        return None
+    if not value.is_file():
+        raise ValueError(f"{value} does not exist or is not a file")
+    try:
+        with value.open("rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise ValueError(f"{value} cannot be read: {exc.strerror}") from exc
+    return value
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -78,16 +92,7 @@ class TlsSettings(_Frozen):
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod
     def _readable(cls, value: Path | None) -> Path | None:
-        if value is None:
-            return None
-        if not value.is_file():
-            raise ValueError(f"{value} does not exist or is not a file")
-        try:
-            with value.open("rb") as fh:
-                fh.read(1)
-        except OSError as exc:
-            raise ValueError(f"{value} cannot be read: {exc.strerror}") from exc
-        return value
+        return readable_file(value)
 
     @model_validator(mode="after")
     def _pairs(self) -> TlsSettings:
@@ -182,6 +187,31 @@ class CloudSettings(_Frozen):
     url: str | None = None
     token: SecretStr | None = None
     location: str | None = None
+    # CA bundle for an HTTPS resource API signed by a private CA; default: the system's trust store.
+    ca_file: Path | None = None
+    # httpx timeouts. Connecting should be quick on any working uplink; reading includes the cloud's run time.
+    connect_timeout_s: float = Field(default=3.0, gt=0, le=600)
+    read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    write_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    pool_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    # Transient failures (connection errors, 429, 502-504) are retried this many times with backoff and jitter.
+    max_retries: int = Field(default=3, ge=0, le=20)
+    retry_min_s: float = Field(default=0.2, gt=0, le=60)
+    retry_max_s: float = Field(default=5.0, gt=0, le=600)
+    # After this many consecutive failed offloads the circuit opens: no offloading for the cool-down, then one probe.
+    circuit_failures: int = Field(default=5, ge=1, le=1000)
+    circuit_cooldown_s: float = Field(default=30.0, gt=0, le=86_400)
+    # Lease sizing and lifetime: at most this many vCPUs; released after this long without a cloud task.
+    max_quantity: int = Field(default=4, ge=1, le=1024)
+    lease_idle_s: float = Field(default=60.0, ge=0, le=86_400)
+    # Give up on a lease that is still provisioning after this long (the tasks waiting for it run locally).
+    provisioning_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    poll_interval_s: float = Field(default=0.5, gt=0, le=60)
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_readable(cls, value: Path | None) -> Path | None:
+        return readable_file(value)
 
     @field_validator("url")
     @classmethod
@@ -210,6 +240,85 @@ class LogSettings(_Frozen):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class KindPrior(_Frozen):
+    """What the agent assumes about one task kind before it has measured it (DESIGN §6).
+
+    Service time is modelled as ``fixed_s + per_byte_s × input bytes`` on each side; measurements replace these
+    numbers within a few dozen executions, so they only need to be the right order of magnitude.
+    """
+
+    local_fixed_s: float = Field(ge=0, le=3600)
+    local_per_byte_s: float = Field(ge=0, le=1)
+    cloud_fixed_s: float = Field(ge=0, le=3600)
+    cloud_per_byte_s: float = Field(ge=0, le=1)
+    out_bytes: int = Field(ge=0, le=256 * 1024 * 1024)
+
+
+def _default_kind_priors() -> dict[str, KindPrior]:
+    return {
+        # A JSON row and a rolling window: about a millisecond on a small ARM gateway, so local wins unless the
+        # gateway is badly backed up; the cloud side is the same work behind a web framework.
+        "sensor.stats": KindPrior(local_fixed_s=0.001, local_per_byte_s=2e-8, cloud_fixed_s=0.0005,
+                                  cloud_per_byte_s=1e-8, out_bytes=400),
+        # An FFT over the clip: linear in the clip length to first order. ~0.5 s for a 5 s clip (160 kB) on a
+        # gateway-class core, and a cloud vCPU about four times faster; the answer is a few hundred bytes.
+        "noise.spectrum": KindPrior(local_fixed_s=0.02, local_per_byte_s=3e-6, cloud_fixed_s=0.005,
+                                    cloud_per_byte_s=7.5e-7, out_bytes=300),
+        # Any other kind (plugins): assume moderate, size-proportional work, so the first executions decide.
+        "*": KindPrior(local_fixed_s=0.01, local_per_byte_s=1e-6, cloud_fixed_s=0.005, cloud_per_byte_s=2.5e-7,
+                       out_bytes=1000),
+    }
+
+
+class DecisionSettings(_Frozen):
+    """Priors and tuning of the total-time model (DESIGN §6); see ``agent.decision`` for how each is used."""
+
+    # Service-time and output-size priors per task kind as JSON; "*" stands for every kind not listed.
+    kinds: dict[str, KindPrior] = Field(default_factory=_default_kind_priors)
+    # Cellular uplinks in the field average 1-2 Mbit/s (shared/traces); a prior in that range neither tempts the
+    # agent into offloading on a link it has not measured nor rules the cloud out.
+    uplink_mbps: float = Field(default=2.0, gt=0, le=100_000)
+    # Downlinks are typically 2-5x the uplink; results are small, so this prior barely matters.
+    downlink_mbps: float = Field(default=5.0, gt=0, le=100_000)
+    # A cellular round trip to a regional cloud: 50-100 ms.
+    rtt_s: float = Field(default=0.08, ge=0, le=60)
+    # Typical time for the resource API to bring a compute lease to "ready" (container start).
+    provisioning_s: float = Field(default=3.0, ge=0, le=3600)
+    # Tasks a lease runs at once (its vCPUs) until the lease manager reports the real figure: the cloud queue
+    # wait is the queued cloud work over this. 4 matches the lease size the agent asks for by default.
+    cloud_slots: int = Field(default=4, ge=1, le=1024)
+    # Offload only when the cloud is expected to be faster by more than this: absolute seconds, or a share of
+    # the local total if larger. 5 ms keeps exact ties and float noise from flapping between targets; a
+    # share costs real time in replays (every near-tie the cloud would have won goes local), so it is 0.
+    margin_s: float = Field(default=0.005, ge=0, le=60)
+    margin_ratio: float = Field(default=0.0, ge=0, le=1)
+    # Network estimates (bandwidth, RTT) forget old samples with this half-life in seconds. Cellular capacity
+    # changes within seconds, so a short memory tracks it (5 s did better than 10 or 20 s in the replays); with
+    # no new sample the estimate falls back to the long-term one, so a recovered (or slowed) link is noticed.
+    network_half_life_s: float = Field(default=5.0, gt=0, le=86_400)
+    # The long-term network estimate, the fallback of the short one, ages toward the priors above this slowly.
+    baseline_half_life_s: float = Field(default=600.0, gt=0, le=864_000)
+    # Service-time fits forget by executions: a gateway that got slower (thermal throttling, a noisy neighbour)
+    # is learned within about this many samples of the kind.
+    service_memory: int = Field(default=50, ge=2, le=100_000)
+    # A kind not executed on one side for a while ages back toward its prior with this half-life (seconds).
+    service_half_life_s: float = Field(default=3600.0, gt=0, le=864_000)
+    # When no cloud result has arrived for this long, one task is sent to the cloud as a probe if, provisioning
+    # aside, it is expected to take at most PROBE_BUDGET_S longer there (in practice a small task): it warms a
+    # lease and refreshes RTT and bandwidth, so a cloud the estimates wrote off (or never measured) gets another
+    # chance. The interval doubles (up to 16×) while probes never lead to offloading. 0 turns probing off.
+    probe_interval_s: float = Field(default=120.0, ge=0, le=86_400)
+    probe_budget_s: float = Field(default=0.2, ge=0, le=3600)
+
+    @field_validator("kinds")
+    @classmethod
+    def _fallback_kind(cls, value: dict[str, KindPrior]) -> dict[str, KindPrior]:
+        if "*" not in value:
+            # Operators list the kinds they know; unknown ones still need a prior.
+            value = {**value, "*": _default_kind_priors()["*"]}
+        return value
+
+
 class Settings(BaseSettings):
     """All settings of one agent. Built by :func:`load_settings`."""
 
@@ -231,6 +340,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     store: StoreSettings = StoreSettings()
     log: LogSettings = LogSettings()
+    decision: DecisionSettings = DecisionSettings()
     shutdown_timeout_s: float = Field(default=10.0, gt=0, le=3600)
 
     @field_validator("agent_id")

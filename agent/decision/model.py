@@ -1,0 +1,485 @@
+"""The total-time model: per task, does the gateway or the cloud finish it sooner (DESIGN §6).
+
+``T_local = W_local + S_local(k, s_in)``
+``T_cloud = P + RTT + (Q_up + s_in) / B_up + W_cloud + S_cloud(k, s_in) + s_out(k) / B_down``
+
+Sans-I/O and deterministic: the caller passes every measurement and the time (``now``, seconds on any monotonic
+clock); the same calls in the same order give the same decisions. The daemon and ``edge-agent replay`` run
+this same class.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from agent.config import DecisionSettings, KindPrior
+from agent.decision.estimators import DecayingMean, NetworkEstimate, ServiceTimeModel
+
+Target = Literal["local", "cloud"]
+Reason = Literal["model", "placement", "no_cloud", "circuit_open"]
+Placement = Literal["auto", "local", "cloud"]
+Direction = Literal["up", "down"]
+
+# Names of the terms, in the order of the formulas; each Decision.terms has all of them.
+LOCAL_TERMS = ("local_wait_s", "local_service_s")
+CLOUD_TERMS = (
+    "provisioning_s",
+    "rtt_s",
+    "uplink_queue_s",
+    "upload_s",
+    "cloud_wait_s",
+    "cloud_service_s",
+    "download_s",
+)
+
+_BITS = 8.0
+_MIN_RATE = 1.0  # bytes/s: keeps every term finite even after a total outage was measured
+# Weight of the configured network priors: as much as this many seconds of measured transfer (bandwidth) or
+# this many samples (RTT, provisioning, output size). Small, so the first real measurements dominate.
+_PRIOR_SECONDS = 0.5
+_PRIOR_SAMPLES = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """What the model needs to know about a task: its kind and its input size in bytes."""
+
+    kind: str
+    in_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a task runs, both predicted totals, why, and every term of both totals (seconds)."""
+
+    target: Target
+    t_local_s: float
+    t_cloud_s: float
+    reason: Reason
+    terms: Mapping[str, float]
+    # True when the model preferred the gateway but the task goes to the cloud to refresh stale estimates.
+    probe: bool = False
+    # True when the cloud would have won but for provisioning: the caller should request a lease now, so the
+    # next tasks find it warm (provisioning is paid once for many tasks, not charged to this one).
+    prewarm: bool = False
+
+
+class _Kind:
+    """Everything the policy knows about one task kind, and how much of it is queued on each side."""
+
+    __slots__ = ("cloud", "cloud_bytes", "cloud_n", "inline", "local", "local_bytes", "local_n", "out", "out_prior")
+
+    def __init__(self, prior: KindPrior, settings: DecisionSettings, inline: bool) -> None:
+        self.inline = inline
+        memory, half_life = settings.service_memory, settings.service_half_life_s
+        self.local = ServiceTimeModel(prior.local_fixed_s, prior.local_per_byte_s, memory=memory,
+                                      half_life_s=half_life)
+        self.cloud = ServiceTimeModel(prior.cloud_fixed_s, prior.cloud_per_byte_s, memory=memory,
+                                      half_life_s=half_life)
+        # Output size: a plain time-decayed mean. Results of the built-ins have a near-constant size per kind.
+        self.out = DecayingMean(half_life, _PRIOR_SAMPLES)
+        self.out_prior = float(prior.out_bytes)
+        self.local_n = self.cloud_n = 0
+        self.local_bytes = self.cloud_bytes = 0
+
+
+def _queue_wait(n_in_system: int, work_s: float, servers: int) -> float:
+    """Expected wait of a new arrival at a FIFO pool of ``servers`` holding ``n_in_system`` tasks worth ``work_s``.
+
+    With a free server it starts at once; otherwise it waits for ``n − servers + 1`` completions, each worth
+    the average task, spread over the servers. Exact for equal tasks; the running tasks' elapsed time is not
+    known to the policy and is ignored.
+    """
+    if n_in_system < servers:
+        return 0.0
+    return work_s * (n_in_system - servers + 1) / (n_in_system * servers)
+
+
+class _FifoPool:
+    """A FIFO queue in front of ``servers`` executors as the policy sees it: the gateway's worker pool, or the
+    event loop for inline kinds.
+
+    Each task carries the service time predicted when it was queued. A task runs from when it is queued (if a
+    server is free) or from when the task ahead of it finishes; finishing is reported, so the picture is
+    corrected at every completion. The wait of a new task is found by placing the waiting tasks on the
+    earliest-free servers: unlike work / servers, this knows that a task started 0.4 s ago has less left.
+    """
+
+    __slots__ = ("running", "servers", "waiting")
+
+    def __init__(self, servers: int) -> None:
+        self.servers = servers
+        self.running: list[tuple[float, str, int]] = []  # (predicted end, kind, bytes)
+        self.waiting: deque[tuple[float, str, int]] = deque()  # (predicted service, kind, bytes)
+
+    def __len__(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def add(self, kind: str, size: int, predicted_s: float, now: float) -> None:
+        if len(self.running) < self.servers:
+            self.running.append((now + predicted_s, kind, size))
+        else:
+            self.waiting.append((predicted_s, kind, size))
+
+    def remove(self, kind: str, size: int, now: float) -> None:
+        running = self.running
+        for i, (_, k, n) in enumerate(running):
+            if k == kind and n == size:
+                del running[i]
+                break
+        else:
+            for i, (_, k, n) in enumerate(self.waiting):
+                if k == kind and n == size:
+                    del self.waiting[i]  # left before it ran (a failure): nothing else changes
+                    return
+            if not running:
+                return
+            running.remove(min(running))  # an unknown task finished: assume the one due first
+        if self.waiting:
+            predicted, k, n = self.waiting.popleft()
+            running.append((now + predicted, k, n))
+
+    def wait(self, now: float) -> float:
+        if len(self.running) < self.servers:
+            return 0.0
+        # Overdue tasks are taken to finish now: the prediction was short, but they are still running.
+        ends = sorted(end if end > now else now for end, _, _ in self.running)
+        if self.waiting:
+            heapq.heapify(ends)
+            for predicted, _, _ in self.waiting:
+                heapq.heapreplace(ends, ends[0] + predicted)
+        return ends[0] - now
+
+
+class Policy:
+    """The decision policy with its online estimators. One instance per agent; not thread-safe (one loop)."""
+
+    def __init__(
+        self,
+        settings: DecisionSettings | None = None,
+        *,
+        local_workers: int = 1,
+        cloud_slots: int | None = None,
+        inline_kinds: Collection[str] = (),
+        lease_idle_s: float = 60.0,
+    ) -> None:
+        """``local_workers``: the pool size (``settings.local.workers``); ``cloud_slots``: a lease's capacity
+        (default ``settings.cloud_slots``); ``inline_kinds``: light kinds the daemon runs on its event loop,
+        one at a time, outside the pool (their local wait is the loop's queue, not the pool's);
+        ``lease_idle_s``: how long the lease manager keeps an unused lease, so how long after the last cloud
+        task no provisioning is expected (used until :meth:`observe_lease` reports the lease's state)."""
+        if local_workers < 1:
+            raise ValueError("local_workers must be at least 1")
+        self._settings = settings = settings if settings is not None else DecisionSettings()
+        self._workers = local_workers
+        self._lease_idle_s = lease_idle_s
+        self._cloud_slots = cloud_slots if cloud_slots is not None else settings.cloud_slots
+        if self._cloud_slots < 1:
+            raise ValueError("cloud_slots must be at least 1")
+        def network(prior: float, weight: float, rate: bool) -> NetworkEstimate:
+            return NetworkEstimate(prior, half_life_s=settings.network_half_life_s, rate=rate, prior_weight=weight,
+                                   baseline_half_life_s=settings.baseline_half_life_s)
+
+        self._up = network(settings.uplink_mbps * 1e6 / _BITS, _PRIOR_SECONDS, True)
+        self._down = network(settings.downlink_mbps * 1e6 / _BITS, _PRIOR_SECONDS, True)
+        # RTT on a 0 prior would be rejected by the estimator; a configured 0 means "negligible".
+        self._rtt = network(max(settings.rtt_s, 1e-6), _PRIOR_SAMPLES, False)
+        self._provisioning = DecayingMean(settings.baseline_half_life_s, _PRIOR_SAMPLES)
+        self._kinds: dict[str, _Kind] = {}
+        self._inline_kinds = frozenset(inline_kinds)
+        self._pool = _FifoPool(local_workers)
+        self._loop = _FifoPool(1)  # inline kinds run one at a time on the daemon's event loop
+        self._active_cloud: dict[str, _Kind] = {}
+        self._cloud_n = 0
+        self._up_pending: deque[int] = deque()  # input sizes of cloud tasks not yet uploaded, in FIFO order
+        self._up_queued = 0  # their sum: Q_up
+        self._up_head_since: float | None = None  # when the oldest pending upload could start
+        self._last_cloud_done: float | None = None
+        self._provision_started: float | None = None
+        self._lease_ready: bool | None = None  # None: inferred from recent cloud activity
+        self._clock = 0.0  # latest time passed in, for the bookkeeping calls that do not take one
+        self._last_cloud_seen = -math.inf  # the latest cloud result or probe; never, at first
+        self._probe_interval = settings.probe_interval_s  # doubles while probes never lead to offloading
+
+    # ------------------------------------------------------------------ decisions
+
+    def decide(
+        self,
+        task: Task,
+        now: float,
+        *,
+        placement: Placement = "auto",
+        cloud_available: bool = True,
+        circuit_open: bool = False,
+    ) -> Decision:
+        """Both totals for ``task`` at time ``now`` and the target.
+
+        ``placement`` is the route's override; ``cloud_available`` False means no cloud is configured;
+        ``circuit_open`` means the cloud client is refusing calls. These change the target (with the matching
+        reason) only when the task would otherwise go to the cloud, or for ``placement="local"``.
+        """
+        if now > self._clock:
+            self._clock = now
+        kind = self._kinds.get(task.kind) or self._new_kind(task.kind)
+        size = task.in_bytes
+        settings = self._settings
+
+        la, lb = kind.local.coefficients(now)
+        local_service = la + lb * size
+        local_wait = (self._loop if kind.inline else self._pool).wait(now)
+
+        up = max(self._up.estimate(now), _MIN_RATE)
+        since = self._up_head_since
+        if since is not None and now > since:
+            # An upload still pending after E seconds proves the link slower than its size / E: a censored
+            # sample, so an outage shows in the very next decision instead of when the upload ends.
+            up = max(min(up, self._up_pending[0] / (now - since)), _MIN_RATE)
+        down = max(self._down.estimate(now), _MIN_RATE)
+        ca, cb = kind.cloud.coefficients(now)
+        cloud_service = ca + cb * size
+        # Tasks still waiting for the uplink are counted there (uplink_queue_s), not yet in the cloud's queue.
+        n_uploaded = self._cloud_n - len(self._up_pending)
+        cloud_wait = 0.0
+        if n_uploaded >= self._cloud_slots:
+            work = self._cloud_work(self._active_cloud, now) * n_uploaded / self._cloud_n
+            cloud_wait = _queue_wait(n_uploaded, work, self._cloud_slots)
+        out_bytes = kind.out.estimate(kind.out_prior, now)
+        terms = {
+            "local_wait_s": local_wait,
+            "local_service_s": local_service,
+            "provisioning_s": self._provisioning_wait(now),
+            "rtt_s": self._rtt.estimate(now),
+            "uplink_queue_s": self._up_queued / up,
+            "upload_s": size / up,
+            "cloud_wait_s": cloud_wait,
+            "cloud_service_s": cloud_service,
+            "download_s": out_bytes / down,
+        }
+        t_local = local_wait + local_service
+        t_cloud = (terms["provisioning_s"] + terms["rtt_s"] + terms["uplink_queue_s"] + terms["upload_s"]
+                   + cloud_wait + cloud_service + terms["download_s"])
+
+        margin = max(settings.margin_s, settings.margin_ratio * t_local)
+        target: Target = "cloud" if t_cloud < t_local - margin else "local"
+        reason: Reason = "model"
+        probe = False
+        if placement != "auto":
+            target, reason = placement, "placement"
+        if target == "cloud":
+            if not cloud_available:
+                target, reason = "local", "no_cloud"
+            elif circuit_open:
+                target, reason = "local", "circuit_open"
+        elif (
+            reason == "model"
+            and cloud_available
+            and not circuit_open
+            and settings.probe_interval_s > 0
+            and now - self._last_cloud_seen >= self._probe_interval
+            and t_cloud - terms["provisioning_s"] - t_local <= settings.probe_budget_s
+        ):
+            # Estimates of a side that is never used cannot correct themselves; one bounded-cost task refreshes
+            # them. The timer restarts now, and it doubles (up to 16×) until the model offloads on its own: on a
+            # link that stays bad, probes become rare.
+            target, probe = "cloud", True
+            if self._last_cloud_seen > -math.inf:
+                self._probe_interval = min(self._probe_interval * 2.0, settings.probe_interval_s * 16.0)
+            self._last_cloud_seen = now
+        if target == "cloud" and not probe:
+            self._probe_interval = settings.probe_interval_s
+        prewarm = (
+            target == "local"
+            and reason == "model"
+            and cloud_available
+            and not circuit_open
+            and self._provision_started is None
+            and terms["provisioning_s"] > 0.0
+            and t_cloud - terms["provisioning_s"] < t_local - margin
+        )
+        if prewarm:
+            self._provision_started = now  # the caller requests a lease; count its provisioning down from now
+        return Decision(target, t_local, t_cloud, reason, terms, probe, prewarm)
+
+    # ------------------------------------------------------------------ observations
+
+    def observe_local(self, kind: str, in_bytes: int, service_s: float, now: float) -> None:
+        """A local execution of ``in_bytes`` took ``service_s`` (measured in the worker, without queueing)."""
+        self._clock = max(self._clock, now)
+        self._kind(kind).local.observe(in_bytes, service_s, now)
+
+    def observe_cloud(self, kind: str, in_bytes: int, service_s: float, now: float) -> None:
+        """The cloud reported executing the task in ``service_s`` (the resource API's ``exec_ms`` / 1000)."""
+        self._clock = max(self._clock, now)
+        self._kind(kind).cloud.observe(in_bytes, service_s, now)
+        self._last_cloud_seen = max(self._last_cloud_seen, now)
+
+    def observe_output(self, kind: str, n_bytes: int, now: float) -> None:
+        """A result of ``kind`` was ``n_bytes`` long (local or cloud: the result is the same)."""
+        self._clock = max(self._clock, now)
+        if n_bytes >= 0:
+            self._kind(kind).out.observe(float(n_bytes), 1.0, now)
+
+    def observe_transfer(self, direction: Direction, n_bytes: int, seconds: float, now: float) -> None:
+        """``n_bytes`` crossed the link in ``seconds``, net of server time and RTT.
+
+        An upload also counts against the uplink queue (``Q_up``) of the tasks in flight.
+        """
+        self._clock = max(self._clock, now)
+        if direction == "up":
+            self._up.observe(n_bytes / seconds if seconds > 0 else 0.0, seconds, now)
+            if self._up_pending:
+                self._up_queued -= self._up_pending.popleft()
+            self._up_head_since = now if self._up_pending else None
+        elif direction == "down":
+            self._down.observe(n_bytes / seconds if seconds > 0 else 0.0, seconds, now)
+        else:
+            raise ValueError(f"direction must be 'up' or 'down', not {direction!r}")
+
+    def observe_rtt(self, seconds: float, now: float) -> None:
+        self._clock = max(self._clock, now)
+        self._rtt.observe(seconds, 1.0, now)
+
+    def observe_provisioning(self, seconds: float, now: float) -> None:
+        """A lease became ready ``seconds`` after it was requested."""
+        self._clock = max(self._clock, now)
+        if seconds >= 0 and math.isfinite(seconds):
+            self._provisioning.observe(seconds, 1.0, now)
+        self._provision_started = None
+        self._lease_ready = None if self._lease_ready is None else True
+        # A lease that just became ready stays for lease_idle_s even before its first task.
+        self._last_cloud_done = now if self._last_cloud_done is None else max(self._last_cloud_done, now)
+        if self._up_pending:
+            self._up_head_since = now  # uploads wait for the lease; they can start now
+
+    def observe_lease(self, ready: bool, *, slots: int | None = None) -> None:
+        """The lease manager's view: whether a ready lease exists, and its capacity. Once called, the policy
+        stops inferring warmth from its own traffic."""
+        self._lease_ready = ready
+        if slots is not None and slots >= 1:
+            self._cloud_slots = slots
+
+    # ------------------------------------------------------------------ queue bookkeeping
+
+    def task_started(self, target: Target, task: Task, now: float | None = None) -> None:
+        """``task`` was queued for ``target`` (call once per task, right after deciding).
+
+        ``now`` (default: the time of the latest call) dates a cloud request sent while no lease was warm, from
+        which the remaining provisioning time is counted down.
+        """
+        now = self._clock if now is None else now
+        if target == "cloud" and self._provision_started is None and not self._lease_warm(now):
+            self._provision_started = now
+        kind = self._kind(task.kind)
+        if target == "local":
+            kind.local_n += 1
+            kind.local_bytes += task.in_bytes
+            pool = self._loop if kind.inline else self._pool
+            pool.add(task.kind, task.in_bytes, kind.local.predict(task.in_bytes, now), now)
+        else:
+            kind.cloud_n += 1
+            kind.cloud_bytes += task.in_bytes
+            self._cloud_n += 1
+            self._active_cloud[task.kind] = kind
+            self._up_pending.append(task.in_bytes)
+            self._up_queued += task.in_bytes
+            if len(self._up_pending) == 1:
+                self._up_head_since = now + self._provisioning_wait(now)
+
+    def task_finished(self, target: Target, task: Task, now: float | None = None) -> None:
+        """``task`` left ``target`` (done or failed). ``now`` (default: the time of the latest call) dates the
+        last use of the cloud, which keeps a lease counted as warm for ``lease_idle_s``."""
+        now = self._clock if now is None else now
+        kind = self._kind(task.kind)
+        if target == "local":
+            if kind.local_n > 0:
+                kind.local_n -= 1
+                kind.local_bytes = max(0, kind.local_bytes - task.in_bytes)
+            (self._loop if kind.inline else self._pool).remove(task.kind, task.in_bytes, now)
+            return
+        if kind.cloud_n > 0:
+            kind.cloud_n -= 1
+            kind.cloud_bytes = max(0, kind.cloud_bytes - task.in_bytes)
+            self._cloud_n -= 1
+            if task.in_bytes in self._up_pending:
+                # Finished (failed) without an observed upload: it no longer occupies the uplink.
+                self._up_pending.remove(task.in_bytes)
+                self._up_queued -= task.in_bytes
+                if not self._up_pending:
+                    self._up_head_since = None
+        if kind.cloud_n == 0:
+            self._active_cloud.pop(task.kind, None)
+        self._last_cloud_done = now if self._last_cloud_done is None else max(self._last_cloud_done, now)
+        if self._cloud_n == 0:
+            self._provision_started = None  # nothing waits for a lease any more
+
+    # ------------------------------------------------------------------ introspection
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Current estimates and queue state as plain data (logs, metrics, ``edge-agent explain``)."""
+        kinds = {}
+        for name, kind in sorted(self._kinds.items()):
+            la, lb = kind.local.coefficients(now)
+            ca, cb = kind.cloud.coefficients(now)
+            kinds[name] = {
+                "local_fixed_s": la, "local_per_byte_s": lb, "local_samples": kind.local.samples(now),
+                "cloud_fixed_s": ca, "cloud_per_byte_s": cb, "cloud_samples": kind.cloud.samples(now),
+                "out_bytes": kind.out.estimate(kind.out_prior, now),
+                "queued_local": kind.local_n, "queued_cloud": kind.cloud_n,
+            }
+        return {
+            "uplink_mbps": self._up.estimate(now) * _BITS / 1e6,
+            "uplink_baseline_mbps": self._up.baseline(now) * _BITS / 1e6,
+            "downlink_mbps": self._down.estimate(now) * _BITS / 1e6,
+            "rtt_s": self._rtt.estimate(now),
+            "provisioning_s": self._provisioning.estimate(self._settings.provisioning_s, now),
+            "lease_warm": self._lease_warm(now),
+            "local_workers": self._workers,
+            "cloud_slots": self._cloud_slots,
+            "local_tasks": len(self._pool),
+            "inline_tasks": len(self._loop),
+            "cloud_tasks": self._cloud_n,
+            "uplink_queued_bytes": self._up_queued,
+            "kinds": kinds,
+        }
+
+    # ------------------------------------------------------------------ internals
+
+    def _kind(self, name: str) -> _Kind:
+        return self._kinds.get(name) or self._new_kind(name)
+
+    def _new_kind(self, name: str) -> _Kind:
+        priors = self._settings.kinds
+        kind = _Kind(priors.get(name) or priors["*"], self._settings, name in self._inline_kinds)
+        self._kinds[name] = kind
+        return kind
+
+    @staticmethod
+    def _cloud_work(active: dict[str, _Kind], now: float) -> float:
+        # Linear service models make queued work linear in the counts and bytes per kind, so the total is
+        # recomputed from the current fits instead of being accumulated (no drift when estimates change).
+        work = 0.0
+        for kind in active.values():
+            a, b = kind.cloud.coefficients(now)
+            work += a * kind.cloud_n + b * kind.cloud_bytes
+        return work
+
+    def _lease_warm(self, now: float) -> bool:
+        if self._lease_ready is not None:
+            return self._lease_ready
+        if self._cloud_n > 0 and self._provision_started is None:
+            return True
+        last = self._last_cloud_done
+        return last is not None and now - last <= self._lease_idle_s
+
+    def _provisioning_wait(self, now: float) -> float:
+        if self._lease_warm(now) and self._provision_started is None:
+            return 0.0
+        expected = self._provisioning.estimate(self._settings.provisioning_s, now)
+        if self._provision_started is not None:
+            return max(0.0, expected - (now - self._provision_started))
+        return expected

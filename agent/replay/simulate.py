@@ -1,0 +1,243 @@
+"""Discrete-event replay of one workload over one uplink/downlink trace, for each policy.
+
+The world each policy's tasks run in:
+
+- **Gateway**: heavy kinds queue FIFO for ``workers`` pool processes; light kinds run inline on the event
+  loop, one after another (as the dispatcher does).
+- **Uplink**: one FIFO pipe whose capacity is the trace; uploads queue behind each other (that is how
+  concurrent uploads share it, to first order) and start only once the lease is ready.
+- **Cloud**: a lease of ``cloud_slots`` servers, FIFO; requested at the first offload when none is warm, ready
+  after the task's drawn provisioning time, released ``lease_idle_s`` after its last task.
+- **Per request**: one RTT; the result comes back over the downlink trace (results are small, so downloads
+  are not queued behind each other).
+
+Completion time = result available − arrival. All randomness is drawn once per task (``workload.generate``)
+and shared by every policy, so differences come from decisions alone.
+
+Policies: ``agent`` is :class:`agent.decision.Policy`, fed only what a gateway measures, at the moment it
+would measure it: local service times when a task finishes, each upload's bytes and duration when it ends,
+the RTT, the cloud's reported execution time, the result's size and download time when the result arrives,
+and provisioning time when a lease becomes ready. It never sees the trace. ``oracle`` knows the true
+completion time of both options for each task (the trace, the queues, the drawn service times) and picks the
+sooner: a clairvoyant greedy choice per task. Knowing the future, it also requests leases ahead of need, so
+provisioning never delays its tasks.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.config import DecisionSettings
+from agent.decision import Policy, Target, Task
+from agent.replay.traces import Trace
+from agent.replay.workload import Arrivals, Workload
+
+POLICIES = ("agent", "always_local", "always_cloud", "size_threshold", "network_threshold", "oracle")
+
+
+@dataclass(frozen=True, slots=True)
+class CloudPlan:
+    lease_ready: float
+    new_lease: bool
+    up_start: float
+    up_end: float
+    exec_start: float
+    exec_end: float
+    down_end: float
+    done: float
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Per task, in arrival order: completion time (s) and where it ran."""
+
+    policy: str
+    completion_s: list[float]
+    cloud: list[bool]
+
+
+class World:
+    """The queues and the lease of one policy's run. ``plan_*`` look ahead without changing anything."""
+
+    def __init__(self, workload: Workload, arrivals: Arrivals, uplink: Trace, downlink: Trace,
+                 *, foresee_leases: bool = False) -> None:
+        self.w = workload
+        # The oracle knows when it will need the cloud, so it requests each lease early enough that
+        # provisioning never delays a task.
+        self.foresee_leases = foresee_leases
+        self.a = arrivals
+        self.uplink = uplink
+        self.downlink = downlink
+        self.local_free = [0.0] * workload.workers  # heap of times each worker is free
+        self.inline_free = 0.0  # the event loop, where light tasks run one after another
+        self.heavy = [arrivals.kinds[k].heavy for k in arrivals.kind]
+        self.cloud_free = [0.0] * workload.cloud_slots
+        self.uplink_free = 0.0
+        self.lease_ready: float | None = None
+        self.lease_busy_until = 0.0  # completion of the latest cloud task so far
+
+    def plan_local(self, i: int, now: float) -> tuple[float, float]:
+        start = max(now, self.local_free[0] if self.heavy[i] else self.inline_free)
+        return start, start + self.a.local_s[i]
+
+    def commit_local(self, i: int, end: float) -> None:
+        if self.heavy[i]:
+            heapq.heapreplace(self.local_free, end)
+        else:
+            self.inline_free = end
+
+    def lease_warm(self, now: float) -> bool:
+        if self.lease_ready is None:
+            return False
+        return now <= max(self.lease_busy_until, self.lease_ready) + self.w.lease_idle_s
+
+    def plan_cloud(self, i: int, now: float) -> CloudPlan:
+        a = self.a
+        new_lease = not self.lease_warm(now)
+        if new_lease:
+            ready = now if self.foresee_leases else now + a.provisioning_s[i]
+        else:
+            ready = max(now, self.lease_ready or now)
+        up_start = max(now, ready, self.uplink_free)
+        up_end = self.uplink.finish(up_start, a.in_bytes[i])
+        half_rtt = a.rtt_s[i] / 2.0
+        exec_start = max(up_end + half_rtt, self.cloud_free[0])
+        exec_end = exec_start + a.cloud_s[i]
+        down_end = self.downlink.finish(exec_end + half_rtt, a.out_bytes[i])
+        return CloudPlan(ready, new_lease, up_start, up_end, exec_start, exec_end, down_end, down_end)
+
+    def request_lease(self, i: int, now: float) -> float | None:
+        """Start a lease ahead of need (the policy's ``prewarm``); returns when it will be ready, if it is new."""
+        if self.lease_warm(now):
+            return None
+        self.lease_ready = now + self.a.provisioning_s[i]
+        self.lease_busy_until = now
+        return self.lease_ready
+
+    def commit_cloud(self, plan: CloudPlan) -> None:
+        if plan.new_lease:
+            self.lease_ready = plan.lease_ready
+        self.uplink_free = plan.up_end
+        heapq.heapreplace(self.cloud_free, plan.exec_end)
+        self.lease_busy_until = max(self.lease_busy_until, plan.done)
+
+
+Chooser = Callable[[World, int, float], Target]
+
+
+def _static(choose: Chooser, name: str, workload: Workload, arrivals: Arrivals, uplink: Trace,
+            downlink: Trace) -> Outcome:
+    world = World(workload, arrivals, uplink, downlink, foresee_leases=name == "oracle")
+    completion: list[float] = []
+    cloud: list[bool] = []
+    for i, now in enumerate(arrivals.arrival_s):
+        if choose(world, i, now) == "cloud":
+            plan = world.plan_cloud(i, now)
+            world.commit_cloud(plan)
+            completion.append(plan.done - now)
+            cloud.append(True)
+        else:
+            _, end = world.plan_local(i, now)
+            world.commit_local(i, end)
+            completion.append(end - now)
+            cloud.append(False)
+    return Outcome(name, completion, cloud)
+
+
+def _oracle(world: World, i: int, now: float) -> Target:
+    return "cloud" if world.plan_cloud(i, now).done < world.plan_local(i, now)[1] else "local"
+
+
+# Observation events for the agent, in time order: (time, sequence, what, task index, CloudPlan or None).
+_LOCAL_DONE, _LEASE_READY, _UPLOADED, _CLOUD_DONE = range(4)
+
+
+def _agent(settings: DecisionSettings, workload: Workload, arrivals: Arrivals, uplink: Trace,
+           downlink: Trace) -> Outcome:
+    world = World(workload, arrivals, uplink, downlink)
+    inline = frozenset(k for k, stream in arrivals.kinds.items() if not stream.heavy)
+    policy = Policy(settings, local_workers=workload.workers, cloud_slots=workload.cloud_slots, inline_kinds=inline,
+                    lease_idle_s=workload.lease_idle_s)
+    a = arrivals
+    tasks = [Task(k, b) for k, b in zip(a.kind, a.in_bytes, strict=True)]
+    events: list[tuple[float, int, int, int, CloudPlan | None]] = []
+    seq = 0
+    completion: list[float] = []
+    cloud: list[bool] = []
+
+    def deliver(until: float) -> None:
+        while events and events[0][0] <= until:
+            t, _, what, j, plan = heapq.heappop(events)
+            if what == _LOCAL_DONE:
+                policy.observe_local(a.kind[j], a.in_bytes[j], a.local_s[j], t)
+                policy.observe_output(a.kind[j], a.out_bytes[j], t)
+                policy.task_finished("local", tasks[j], t)
+            elif what == _LEASE_READY:
+                policy.observe_provisioning(a.provisioning_s[j], t)
+            elif what == _UPLOADED:
+                assert plan is not None
+                policy.observe_transfer("up", a.in_bytes[j], plan.up_end - plan.up_start, t)
+            else:
+                assert plan is not None
+                policy.observe_rtt(a.rtt_s[j], t)
+                policy.observe_cloud(a.kind[j], a.in_bytes[j], a.cloud_s[j], t)
+                policy.observe_transfer("down", a.out_bytes[j], plan.down_end - plan.exec_end - a.rtt_s[j] / 2, t)
+                policy.observe_output(a.kind[j], a.out_bytes[j], t)
+                policy.task_finished("cloud", tasks[j], t)
+
+    for i, now in enumerate(a.arrival_s):
+        deliver(now)
+        decision = policy.decide(tasks[i], now)
+        policy.task_started(decision.target, tasks[i], now)
+        if decision.prewarm:
+            ready = world.request_lease(i, now)
+            if ready is not None:
+                heapq.heappush(events, (ready, seq, _LEASE_READY, i, None))
+                seq += 1
+        if decision.target == "cloud":
+            plan = world.plan_cloud(i, now)
+            world.commit_cloud(plan)
+            if plan.new_lease:
+                heapq.heappush(events, (plan.lease_ready, seq, _LEASE_READY, i, plan))
+                seq += 1
+            heapq.heappush(events, (plan.up_end, seq, _UPLOADED, i, plan))
+            heapq.heappush(events, (plan.done, seq + 1, _CLOUD_DONE, i, plan))
+            seq += 2
+            completion.append(plan.done - now)
+            cloud.append(True)
+        else:
+            _, end = world.plan_local(i, now)
+            world.commit_local(i, end)
+            heapq.heappush(events, (end, seq, _LOCAL_DONE, i, None))
+            seq += 1
+            completion.append(end - now)
+            cloud.append(False)
+    return Outcome("agent", completion, cloud)
+
+
+def run_policy(name: str, workload: Workload, arrivals: Arrivals, uplink: Trace, downlink: Trace,
+               settings: DecisionSettings | None = None) -> Outcome:
+    """Replay ``arrivals`` under one policy (a name from :data:`POLICIES`)."""
+    if name == "agent":
+        return _agent(settings or DecisionSettings(), workload, arrivals, uplink, downlink)
+    window = workload.network_window_s
+
+    def network(world: World, i: int, now: float) -> Target:
+        # A passive link monitor: what the uplink carried over the last window (EdgeCloudSim reads the
+        # simulator's current WAN bandwidth; this is the closest a gateway gets).
+        measured = uplink.mbps(max(0.0, now - window), now) if now > 0 else 0.0
+        return "cloud" if measured > workload.network_threshold_mbps else "local"
+
+    choosers: dict[str, Chooser] = {
+        "always_local": lambda world, i, now: "local",
+        "always_cloud": lambda world, i, now: "cloud",
+        "size_threshold": lambda world, i, now: (
+            "cloud" if arrivals.in_bytes[i] >= workload.size_threshold_bytes else "local"),
+        "network_threshold": network,
+        "oracle": _oracle,
+    }
+    if name not in choosers:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    return _static(choosers[name], name, workload, arrivals, uplink, downlink)

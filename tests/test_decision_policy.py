@@ -1,0 +1,326 @@
+"""The Policy (DESIGN §6): the contract interface, every term, overrides, queues, probing, properties."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import agent.decision
+from agent.config import DecisionSettings
+from agent.decision import CLOUD_TERMS, LOCAL_TERMS, Decision, Policy, Task
+
+DECISION_DIR = Path(agent.decision.__file__).resolve().parent
+NOISE = "noise.spectrum"
+SENSOR = "sensor.stats"
+
+
+def quiet(**overrides: object) -> DecisionSettings:
+    """Default settings without probing, so a decision is the model's alone."""
+    return DecisionSettings(**{"probe_interval_s": 0.0, **overrides})  # type: ignore[arg-type]
+
+
+def totals_match(d: Decision) -> None:
+    assert set(d.terms) == set(LOCAL_TERMS) | set(CLOUD_TERMS)
+    assert d.t_local_s == pytest.approx(sum(d.terms[k] for k in LOCAL_TERMS))
+    assert d.t_cloud_s == pytest.approx(sum(d.terms[k] for k in CLOUD_TERMS))
+
+
+def test_the_decision_package_does_no_io() -> None:
+    forbidden = {"paho", "httpx", "asyncio", "sqlite3", "socket", "time", "datetime", "threading", "subprocess",
+                 "agent.mqtt", "agent.store", "agent.daemon", "agent.executor", "agent.cloud", "agent.egress",
+                 "agent.ingress", "agent.dispatch"}
+    for path in sorted(DECISION_DIR.glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert not any(name == f or name.startswith(f + ".") for f in forbidden), (path.name, name)
+
+
+def test_public_names() -> None:
+    for name in agent.decision.__all__:
+        assert hasattr(agent.decision, name)
+
+
+def test_contract_call_with_priors_only() -> None:
+    policy = Policy(quiet(), local_workers=2)
+    d = policy.decide(Task(NOISE, 160_000), 0.0)
+    assert d.target in ("local", "cloud") and d.reason == "model"
+    totals_match(d)
+    # Priors: 0.02 + 3e-6 * 160000 locally; a cold lease costs the provisioning prior.
+    assert d.terms["local_service_s"] == pytest.approx(0.5)
+    assert d.terms["provisioning_s"] == pytest.approx(3.0)
+    assert d.terms["upload_s"] == pytest.approx(160_000 * 8 / 2e6)
+    assert d.terms["rtt_s"] == pytest.approx(0.08)
+    assert d.target == "local"
+
+
+def test_a_fast_measured_uplink_and_a_busy_gateway_send_heavy_tasks_to_the_cloud() -> None:
+    policy = Policy(quiet(), local_workers=2)
+    task = Task(NOISE, 160_000)
+    policy.observe_lease(True)
+    for i in range(5):
+        policy.observe_transfer("up", 1_000_000, 0.4, now=float(i))  # 20 Mbit/s
+        policy.observe_rtt(0.04, now=float(i))
+    for _ in range(4):
+        policy.task_started("local", task, 5.0)
+    d = policy.decide(task, 5.0)
+    assert d.target == "cloud" and d.reason == "model"
+    assert d.t_cloud_s < d.t_local_s
+    totals_match(d)
+
+
+def test_margin_keeps_near_ties_local() -> None:
+    policy = Policy(quiet(margin_s=1.0), local_workers=1)
+    policy.observe_lease(True)
+    d = policy.decide(Task(NOISE, 160_000), 0.0)
+    assert d.t_cloud_s < d.t_local_s + 1.0 and d.target == "local"
+
+
+@pytest.mark.parametrize(
+    ("placement", "available", "circuit", "target", "reason"),
+    [
+        ("local", True, False, "local", "placement"),
+        ("cloud", True, False, "cloud", "placement"),
+        ("cloud", False, False, "local", "no_cloud"),
+        ("cloud", True, True, "local", "circuit_open"),
+        ("auto", True, False, "cloud", "model"),
+        ("auto", False, False, "local", "no_cloud"),
+        ("auto", True, True, "local", "circuit_open"),
+    ],
+)
+def test_overrides(placement: str, available: bool, circuit: bool, target: str, reason: str) -> None:
+    policy = Policy(quiet(), local_workers=1)
+    policy.observe_lease(True)
+    for _ in range(10):
+        policy.task_started("local", Task(NOISE, 300_000), 0.0)  # gateway backed up: the model says cloud
+    d = policy.decide(Task(NOISE, 100_000), 0.0, placement=placement,  # type: ignore[arg-type]
+                      cloud_available=available, circuit_open=circuit)
+    assert (d.target, d.reason) == (target, reason)
+    totals_match(d)
+
+
+def test_model_choosing_local_keeps_reason_model_without_a_cloud() -> None:
+    policy = Policy(quiet())
+    d = policy.decide(Task(SENSOR, 200), 0.0, cloud_available=False)
+    assert (d.target, d.reason) == ("local", "model")
+
+
+def test_local_queue_bookkeeping() -> None:
+    policy = Policy(quiet(), local_workers=2)
+    task = Task(NOISE, 100_000)  # prior: 0.32 s
+    assert policy.decide(task, 0.0).terms["local_wait_s"] == 0.0
+    policy.task_started("local", task)
+    assert policy.decide(task, 0.0).terms["local_wait_s"] == 0.0  # a worker is still free
+    policy.task_started("local", task)
+    policy.task_started("local", task)
+    # 3 in the system, 2 workers: the new task waits for 2 completions of 0.32 s spread over 2 workers.
+    assert policy.decide(task, 0.0).terms["local_wait_s"] == pytest.approx(0.32 * 3 * 2 / (3 * 2))
+    for _ in range(3):
+        policy.task_finished("local", task)
+    assert policy.decide(task, 0.0).terms["local_wait_s"] == 0.0
+    policy.task_finished("local", task)  # one too many is harmless
+    assert policy.snapshot(0.0)["local_tasks"] == 0
+
+
+def test_inline_kinds_do_not_wait_for_the_pool() -> None:
+    policy = Policy(quiet(), local_workers=1, inline_kinds={SENSOR})
+    for _ in range(5):
+        policy.task_started("local", Task(NOISE, 300_000))
+    assert policy.decide(Task(SENSOR, 200), 0.0).terms["local_wait_s"] == 0.0
+    assert policy.decide(Task(NOISE, 200), 0.0).terms["local_wait_s"] > 1.0
+
+
+def test_uplink_queue_counts_bytes_until_their_upload_is_observed() -> None:
+    policy = Policy(quiet())
+    policy.observe_lease(True)
+    first, second = Task(NOISE, 100_000), Task(NOISE, 50_000)
+    policy.task_started("cloud", first, 0.0)
+    policy.task_started("cloud", second, 0.0)
+    up = 2e6 / 8
+    assert policy.decide(Task(NOISE, 1000), 0.0).terms["uplink_queue_s"] == pytest.approx(150_000 / up)
+    policy.observe_transfer("up", 100_000, 0.4, now=0.4)
+    assert policy.snapshot(0.4)["uplink_queued_bytes"] == 50_000
+    policy.task_finished("cloud", first, 1.0)
+    policy.task_finished("cloud", second, 1.0)  # its upload was never reported (a failure): no longer queued
+    assert policy.snapshot(1.0)["uplink_queued_bytes"] == 0
+    assert policy.snapshot(1.0)["cloud_tasks"] == 0
+
+
+def test_an_overdue_upload_lowers_the_uplink_estimate_before_it_ends() -> None:
+    policy = Policy(quiet(), local_workers=1)
+    policy.observe_lease(True)
+    policy.task_started("cloud", Task(NOISE, 100_000), 0.0)
+    on_time = policy.decide(Task(NOISE, 100_000), 0.1)
+    stalled = policy.decide(Task(NOISE, 100_000), 20.0)  # 100 kB pending for 20 s: at most 5 kB/s
+    assert stalled.terms["upload_s"] >= 100_000 / 5_000 * 0.99
+    assert stalled.terms["upload_s"] > 10 * on_time.terms["upload_s"]
+
+
+def test_provisioning_is_counted_until_a_lease_is_warm_and_after_it_idles() -> None:
+    policy = Policy(quiet(provisioning_s=3.0), lease_idle_s=60.0)
+    task = Task(NOISE, 100_000)
+    assert policy.decide(task, 0.0).terms["provisioning_s"] == pytest.approx(3.0)
+    policy.task_started("cloud", task, 0.0)  # requests a lease
+    assert policy.decide(task, 1.0).terms["provisioning_s"] == pytest.approx(2.0)  # counting down
+    policy.observe_provisioning(2.0, now=2.0)
+    assert policy.decide(task, 2.5).terms["provisioning_s"] == 0.0
+    policy.task_finished("cloud", task, 5.0)
+    assert policy.decide(task, 60.0).terms["provisioning_s"] == 0.0  # still warm
+    assert policy.decide(task, 66.0).terms["provisioning_s"] > 0.0  # released by now
+    policy.observe_lease(True)
+    assert policy.decide(task, 1000.0).terms["provisioning_s"] == 0.0
+
+
+def test_learning_from_observations_changes_the_terms() -> None:
+    policy = Policy(quiet())
+    for i in range(30):
+        policy.observe_local(NOISE, 100_000, 1.0, now=float(i))  # a slow gateway
+        policy.observe_cloud(NOISE, 100_000, 0.05, now=float(i))
+        policy.observe_output(NOISE, 5_000, now=float(i))
+        policy.observe_transfer("down", 50_000, 0.1, now=float(i))
+    d = policy.decide(Task(NOISE, 100_000), 30.0)
+    assert d.terms["local_service_s"] == pytest.approx(1.0, rel=0.1)
+    assert d.terms["cloud_service_s"] == pytest.approx(0.05, rel=0.25)
+    assert d.terms["download_s"] == pytest.approx(5_000 / 500_000, rel=0.2)
+    snap = policy.snapshot(30.0)
+    assert snap["kinds"][NOISE]["out_bytes"] == pytest.approx(5_000, rel=0.05)
+    assert snap["downlink_mbps"] == pytest.approx(4.0, rel=0.2)
+
+
+def test_unknown_kinds_use_the_fallback_prior() -> None:
+    d = Policy(quiet()).decide(Task("plugin.thing", 10_000), 0.0)
+    assert d.terms["local_service_s"] == pytest.approx(0.01 + 1e-6 * 10_000)
+
+
+def test_a_probe_refreshes_a_side_the_model_has_written_off() -> None:
+    policy = Policy(DecisionSettings(probe_interval_s=100.0, probe_budget_s=0.2))
+    small = Task(SENSOR, 200)
+    first = policy.decide(small, 0.0)
+    assert first.target == "cloud" and first.probe and first.reason == "model"
+    assert not policy.decide(small, 1.0).probe  # not again at once
+    later = policy.decide(small, 100.0)
+    assert later.probe
+    # A failed probe doubles the interval: nothing at +100 s, one at +200 s.
+    assert not policy.decide(small, 250.0).probe
+    assert policy.decide(small, 300.0).probe
+    # A big task is never a probe: the budget bounds what a probe may cost.
+    assert not Policy(DecisionSettings()).decide(Task(NOISE, 300_000), 0.0).probe
+
+
+def test_no_probe_without_a_cloud_or_with_an_open_circuit() -> None:
+    for kwargs in ({"cloud_available": False}, {"circuit_open": True}, {"placement": "local"}):
+        d = Policy(DecisionSettings()).decide(Task(SENSOR, 200), 0.0, **kwargs)  # type: ignore[arg-type]
+        assert d.target == "local" and not d.probe
+
+
+# --- properties ---------------------------------------------------------------------------------------------
+
+kinds = st.sampled_from([NOISE, SENSOR, "plugin.x"])
+sizes = st.integers(min_value=0, max_value=5_000_000)
+times = st.floats(min_value=0.0, max_value=1e5, allow_nan=False)
+observation = st.one_of(
+    st.tuples(st.just("local"), kinds, sizes, st.floats(0.0, 100.0)),
+    st.tuples(st.just("cloud"), kinds, sizes, st.floats(0.0, 100.0)),
+    st.tuples(st.just("up"), sizes, st.floats(0.0, 100.0)),
+    st.tuples(st.just("down"), sizes, st.floats(0.0, 100.0)),
+    st.tuples(st.just("rtt"), st.floats(0.0, 10.0)),
+    st.tuples(st.just("prov"), st.floats(0.0, 600.0)),
+    st.tuples(st.just("start_local"), kinds, sizes),
+    st.tuples(st.just("start_cloud"), kinds, sizes),
+    st.tuples(st.just("finish_cloud"), kinds, sizes),
+)
+
+
+def feed(policy: Policy, history: list[tuple[object, ...]]) -> None:
+    now = 0.0
+    for item in history:
+        now += 0.5
+        what = item[0]
+        if what == "local":
+            policy.observe_local(str(item[1]), int(item[2]), float(item[3]), now)  # type: ignore[call-overload]
+        elif what == "cloud":
+            policy.observe_cloud(str(item[1]), int(item[2]), float(item[3]), now)  # type: ignore[call-overload]
+        elif what in ("up", "down"):
+            policy.observe_transfer(what, int(item[1]), float(item[2]), now)  # type: ignore[call-overload]
+        elif what == "rtt":
+            policy.observe_rtt(float(item[1]), now)  # type: ignore[arg-type]
+        elif what == "prov":
+            policy.observe_provisioning(float(item[1]), now)  # type: ignore[arg-type]
+        else:
+            task = Task(str(item[1]), int(item[2]))  # type: ignore[call-overload]
+            if what == "start_local":
+                policy.task_started("local", task, now)
+            elif what == "start_cloud":
+                policy.task_started("cloud", task, now)
+            else:
+                policy.task_finished("cloud", task, now)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(observation, max_size=30), kinds, sizes, times)
+def test_every_decision_is_finite_and_non_negative(history: list[tuple[object, ...]], kind: str, size: int,
+                                                     dt: float) -> None:
+    policy = Policy(DecisionSettings(), local_workers=2)
+    feed(policy, history)
+    d = policy.decide(Task(kind, size), 0.5 * len(history) + dt)
+    for value in (d.t_local_s, d.t_cloud_s, *d.terms.values()):
+        assert math.isfinite(value) and value >= 0.0
+    totals_match(d)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(observation, max_size=30), kinds, sizes, times)
+def test_the_same_inputs_give_the_same_decision(history: list[tuple[object, ...]], kind: str, size: int,
+                                                dt: float) -> None:
+    a, b = Policy(DecisionSettings(), local_workers=2), Policy(DecisionSettings(), local_workers=2)
+    feed(a, history)
+    feed(b, history)
+    now = 0.5 * len(history) + dt
+    assert a.decide(Task(kind, size), now) == b.decide(Task(kind, size), now)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(observation, max_size=20), st.floats(0.01, 1000.0), st.floats(1.0, 100.0), kinds, sizes,
+       st.lists(st.tuples(sizes, st.floats(0.001, 100.0)), max_size=5))
+def test_more_uplink_bandwidth_never_raises_the_cloud_total(
+    history: list[tuple[object, ...]], mbps: float, factor: float, kind: str, size: int,
+    uploads: list[tuple[int, float]],
+) -> None:
+    slow, fast = Policy(quiet(uplink_mbps=mbps)), Policy(quiet(uplink_mbps=min(mbps * factor, 100_000.0)))
+    feed(slow, history)
+    feed(fast, history)
+    now = 0.5 * len(history)
+    for n_bytes, seconds in uploads:  # the same transfers, faster on the fast link
+        now += 0.5
+        slow.observe_transfer("up", n_bytes, seconds, now)
+        fast.observe_transfer("up", n_bytes, seconds / factor, now)
+    t_slow = slow.decide(Task(kind, size), now).t_cloud_s
+    t_fast = fast.decide(Task(kind, size), now).t_cloud_s
+    assert t_fast <= t_slow * (1 + 1e-9) + 1e-12
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(observation, max_size=20), st.lists(st.tuples(kinds, sizes), max_size=10), kinds, sizes,
+       st.integers(1, 8))
+def test_more_local_backlog_never_lowers_the_local_total(
+    history: list[tuple[object, ...]], extra: list[tuple[str, int]], kind: str, size: int, workers: int
+) -> None:
+    policy = Policy(quiet(), local_workers=workers)
+    feed(policy, history)
+    now = 0.5 * len(history)
+    before = policy.decide(Task(kind, size), now).t_local_s
+    for k, n in extra:
+        policy.task_started("local", Task(k, n), now)
+        after = policy.decide(Task(kind, size), now).t_local_s
+        assert after >= before * (1 - 1e-9)
+        before = after
