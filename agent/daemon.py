@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from agent.config import Route, Settings
+from agent.decision import Policy
 from agent.dispatch import Dispatcher
 from agent.egress import Publisher
 from agent.errors import ConfigError
@@ -80,8 +81,10 @@ class Daemon:
     def _build(self, loop: asyncio.AbstractEventLoop) -> None:
         s, store = self.settings, self.store
         self.executor = LocalExecutor(s)
+        self.policy = Policy(s.decision, local_workers=s.local.workers, lease_idle_s=s.cloud.lease_idle_s,
+                             inline_kinds=[name for name in self.registry.names() if not self.registry.get(name).heavy])
         self.dispatcher = Dispatcher(agent_id=s.agent_id, registry=self.registry, executor=self.executor,
-                                     store=store)
+                                     store=store, policy=self.policy)
         self.ingress = Ingress(agent_id=s.agent_id, routes=s.routes, max_payload_bytes=s.max_payload_bytes,
                                store=store, ack=self._ack, request_redelivery=self._request_redelivery)
         self.ingress.remember(store.recent_deliveries(s.mqtt.receive_maximum))
@@ -316,6 +319,19 @@ class Daemon:
         c.histograms.append(LabelledHistogram(
             "edge_agent_task_duration_seconds", "Measured service time of each task, by placement and kind.",
             ("placement", "kind"), lambda: dispatcher.durations))
+        def estimates() -> dict[str, float]:
+            snapshot = self.policy.snapshot(time.monotonic())
+            return {k: float(v) for k, v in snapshot.items() if isinstance(v, int | float)}
+
+        def terms() -> dict[tuple[str, str], float]:
+            return {(kind, term): value for kind, t in dispatcher.last_terms.items() for term, value in t.items()}
+
+        c.gauge_maps += [
+            ("edge_agent_estimate", "The decision model's current estimates (Mbit/s, seconds, counts, bytes).",
+             ("name",), estimates),
+            ("edge_agent_decision_term_seconds", "Terms of the latest decision per task kind.", ("kind", "term"),
+             terms),
+        ]
         c.gauges += [
             Gauge("edge_agent_store_tasks", "Tasks and results in the store not yet acknowledged by the broker.",
                   lambda: store.outstanding_rows),

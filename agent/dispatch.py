@@ -1,7 +1,8 @@
 """Committed task → decision → execution → result or dead letter committed to the outbox.
 
-Runs on the event loop. The decision is made per task in :meth:`Dispatcher._decide`; until the offload path
-exists every task runs on the gateway and the decision says why (``placement`` or ``no_cloud``).
+Runs on the event loop. Each task is decided when it is admitted, so the policy sees every task queued on
+the gateway (its local wait) and not only the running ones. Until the offload path is wired, the cloud is
+reported unavailable to the policy: a task the model would send there runs locally with reason ``no_cloud``.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
+from agent.decision import Decision, Placement, Policy, Task
 from agent.egress import dead_letter, result_message
 from agent.errors import PayloadError, UnknownTask
 from agent.executor import LocalExecutor, WorkerDied
@@ -26,14 +28,20 @@ INLINE_BUDGET = 256  # light tasks per loop turn, so acks and PUBACK hand-offs a
 WORKER_RETRIES = 1  # a task whose worker died is tried once more before it is dead-lettered
 
 
-@dataclass(slots=True)
-class ServiceSample:
-    """One measured execution, for the decision model to learn from."""
+class Admitted(NamedTuple):
+    """A task with its decision, waiting for its turn."""
 
-    kind: str
-    placement: str
-    in_bytes: int
-    service_s: float
+    ref: TaskRef
+    task: Task
+    decision: Decision | None  # None: the kind is not installed (it fails without running)
+
+
+def decision_fields(decision: Decision | None) -> dict[str, Any]:
+    """The ``decision`` object of a result message (DESIGN §4)."""
+    if decision is None:
+        return {"t_local_s": None, "t_cloud_s": None, "reason": "unknown_task"}
+    return {"t_local_s": round(decision.t_local_s, 6), "t_cloud_s": round(decision.t_cloud_s, 6),
+            "reason": decision.reason}
 
 
 class Dispatcher:
@@ -44,6 +52,8 @@ class Dispatcher:
         registry: TaskRegistry,
         executor: LocalExecutor,
         store: Store,
+        policy: Policy,
+        clock: Callable[[], float] = time.monotonic,
         memory_cap_bytes: int = 64 * 1024 * 1024,
         memory_cap_tasks: int = 20_000,
     ) -> None:
@@ -51,12 +61,14 @@ class Dispatcher:
         self._registry = registry
         self._executor = executor
         self._store = store
+        self.policy = policy
+        self._clock = clock
         self._cap_bytes = memory_cap_bytes
         self._cap_tasks = memory_cap_tasks
         # Two queues so a burst of heavy tasks waiting for a worker never holds up the light ones; each stays in
         # commit order (sensor.stats windows see a topic's readings in the order they arrived).
-        self._light: deque[TaskRef] = deque()
-        self._heavy: deque[TaskRef] = deque()
+        self._light: deque[Admitted] = deque()
+        self._heavy: deque[Admitted] = deque()
         self._queued_bytes = 0
         self._spilled = True  # at start the pending rows in the store are the truth
         self._loading = False
@@ -71,7 +83,7 @@ class Dispatcher:
         self.decisions: dict[tuple[str, str], int] = {}  # (target, reason) → count
         self.dead_by_reason: dict[str, int] = {}
         self.durations: dict[tuple[str, str], Histogram] = {}  # (placement, kind) → service time
-        self.samples: deque[ServiceSample] = deque(maxlen=1000)
+        self.last_terms: dict[str, dict[str, float]] = {}  # kind → the terms of its latest decision
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -97,17 +109,26 @@ class Dispatcher:
         if self._spilled or self.backlog >= self._cap_tasks or self._queued_bytes >= self._cap_bytes:
             self._spilled = True  # the store has them; _load_more reads them back in id order
         else:
+            now = self._clock()
             for ref in tasks:
-                self._enqueue(ref)
+                self._admit(ref, now)
             self._last_id = tasks[-1].id
         self._schedule()
 
-    def _enqueue(self, ref: TaskRef) -> None:
+    def _admit(self, ref: TaskRef, now: float) -> None:
+        """Decide where the task runs and queue it there."""
+        task = Task(ref.kind, ref.size)
         spec = self._registry.get(ref.kind) if ref.kind in self._registry else None
-        if spec is not None and spec.heavy:
-            self._heavy.append(ref)
-        else:
-            self._light.append(ref)
+        decision: Decision | None = None
+        if spec is not None:
+            decision = self.policy.decide(task, now, placement=cast(Placement, ref.placement),
+                                          cloud_available=False)
+            key = (decision.target, decision.reason)
+            self.decisions[key] = self.decisions.get(key, 0) + 1
+            self.last_terms[ref.kind] = dict(decision.terms)
+            self.policy.task_started("local", task, now)
+        item = Admitted(ref, task, decision)
+        (self._heavy if spec is not None and spec.heavy else self._light).append(item)
         self._queued_bytes += ref.size
 
     def _load_more(self) -> None:
@@ -116,6 +137,7 @@ class Dispatcher:
         self._loading = True
         assert self._loop is not None
         loop, limit = self._loop, 1000
+
         def reply(refs: list[TaskRef]) -> None:
             loop.call_soon_threadsafe(self._loaded, refs, limit)
 
@@ -123,9 +145,10 @@ class Dispatcher:
 
     def _loaded(self, refs: list[TaskRef], limit: int) -> None:
         self._loading = False
+        now = self._clock()
         for ref in refs:
             if ref.id not in self._running:
-                self._enqueue(ref)
+                self._admit(ref, now)
         if refs:
             self._last_id = refs[-1].id
         if len(refs) < limit:
@@ -145,45 +168,45 @@ class Dispatcher:
             return
         heavy = self._heavy
         while heavy and len(self._running) < self._heavy_limit:
-            ref = heavy.popleft()
-            self._queued_bytes -= ref.size
-            payload = ref.payload if ref.payload is not None else self._store.load_payload(ref.id)
-            if payload is not None:  # None: no longer pending (finished by an earlier run)
-                decision = self._decide(ref)
-                self._running[ref.id] = asyncio.ensure_future(self._run_heavy(ref, payload, decision))
+            item = heavy.popleft()
+            self._queued_bytes -= item.ref.size
+            payload = self._payload(item)
+            if payload is not None:
+                self._running[item.ref.id] = asyncio.ensure_future(self._run_heavy(item, payload))
         light = self._light
         for _ in range(min(len(light), INLINE_BUDGET)):
-            ref = light.popleft()
-            self._queued_bytes -= ref.size
-            payload = ref.payload if ref.payload is not None else self._store.load_payload(ref.id)
+            item = light.popleft()
+            self._queued_bytes -= item.ref.size
+            payload = self._payload(item)
             if payload is not None:
-                self._run_light(ref, payload)
+                self._run_light(item, payload)
         if light:
             self._schedule()
         elif self._spilled and self.backlog < self._cap_tasks // 2:
             self._load_more()
 
-    def _run_light(self, ref: TaskRef, payload: bytes) -> None:
-        decision = self._decide(ref)
-        if ref.kind not in self._registry:
-            self._fail(ref, UnknownTask(f"task {ref.kind!r} is not installed on this gateway"))
+    def _payload(self, item: Admitted) -> bytes | None:
+        ref = item.ref
+        payload = ref.payload if ref.payload is not None else self._store.load_payload(ref.id)
+        if payload is None:  # no longer pending: finished by an earlier run
+            self._finished(item)
+        return payload
+
+    def _run_light(self, item: Admitted, payload: bytes) -> None:
+        ref = item.ref
+        if item.decision is None:
+            self._fail(item, UnknownTask(f"task {ref.kind!r} is not installed on this gateway"))
             return
         started = time.time()
         try:
             result, service_s = self._executor.run_inline(self._registry.get(ref.kind), payload, ref.options)
         except Exception as exc:  # noqa: BLE001 - any task error becomes a dead letter
-            self._fail(ref, exc)
+            self._fail(item, exc)
         else:
-            self._complete(ref, decision, result, service_s, started)
+            self._complete(item, result, service_s, started)
 
-    def _decide(self, ref: TaskRef) -> dict[str, Any]:
-        """Where the task runs and why. Only the gateway executes tasks so far."""
-        reason = "placement" if ref.placement == "local" else "no_cloud"
-        key = ("local", reason)
-        self.decisions[key] = self.decisions.get(key, 0) + 1
-        return {"target": "local", "t_local_s": None, "t_cloud_s": None, "reason": reason}
-
-    async def _run_heavy(self, ref: TaskRef, payload: bytes, decision: dict[str, Any]) -> None:
+    async def _run_heavy(self, item: Admitted, payload: bytes) -> None:
+        ref = item.ref
         started = time.time()
         try:
             result, service_s = await self._executor.run_in_pool(ref.kind, payload, ref.options)
@@ -194,46 +217,55 @@ class Dispatcher:
             if attempts < WORKER_RETRIES:
                 # Others' tasks die with the pool too; give each one more chance in the fresh pool.
                 self._attempts[ref.id] = attempts + 1
-                self._heavy.appendleft(ref._replace(payload=payload))
+                self._heavy.appendleft(item._replace(ref=ref._replace(payload=payload)))
                 self._queued_bytes += ref.size
             else:
                 self._attempts.pop(ref.id, None)
-                self._fail(ref, exc)
+                self._fail(item, exc)
         except Exception as exc:  # noqa: BLE001 - any task error becomes a dead letter
-            self._fail(ref, exc)
+            self._fail(item, exc)
         else:
             self._attempts.pop(ref.id, None)
-            self._complete(ref, decision, result, service_s, started)
+            self._complete(item, result, service_s, started)
         finally:
             self._running.pop(ref.id, None)
             self._schedule()
 
-    def _complete(self, ref: TaskRef, decision: dict[str, Any], result: dict[str, Any], service_s: float,
-                  started: float) -> None:
+    def _finished(self, item: Admitted) -> None:
+        if item.decision is not None:
+            self.policy.task_finished("local", item.task, self._clock())
+
+    def _complete(self, item: Admitted, result: dict[str, Any], service_s: float, started: float) -> None:
+        ref = item.ref
         finished = time.time()
-        self.samples.append(ServiceSample(ref.kind, "local", ref.size, service_s))
-        key = ("local", ref.kind)
-        histogram = self.durations.get(key)
-        if histogram is None:
-            histogram = self.durations[key] = Histogram()
-        histogram.observe(service_s)
         try:
             topic, body = result_message(
                 self._agent_id, task_id=ref.task_id, kind=ref.kind, topic=ref.topic, placement="local",
-                decision={"t_local_s": decision["t_local_s"], "t_cloud_s": decision["t_cloud_s"],
-                          "reason": decision["reason"]},
+                decision=decision_fields(item.decision),
                 timings={"queued_s": round(max(0.0, started - ref.received_at), 6),
                          "exec_s": round(service_s, 6),
                          "total_s": round(max(0.0, finished - ref.received_at), 6)},
                 result=result,
             )
         except TypeError as exc:  # orjson.JSONEncodeError: a value JSON cannot hold (bytes, sets, objects…)
-            self._fail(ref, ValueError(f"the task returned a result that is not JSON: {exc}"))
+            self._fail(item, ValueError(f"the task returned a result that is not JSON: {exc}"))
             return
+        now = self._clock()
+        self._finished(item)
+        # What the model learns from: the measured service time and the size of what a cloud would send back.
+        self.policy.observe_local(ref.kind, ref.size, service_s, now)
+        self.policy.observe_output(ref.kind, len(body), now)
+        key = ("local", ref.kind)
+        histogram = self.durations.get(key)
+        if histogram is None:
+            histogram = self.durations[key] = Histogram()
+        histogram.observe(service_s)
         self.completed += 1
         self._store.complete(ref.id, ref.size, topic, body)
 
-    def _fail(self, ref: TaskRef, exc: BaseException) -> None:
+    def _fail(self, item: Admitted, exc: BaseException) -> None:
+        ref = item.ref
+        self._finished(item)
         if isinstance(exc, (PayloadError, UnknownTask)):
             reason, detail = exc.reason, str(exc)
         else:

@@ -80,15 +80,15 @@ class AgentCollector(Collector):
         self.gauges: list[Gauge] = []
         self.counters: list[LabelledCounter] = []
         self.histograms: list[LabelledHistogram] = []
-        self.gauge_maps: list[tuple[str, str, str, Callable[[], Mapping[str, float]]]] = []
+        self.gauge_maps: list[tuple[str, str, tuple[str, ...], Callable[[], Mapping[Any, float]]]] = []
 
     def collect(self) -> Iterable[Metric]:
         for gauge in self.gauges:
             yield GaugeMetricFamily(gauge.name, gauge.documentation, value=gauge.read())
-        for name, documentation, label, read in self.gauge_maps:
-            family = GaugeMetricFamily(name, documentation, labels=[label])
-            for key, value in sorted(read().items()):
-                family.add_metric([key], value)
+        for name, documentation, labels, read in self.gauge_maps:
+            family = GaugeMetricFamily(name, documentation, labels=list(labels))
+            for key, value in sorted(read().items(), key=lambda kv: str(kv[0])):
+                family.add_metric(_label_values(key), value)
             yield family
         for counter in self.counters:
             cfamily = CounterMetricFamily(counter.name, counter.documentation, labels=list(counter.labels))

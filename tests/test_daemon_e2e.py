@@ -67,7 +67,8 @@ def test_happy_path_citypulse_rows(broker: Mosquitto, agents) -> None:  # type: 
     assert first["kind"] == "sensor.stats"
     assert first["topic"] == TRAFFIC.format(rows[0]["REPORT_ID"])
     assert first["placement"] == "local"
-    assert first["decision"]["reason"] == "no_cloud"
+    assert first["decision"]["reason"] == "model"  # a light task: the gateway wins on the model's totals
+    assert 0 < first["decision"]["t_local_s"] < first["decision"]["t_cloud_s"]
     assert set(first["timings"]) == {"queued_s", "exec_s", "total_s"}
     assert first["result"]["fields"]["vehicleCount"]["value"] == rows[0]["vehicleCount"]
     assert set(first["result"]["fields"]["avgSpeed"]) == {"value", "mean", "std", "z", "anomaly"}
@@ -93,6 +94,26 @@ def test_noise_spectrum_runs_in_the_worker_pool(broker: Mosquitto, agents) -> No
         assert msg["kind"] == "noise.spectrum"
         assert msg["result"]["leq_db"] == pytest.approx(20 * math.log10(0.3 / math.sqrt(2)), abs=0.1)
         assert msg["timings"]["exec_s"] > 0
+    assert agent.terminate() == 0
+
+
+def test_a_task_the_model_sends_to_the_cloud_runs_locally_without_a_cloud(  # type: ignore[no-untyped-def]
+        broker: Mosquitto, agents) -> None:
+    # Priors that make the cloud look far faster: a fast uplink, no provisioning, a slow gateway.
+    kinds = {"noise.spectrum": {"local_fixed_s": 5.0, "local_per_byte_s": 1e-4, "cloud_fixed_s": 0.001,
+                                "cloud_per_byte_s": 1e-9, "out_bytes": 300}}
+    agent = agents(broker, extra_env={"EDGE_AGENT_DECISION__KINDS": json.dumps(kinds),
+                                      "EDGE_AGENT_DECISION__UPLINK_MBPS": "1000",
+                                      "EDGE_AGENT_DECISION__PROVISIONING_S": "0"})
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    agent.start()
+    device = publisher(broker.port)
+    device.publish("city/aarhus/noise/mic1/pcm", pcm_sine(1.0), qos=1)
+    wait_for(lambda: len(collector.snapshot()) == 1, 30, "the spectrum")
+    (msg,) = collector.json_under(f"edge/{agent.agent_id}/results/")
+    assert msg["placement"] == "local"
+    assert msg["decision"]["reason"] == "no_cloud"
+    assert msg["decision"]["t_cloud_s"] < msg["decision"]["t_local_s"]
     assert agent.terminate() == 0
 
 

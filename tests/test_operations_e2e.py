@@ -89,7 +89,9 @@ def test_metrics_health_and_readiness(broker: Mosquitto, agents) -> None:  # typ
     wait_for(lambda: 'edge_agent_dead_letters_total{reason="invalid_json"} 1.0' in metrics(), 20, "metrics")
     text = metrics()
     assert 'edge_agent_messages_total{route="city/+/traffic/+/data"} 31.0' in text
-    assert 'edge_agent_decisions_total{reason="no_cloud",target="local"} 31.0' in text  # the broken one too
+    assert 'edge_agent_decisions_total{reason="model",target="local"} 31.0' in text  # the broken one too
+    assert 'edge_agent_estimate{name="uplink_mbps"}' in text
+    assert 'edge_agent_decision_term_seconds{kind="sensor.stats",term="local_service_s"}' in text
     assert 'edge_agent_task_duration_seconds_count{kind="sensor.stats",placement="local"} 30.0' in text
     assert "edge_agent_mqtt_connected 1.0" in text
     assert "edge_agent_store_tasks " in text

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Settings
+from agent.decision import Policy
 from agent.dispatch import Dispatcher
 from agent.egress import Publisher
 from agent.executor import LocalExecutor
@@ -39,7 +40,8 @@ async def run_pipeline(tmp_path: Path, n: int, *, publish_cap: int, dispatch_cap
 
     settings = Settings(state_dir=tmp_path, local={"workers": 1})  # type: ignore[arg-type]
     dispatcher = Dispatcher(agent_id="gw", registry=default_registry(), executor=LocalExecutor(settings),
-                            store=store, memory_cap_tasks=dispatch_cap)
+                            store=store, policy=Policy(settings.decision, inline_kinds=["sensor.stats"]),
+                            memory_cap_tasks=dispatch_cap)
     publisher = Publisher(store, publish, window=7, memory_cap=publish_cap)
     boxes["publisher"] = publisher
 
@@ -68,6 +70,10 @@ async def run_pipeline(tmp_path: Path, n: int, *, publish_cap: int, dispatch_cap
         if len(published) >= n and publisher.idle() and dispatcher.idle():
             break
     await asyncio.sleep(0.1)
+    # Every task the policy was told about has left its queues again.
+    snapshot = dispatcher.policy.snapshot(loop.time())
+    assert snapshot["inline_tasks"] == 0
+    assert snapshot["local_tasks"] == 0
     return published, store
 
 
