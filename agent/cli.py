@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--env-file", type=Path, help="take EDGE_AGENT_DECISION__* settings from this file")
     replay.add_argument("--json", action="store_true", help="print the summary as JSON")
     replay.add_argument("--plot", type=Path, metavar="FILE.png", help="draw bandwidth and decisions (needs [plot])")
+
+    from agent.devcloud.cli import build_parser as devcloud_options  # imports no web framework
+
+    devcloud_options(sub.add_parser(
+        "devcloud", help="run the reference resource API server (needs the [devcloud] extra)",
+        description="The resource API of DESIGN §7 for tests and demos, with knobs for provisioning delay, "
+        "latency, bandwidth, errors and outages."))
     return parser
 
 
@@ -107,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "replay":
         return _replay(args)
+    if args.command == "devcloud":
+        from agent.devcloud.cli import run as run_devcloud
+
+        return run_devcloud(args)
     try:
         settings = _settings(args)
     except ConfigError as exc:
@@ -120,8 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "explain":
         return _explain(args, settings)
 
+    import faulthandler
+
     from agent import daemon, telemetry
 
+    # A watchdog timeout ends us with SIGABRT: leave every thread's traceback in the journal first.
+    faulthandler.enable()
     telemetry.configure_logging(settings)
     env_file = args.env_file if args.env_file is not None else DEFAULT_ENV_FILE
     telemetry.warn_if_world_readable(env_file, telemetry.get_logger("agent.cli"))

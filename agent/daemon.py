@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from agent.cloud import CircuitState, CloudClient
 from agent.config import Route, Settings
 from agent.decision import Policy
 from agent.dispatch import Dispatcher
@@ -83,8 +84,10 @@ class Daemon:
         self.executor = LocalExecutor(s)
         self.policy = Policy(s.decision, local_workers=s.local.workers, lease_idle_s=s.cloud.lease_idle_s,
                              inline_kinds=[name for name in self.registry.names() if not self.registry.get(name).heavy])
+        # No URL, no offloading: the policy then keeps every task local with reason no_cloud.
+        self.cloud = CloudClient(s.cloud, observer=self.policy) if s.cloud.url else None
         self.dispatcher = Dispatcher(agent_id=s.agent_id, registry=self.registry, executor=self.executor,
-                                     store=store, policy=self.policy)
+                                     store=store, policy=self.policy, cloud=self.cloud)
         self.ingress = Ingress(agent_id=s.agent_id, routes=s.routes, max_payload_bytes=s.max_payload_bytes,
                                store=store, ack=self._ack, request_redelivery=self._request_redelivery)
         self.ingress.remember(store.recent_deliveries(s.mqtt.receive_maximum))
@@ -144,7 +147,7 @@ class Daemon:
         log.info("agent_starting", agent_id=s.agent_id, broker=f"{s.mqtt.host}:{s.mqtt.port}",
                  protocol=s.mqtt.protocol, store=str(self.store.path), workers=s.local.workers,
                  routes=[r.topic for r in s.routes], resume_pending=counts["pending"],
-                 resume_outbox=counts["outbox"], systemd=self.notifier.enabled)
+                 resume_outbox=counts["outbox"], systemd=self.notifier.enabled, cloud=s.cloud.url or "off")
         self._build(loop)
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, name)
@@ -169,6 +172,7 @@ class Daemon:
         """Readiness, watchdog pings, the systemd status line and the minutely stats line."""
         ready = False
         interval = min(1.0, self.notifier.watchdog_s or 1.0)
+        self.notifier.status(f"connecting to the broker at {self.settings.mqtt.host}:{self.settings.mqtt.port}")
         last_status = last_stats = time.monotonic()
         while True:
             now = time.monotonic()
@@ -263,6 +267,8 @@ class Daemon:
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         self.ingress.closing = True  # new messages stay unacknowledged: the broker keeps them for our next start
         finished = await self.dispatcher.drain(max(0.1, deadline - time.monotonic() - 1.0))
+        if self.cloud is not None:
+            await self.cloud.aclose()  # releases the leases
         await self._store_barrier()  # results just computed are committed and handed to the publisher
         # Give them a chance to reach the broker; whatever is left stays in the outbox for the next start.
         while not self.publisher.idle() and self.link.connected.is_set() and time.monotonic() < deadline - 0.5:
@@ -309,6 +315,9 @@ class Daemon:
                             ("target", "reason"), lambda: dispatcher.decisions),
             LabelledCounter("edge_agent_dead_letters", "Messages sent to the dead-letter topic, by reason.",
                             ("reason",), dead_letters),
+            LabelledCounter("edge_agent_cloud_requests", "Cloud submissions by outcome (ok, transient, permanent, "
+                            "circuit_open); every failed one ran on the gateway.", ("outcome",),
+                            lambda: dispatcher.cloud_outcomes),
             LabelledCounter("edge_agent_messages_received", "Messages received from the broker.", (),
                             lambda: {(): ingress.counters.received}),
             LabelledCounter("edge_agent_duplicates_received", "Redeliveries recognised as already stored.", (),
@@ -326,7 +335,13 @@ class Daemon:
         def terms() -> dict[tuple[str, str], float]:
             return {(kind, term): value for kind, t in dispatcher.last_terms.items() for term, value in t.items()}
 
+        def circuit() -> dict[str, float]:
+            state = self.cloud.circuit_state if self.cloud is not None else None
+            return {s.value: float(state is s) for s in CircuitState}
+
         c.gauge_maps += [
+            ("edge_agent_circuit_state", "1 for the cloud circuit breaker's current state (all 0: no cloud).",
+             ("state",), circuit),
             ("edge_agent_estimate", "The decision model's current estimates (Mbit/s, seconds, counts, bytes).",
              ("name",), estimates),
             ("edge_agent_decision_term_seconds", "Terms of the latest decision per task kind.", ("kind", "term"),

@@ -1,8 +1,8 @@
-"""Committed task → decision → execution → result or dead letter committed to the outbox.
+"""Committed task → decision → execution (gateway or cloud) → result or dead letter committed to the outbox.
 
 Runs on the event loop. Each task is decided when it is admitted, so the policy sees every task queued on
-the gateway (its local wait) and not only the running ones. Until the offload path is wired, the cloud is
-reported unavailable to the policy: a task the model would send there runs locally with reason ``no_cloud``.
+each side (its waits) and not only the running ones. A task sent to the cloud that does not come back for any
+reason (the cloud client raised) runs on the gateway instead: the cloud can delay a task, never lose it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
+from agent.cloud import CircuitOpen, CloudClient, CloudError, TransientCloudError
 from agent.decision import Decision, Placement, Policy, Task
 from agent.egress import dead_letter, result_message
 from agent.errors import PayloadError, UnknownTask
@@ -26,6 +27,8 @@ log = get_logger(__name__)
 
 INLINE_BUDGET = 256  # light tasks per loop turn, so acks and PUBACK hand-offs are not starved
 WORKER_RETRIES = 1  # a task whose worker died is tried once more before it is dead-lettered
+FALLBACK_LOG_EVERY_S = 30.0
+CLOUD_IN_FLIGHT = 64  # cloud submissions awaiting answers; beyond, decided tasks wait (bounded memory)
 
 
 class Admitted(NamedTuple):
@@ -34,14 +37,21 @@ class Admitted(NamedTuple):
     ref: TaskRef
     task: Task
     decision: Decision | None  # None: the kind is not installed (it fails without running)
+    fallback: str | None = None  # why a task decided for the cloud runs on the gateway after all
 
 
-def decision_fields(decision: Decision | None) -> dict[str, Any]:
-    """The ``decision`` object of a result message (DESIGN §4)."""
+def decision_fields(item: Admitted) -> dict[str, Any]:
+    """The ``decision`` object of a result message (DESIGN §4), plus ``fallback`` when the cloud failed it."""
+    decision = item.decision
     if decision is None:
         return {"t_local_s": None, "t_cloud_s": None, "reason": "unknown_task"}
-    return {"t_local_s": round(decision.t_local_s, 6), "t_cloud_s": round(decision.t_cloud_s, 6),
-            "reason": decision.reason}
+    fields: dict[str, Any] = {"t_local_s": round(decision.t_local_s, 6),
+                              "t_cloud_s": round(decision.t_cloud_s, 6), "reason": decision.reason}
+    if decision.probe:
+        fields["probe"] = True
+    if item.fallback is not None:
+        fields["fallback"] = item.fallback
+    return fields
 
 
 class Dispatcher:
@@ -53,6 +63,7 @@ class Dispatcher:
         executor: LocalExecutor,
         store: Store,
         policy: Policy,
+        cloud: CloudClient | None = None,
         clock: Callable[[], float] = time.monotonic,
         memory_cap_bytes: int = 64 * 1024 * 1024,
         memory_cap_tasks: int = 20_000,
@@ -62,6 +73,7 @@ class Dispatcher:
         self._executor = executor
         self._store = store
         self.policy = policy
+        self.cloud = cloud
         self._clock = clock
         self._cap_bytes = memory_cap_bytes
         self._cap_tasks = memory_cap_tasks
@@ -69,6 +81,8 @@ class Dispatcher:
         # commit order (sensor.stats windows see a topic's readings in the order they arrived).
         self._light: deque[Admitted] = deque()
         self._heavy: deque[Admitted] = deque()
+        self._cloud: deque[Admitted] = deque()
+        self._cloud_running: dict[int, asyncio.Task[None]] = {}
         self._queued_bytes = 0
         self._spilled = True  # at start the pending rows in the store are the truth
         self._loading = False
@@ -83,6 +97,10 @@ class Dispatcher:
         self.decisions: dict[tuple[str, str], int] = {}  # (target, reason) → count
         self.dead_by_reason: dict[str, int] = {}
         self.durations: dict[tuple[str, str], Histogram] = {}  # (placement, kind) → service time
+        self.cloud_outcomes: dict[str, int] = {}  # ok, transient, permanent, circuit_open → count
+        self.fallbacks = 0
+        self._fallbacks_unlogged = 0
+        self._fallback_logged_at = -FALLBACK_LOG_EVERY_S
         self.last_terms: dict[str, dict[str, float]] = {}  # kind → the terms of its latest decision
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -92,11 +110,11 @@ class Dispatcher:
 
     @property
     def backlog(self) -> int:
-        return len(self._light) + len(self._heavy)
+        return len(self._light) + len(self._heavy) + len(self._cloud)
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return len(self._running) + len(self._cloud_running)
 
     def idle(self) -> bool:
         return not self.backlog and not self._running and not self._spilled and not self._loading
@@ -121,14 +139,19 @@ class Dispatcher:
         spec = self._registry.get(ref.kind) if ref.kind in self._registry else None
         decision: Decision | None = None
         if spec is not None:
+            cloud = self.cloud
             decision = self.policy.decide(task, now, placement=cast(Placement, ref.placement),
-                                          cloud_available=False)
+                                          cloud_available=cloud is not None,
+                                          circuit_open=cloud is not None and cloud.circuit_open(now))
             key = (decision.target, decision.reason)
             self.decisions[key] = self.decisions.get(key, 0) + 1
             self.last_terms[ref.kind] = dict(decision.terms)
-            self.policy.task_started("local", task, now)
+            self.policy.task_started(decision.target, task, now)
         item = Admitted(ref, task, decision)
-        (self._heavy if spec is not None and spec.heavy else self._light).append(item)
+        if decision is not None and decision.target == "cloud":
+            self._cloud.append(item)
+        else:
+            (self._heavy if spec is not None and spec.heavy else self._light).append(item)
         self._queued_bytes += ref.size
 
     def _load_more(self) -> None:
@@ -166,6 +189,13 @@ class Dispatcher:
         self._scheduled = False
         if self.closing:
             return
+        cloud = self._cloud
+        while cloud and len(self._cloud_running) < CLOUD_IN_FLIGHT:
+            item = cloud.popleft()
+            self._queued_bytes -= item.ref.size
+            payload = self._payload(item, "cloud")
+            if payload is not None:
+                self._cloud_running[item.ref.id] = asyncio.ensure_future(self._run_cloud(item, payload))
         heavy = self._heavy
         while heavy and len(self._running) < self._heavy_limit:
             item = heavy.popleft()
@@ -185,11 +215,11 @@ class Dispatcher:
         elif self._spilled and self.backlog < self._cap_tasks // 2:
             self._load_more()
 
-    def _payload(self, item: Admitted) -> bytes | None:
+    def _payload(self, item: Admitted, target: str = "local") -> bytes | None:
         ref = item.ref
         payload = ref.payload if ref.payload is not None else self._store.load_payload(ref.id)
         if payload is None:  # no longer pending: finished by an earlier run
-            self._finished(item)
+            self._finished(item, target)
         return payload
 
     def _run_light(self, item: Admitted, payload: bytes) -> None:
@@ -231,17 +261,57 @@ class Dispatcher:
             self._running.pop(ref.id, None)
             self._schedule()
 
-    def _finished(self, item: Admitted) -> None:
-        if item.decision is not None:
-            self.policy.task_finished("local", item.task, self._clock())
+    async def _run_cloud(self, item: Admitted, payload: bytes) -> None:
+        ref = item.ref
+        assert self.cloud is not None
+        started = time.time()
+        try:
+            answer = await self.cloud.submit(ref.task_id, ref.kind, payload, ref.options)
+        except CloudError as exc:
+            self._count_cloud(_outcome(exc))
+            self._cloud_failed(item, payload, exc)
+        else:
+            self._count_cloud("ok")
+            self._complete(item, answer.result, answer.exec_s, started, placement="cloud")
+        finally:
+            self._cloud_running.pop(ref.id, None)
+            lease = self.cloud.lease_status()
+            if lease.ready or not lease.provisioning:
+                self.policy.observe_lease(lease.ready, slots=lease.slots or None)
+            self._schedule()
 
-    def _complete(self, item: Admitted, result: dict[str, Any], service_s: float, started: float) -> None:
+    def _cloud_failed(self, item: Admitted, payload: bytes, exc: CloudError) -> None:
+        """Run it on the gateway instead, ahead of tasks admitted later (it has waited already)."""
+        now = self._clock()
+        self.policy.task_finished("cloud", item.task, now)
+        self.policy.task_started("local", item.task, now)
+        self.fallbacks += 1
+        reason = "circuit_open" if isinstance(exc, CircuitOpen) else str(exc)[:200]
+        self._fallbacks_unlogged += 1
+        if now - self._fallback_logged_at >= FALLBACK_LOG_EVERY_S:
+            # One line per interval, not per task: an outage would otherwise flood the journal.
+            log.warning("cloud_offload_failed", reason=reason, ran_on_gateway=self._fallbacks_unlogged)
+            self._fallback_logged_at, self._fallbacks_unlogged = now, 0
+        spec = self._registry.get(item.ref.kind)
+        local = item._replace(ref=item.ref._replace(payload=payload), fallback=reason)
+        (self._heavy if spec.heavy else self._light).appendleft(local)
+        self._queued_bytes += item.ref.size
+
+    def _count_cloud(self, outcome: str) -> None:
+        self.cloud_outcomes[outcome] = self.cloud_outcomes.get(outcome, 0) + 1
+
+    def _finished(self, item: Admitted, target: str = "local") -> None:
+        if item.decision is not None:
+            self.policy.task_finished("cloud" if target == "cloud" else "local", item.task, self._clock())
+
+    def _complete(self, item: Admitted, result: dict[str, Any], service_s: float, started: float,
+                  placement: str = "local") -> None:
         ref = item.ref
         finished = time.time()
         try:
             topic, body = result_message(
-                self._agent_id, task_id=ref.task_id, kind=ref.kind, topic=ref.topic, placement="local",
-                decision=decision_fields(item.decision),
+                self._agent_id, task_id=ref.task_id, kind=ref.kind, topic=ref.topic, placement=placement,
+                decision=decision_fields(item),
                 timings={"queued_s": round(max(0.0, started - ref.received_at), 6),
                          "exec_s": round(service_s, 6),
                          "total_s": round(max(0.0, finished - ref.received_at), 6)},
@@ -251,11 +321,12 @@ class Dispatcher:
             self._fail(item, ValueError(f"the task returned a result that is not JSON: {exc}"))
             return
         now = self._clock()
-        self._finished(item)
-        # What the model learns from: the measured service time and the size of what a cloud would send back.
-        self.policy.observe_local(ref.kind, ref.size, service_s, now)
+        self._finished(item, placement)
+        if placement == "local":
+            # What the model learns from: the measured service time (the cloud client reports the cloud's).
+            self.policy.observe_local(ref.kind, ref.size, service_s, now)
         self.policy.observe_output(ref.kind, len(body), now)
-        key = ("local", ref.kind)
+        key = (placement, ref.kind)
         histogram = self.durations.get(key)
         if histogram is None:
             histogram = self.durations[key] = Histogram()
@@ -277,10 +348,23 @@ class Dispatcher:
         self._store.complete(ref.id, ref.size, topic, body)
 
     async def drain(self, timeout_s: float) -> bool:
-        """Stop starting tasks and wait for the running ones; True when all finished in time."""
+        """Stop starting tasks and wait for the running ones; True when all finished in time.
+
+        Cloud submissions still unanswered at the deadline are cancelled: their rows stay pending, and the
+        next start sends them again under the same Idempotency-Key, so the cloud does not run them twice.
+        """
         self.closing = True
-        running = list(self._running.values())
+        running = [*self._running.values(), *self._cloud_running.values()]
         if not running:
             return True
         _, pending = await asyncio.wait(running, timeout=timeout_s)
+        for task in pending:
+            if task in self._cloud_running.values():
+                task.cancel()
         return not pending
+
+
+def _outcome(exc: CloudError) -> str:
+    if isinstance(exc, CircuitOpen):
+        return "circuit_open"
+    return "transient" if isinstance(exc, TransientCloudError) else "permanent"

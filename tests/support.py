@@ -18,10 +18,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import SecretStr
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from agent.config import CloudSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+PROVISIONING_S = 0.3
 CITYPULSE = SHARED / "data" / "citypulse-aarhus"
 
 
@@ -263,3 +269,62 @@ class Agent:
             self._log_fh.close()
         if self.proc is not None:
             self._log_fh.close()
+
+
+class DevCloud:
+    """``python -m agent.devcloud`` on a free port, with helpers for its admin endpoints."""
+
+    def __init__(self, log_path: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.token = f"test-{uuid.uuid4().hex}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.devcloud", "--host", "127.0.0.1", "--port", str(self.port),
+             "--token", self.token, "--workers", "2", "--provisioning-delay", str(PROVISIONING_S), *extra],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        self.log_path = log_path
+        wait_for(self._healthy, 60, "the devcloud to start")
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the devcloud exited: {self.log_path.read_text()}")
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def knobs(self, **change: Any) -> dict[str, Any]:
+        response = httpx.post(f"{self.url}/admin/knobs", json=change, headers=self.auth)
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def stats(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.url}/admin/stats", headers=self.auth).json())
+
+    def reset(self) -> None:
+        assert httpx.post(f"{self.url}/admin/reset", headers=self.auth).status_code == 204
+
+    def settings(self, **overrides: Any) -> CloudSettings:
+        values: dict[str, Any] = {
+            "url": self.url, "token": SecretStr(self.token), "location": "aarhus", "poll_interval_s": 0.05,
+            "retry_min_s": 0.05, "retry_max_s": 2.0, "max_retries": 2, "circuit_failures": 3,
+            "circuit_cooldown_s": 1.0, "connect_timeout_s": 1.0, "read_timeout_s": 10.0,
+        }
+        values.update(overrides)
+        return CloudSettings(**values)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()

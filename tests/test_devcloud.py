@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,74 +18,12 @@ from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from agent.cloud import CircuitOpen, CircuitState, CloudClient, CloudResult, PermanentCloudError, TransientCloudError
-from agent.config import CloudSettings
 from agent.devcloud.cli import OPENAPI_PATH, openapi_text
 
-from support import free_port, wait_for
+from support import PROVISIONING_S, ROOT, DevCloud, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
 # 20 s of 16 kHz mono PCM, as in the end-to-end check: 640,000 bytes.
 CLIP = (np.random.default_rng(7).normal(0, 2000, 320_000)).clip(-32768, 32767).astype("<i2").tobytes()
-PROVISIONING_S = 0.3
-
-
-class DevCloud:
-    """``python -m agent.devcloud`` on a free port, with helpers for its admin endpoints."""
-
-    def __init__(self, log_path: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.token = f"test-{uuid.uuid4().hex}"
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.devcloud", "--host", "127.0.0.1", "--port", str(self.port),
-             "--token", self.token, "--workers", "2", "--provisioning-delay", str(PROVISIONING_S), *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )
-        self.log_path = log_path
-        wait_for(self._healthy, 60, "the devcloud to start")
-
-    def _healthy(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"the devcloud exited: {self.log_path.read_text()}")
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def knobs(self, **change: Any) -> dict[str, Any]:
-        response = httpx.post(f"{self.url}/admin/knobs", json=change, headers=self.auth)
-        assert response.status_code == 200, response.text
-        return dict(response.json())
-
-    def stats(self) -> dict[str, Any]:
-        return dict(httpx.get(f"{self.url}/admin/stats", headers=self.auth).json())
-
-    def reset(self) -> None:
-        assert httpx.post(f"{self.url}/admin/reset", headers=self.auth).status_code == 204
-
-    def settings(self, **overrides: Any) -> CloudSettings:
-        values: dict[str, Any] = {
-            "url": self.url, "token": SecretStr(self.token), "location": "aarhus", "poll_interval_s": 0.05,
-            "retry_min_s": 0.05, "retry_max_s": 2.0, "max_retries": 2, "circuit_failures": 3,
-            "circuit_cooldown_s": 1.0, "connect_timeout_s": 1.0, "read_timeout_s": 10.0,
-        }
-        values.update(overrides)
-        return CloudSettings(**values)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture(scope="module")

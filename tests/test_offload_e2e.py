@@ -1,0 +1,113 @@
+"""Offloading for real: Mosquitto, the devcloud and the agent as processes; the cloud never costs a task."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from support import Agent, Collector, DevCloud, Mosquitto, publisher, wait_for
+
+pytestmark = pytest.mark.integration
+
+NOISE_ROUTE = {"topic": "city/+/noise/+/pcm", "task": "noise.spectrum"}
+
+
+def clip(seconds: float, seed: int) -> bytes:
+    """Noise-like 16 kHz PCM, as a microphone would send it."""
+    samples = np.random.default_rng(seed).normal(0, 3000, int(16000 * seconds))
+    return samples.clip(-32768, 32767).astype("<i2").tobytes()
+
+
+@pytest.fixture
+def devcloud(tmp_path: Path) -> Iterator[DevCloud]:
+    server = DevCloud(tmp_path / "devcloud.log")
+    yield server
+    server.stop()
+
+
+def cloud_env(devcloud: DevCloud, token: str | None = None) -> dict[str, str]:
+    return {
+        "EDGE_AGENT_LOCAL__WORKERS": "1",
+        "EDGE_AGENT_CLOUD__URL": devcloud.url,
+        "EDGE_AGENT_CLOUD__TOKEN": token or devcloud.token,
+        "EDGE_AGENT_CLOUD__LOCATION": "aarhus",
+        "EDGE_AGENT_CLOUD__POLL_INTERVAL_S": "0.05",
+        "EDGE_AGENT_CLOUD__CONNECT_TIMEOUT_S": "1",
+        "EDGE_AGENT_CLOUD__CIRCUIT_COOLDOWN_S": "5",
+    }
+
+
+def spectra(collector: Collector, agent: Agent) -> dict[str, dict[str, Any]]:
+    return {m["topic"]: m for m in collector.json_under(f"edge/{agent.agent_id}/results/")}
+
+
+def publish_burst(port: int, start: int, count: int, seconds: float) -> None:
+    device = publisher(port)
+    infos = [device.publish(f"city/aarhus/noise/mic{i}/pcm", clip(seconds, i), qos=1)
+             for i in range(start, start + count)]
+    for info in infos:
+        info.wait_for_publish(30)
+    device.loop_stop()
+    device.disconnect()
+
+
+def test_a_burst_splits_between_gateway_and_cloud_and_survives_a_killed_cloud(
+        broker: Mosquitto, devcloud: DevCloud, tmp_path: Path) -> None:
+    agent = Agent(tmp_path / "agent", broker.port, routes=[NOISE_ROUTE], extra_env=cloud_env(devcloud))
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/#")
+    try:
+        agent.start()
+        publish_burst(broker.port, 0, 60, 20.0)
+        wait_for(lambda: len(spectra(collector, agent)) == 60, 120, "60 spectra")
+        placements = [m["placement"] for m in spectra(collector, agent).values()]
+        assert "cloud" in placements, "nothing was offloaded"
+        assert "local" in placements, "nothing ran on the gateway"
+        decided = [m for m in spectra(collector, agent).values()
+                   if m["placement"] == "cloud" and not m["decision"].get("probe")]
+        assert decided, "only probes went to the cloud"
+        cloud_result = decided[0]
+        assert cloud_result["decision"]["reason"] == "model"
+        assert cloud_result["decision"]["t_cloud_s"] < cloud_result["decision"]["t_local_s"]
+        assert cloud_result["result"]["samples"] == 320_000
+
+        devcloud.proc.send_signal(signal.SIGKILL)  # the cloud vanishes mid-stream
+        devcloud.proc.wait(10)
+        publish_burst(broker.port, 60, 20, 20.0)
+        wait_for(lambda: len(spectra(collector, agent)) == 80, 120, "all 80 spectra after the cloud died")
+        assert not [t for t, _ in collector.snapshot() if "/dead-letter/" in t]
+        late = [spectra(collector, agent)[f"city/aarhus/noise/mic{i}/pcm"] for i in range(60, 80)]
+        assert all(m["placement"] == "local" for m in late)
+        assert agent.terminate() == 0
+    finally:
+        agent.cleanup()
+
+
+def test_a_bad_token_is_said_plainly_and_tasks_run_locally(broker: Mosquitto, devcloud: DevCloud,
+                                                           tmp_path: Path) -> None:
+    # Priors that make the cloud look faster, so the agent tries it.
+    kinds = {"noise.spectrum": {"local_fixed_s": 2.0, "local_per_byte_s": 1e-5, "cloud_fixed_s": 0.001,
+                                "cloud_per_byte_s": 1e-9, "out_bytes": 300}}
+    wrong = cloud_env(devcloud, token="wrong-token")  # noqa: S106 - a wrong token on purpose
+    env = wrong | {"EDGE_AGENT_DECISION__KINDS": json.dumps(kinds), "EDGE_AGENT_DECISION__UPLINK_MBPS": "1000",
+                   "EDGE_AGENT_DECISION__PROVISIONING_S": "0"}
+    agent = Agent(tmp_path / "agent", broker.port, routes=[NOISE_ROUTE], extra_env=env)
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    try:
+        agent.start()
+        publish_burst(broker.port, 0, 8, 2.0)
+        wait_for(lambda: len(spectra(collector, agent)) == 8, 60, "8 spectra")
+        results = list(spectra(collector, agent).values())
+        assert all(m["placement"] == "local" for m in results)
+        assert any("fallback" in m["decision"] or m["decision"]["reason"] == "circuit_open" for m in results)
+        text = agent.log_path.read_text()
+        assert text.count("the cloud rejected the token") == 1
+        assert "wrong-token" not in text
+        assert agent.terminate() == 0
+    finally:
+        agent.cleanup()
