@@ -2,8 +2,9 @@
 
 Every variable is ``EDGE_AGENT_`` + the field path joined by ``__`` (``EDGE_AGENT_MQTT__PORT``). Secrets are
 ``SecretStr`` and may also come from files named like the variable in ``$CREDENTIALS_DIRECTORY`` (systemd's
-``LoadCredential=EDGE_AGENT_CLOUD__TOKEN:/etc/edge-agent/cloud-token``). :func:`load_settings` turns every
-validation problem into one :class:`~agent.errors.ConfigError` naming the variable.
+``LoadCredential=EDGE_AGENT_CLOUD__TOKEN:edge-agent.cloud-token``, from ``/etc/credstore/``).
+:func:`load_settings` turns every validation problem into one :class:`~agent.errors.ConfigError` naming the
+variable.
 """
 
 from __future__ import annotations

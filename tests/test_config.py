@@ -292,9 +292,10 @@ def test_env_example_documents_every_setting_and_nothing_else() -> None:
     assert leaves - documented == set(), "settings missing from deploy/agent.env.example"
     assert documented - leaves == set(), "deploy/agent.env.example names variables that do not exist"
     # Only what an operator must decide is set; everything else stays commented out.
-    assert kinds["set"] == {"EDGE_AGENT_AGENT_ID", "EDGE_AGENT_MQTT__HOST"}
+    # (the agent id defaults to the host name, or the instance name with edge-agent@.service)
+    assert kinds["set"] == {"EDGE_AGENT_MQTT__HOST"}
     text = EXAMPLE.read_text()
-    assert "LoadCredential=EDGE_AGENT_CLOUD__TOKEN:/etc/edge-agent/cloud-token" in text
+    assert "LoadCredential=EDGE_AGENT_CLOUD__TOKEN:edge-agent.cloud-token" in text
     assert "0640" in text
     assert '"window": 60' in text
 
