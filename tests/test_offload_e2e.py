@@ -39,6 +39,7 @@ def cloud_env(devcloud: DevCloud, token: str | None = None) -> dict[str, str]:
         "EDGE_AGENT_CLOUD__LOCATION": "aarhus",
         "EDGE_AGENT_CLOUD__POLL_INTERVAL_S": "0.05",
         "EDGE_AGENT_CLOUD__CONNECT_TIMEOUT_S": "1",
+        "EDGE_AGENT_CLOUD__CIRCUIT_FAILURES": "3",
         "EDGE_AGENT_CLOUD__CIRCUIT_COOLDOWN_S": "5",
     }
 
@@ -83,6 +84,35 @@ def test_a_burst_splits_between_gateway_and_cloud_and_survives_a_killed_cloud(
         assert not [t for t, _ in collector.snapshot() if "/dead-letter/" in t]
         late = [spectra(collector, agent)[f"city/aarhus/noise/mic{i}/pcm"] for i in range(60, 80)]
         assert all(m["placement"] == "local" for m in late)
+        assert agent.terminate() == 0
+    finally:
+        agent.cleanup()
+
+
+def test_an_outage_opens_the_circuit_and_every_task_still_finishes(broker: Mosquitto, devcloud: DevCloud,
+                                                                   tmp_path: Path) -> None:
+    # placement "cloud": every task goes to the cloud while it works, so the outage is met for sure.
+    route = NOISE_ROUTE | {"placement": "cloud"}
+    agent = Agent(tmp_path / "agent", broker.port, routes=[route], extra_env=cloud_env(devcloud))
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/#")
+    try:
+        agent.start()
+        publish_burst(broker.port, 0, 6, 2.0)
+        wait_for(lambda: len(spectra(collector, agent)) == 6, 60, "6 spectra from the cloud")
+        assert {m["placement"] for m in spectra(collector, agent).values()} == {"cloud"}
+        devcloud.knobs(outage=True)
+        publish_burst(broker.port, 6, 12, 2.0)
+        wait_for(lambda: len(spectra(collector, agent)) == 18, 60, "every spectrum during the outage")
+        during = [spectra(collector, agent)[f"city/aarhus/noise/mic{i}/pcm"] for i in range(6, 18)]
+        assert {m["placement"] for m in during} == {"local"}
+        assert all("fallback" in m["decision"] for m in during)  # tried the cloud, then ran here
+        assert "cloud_circuit_open" in agent.log_path.read_text()
+        # While the circuit is open, new tasks are not even tried: decided local with reason circuit_open.
+        publish_burst(broker.port, 18, 3, 2.0)
+        wait_for(lambda: len(spectra(collector, agent)) == 21, 60, "the spectra sent while the circuit is open")
+        after = [spectra(collector, agent)[f"city/aarhus/noise/mic{i}/pcm"] for i in range(18, 21)]
+        assert [m["decision"]["reason"] for m in after] == ["circuit_open"] * 3
+        assert not [t for t, _ in collector.snapshot() if "/dead-letter/" in t]
         assert agent.terminate() == 0
     finally:
         agent.cleanup()
