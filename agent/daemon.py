@@ -81,7 +81,7 @@ class Daemon:
 
     def _build(self, loop: asyncio.AbstractEventLoop) -> None:
         s, store = self.settings, self.store
-        self.executor = LocalExecutor(s)
+        self.executor = LocalExecutor(s.local.workers, s)
         self.policy = Policy(s.decision, local_workers=s.local.workers, lease_idle_s=s.cloud.lease_idle_s,
                              inline_kinds=[name for name in self.registry.names() if not self.registry.get(name).heavy])
         # No URL, no offloading: the policy then keeps every task local with reason no_cloud.

@@ -15,7 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from agent.config import Settings
-from agent.tasks import TaskSpec, run_task
+from agent.tasks import TaskSpec, default_registry, run_task
 from agent.telemetry import configure_logging, get_logger
 
 log = get_logger(__name__)
@@ -28,7 +28,7 @@ class WorkerDied(Exception):
 PR_SET_PDEATHSIG = 1
 
 
-def _worker_init(parent_pid: int, settings: Settings) -> None:
+def _worker_init(parent_pid: int, settings: Settings | None) -> None:
     # Ctrl-C reaches the whole process group; only the daemon decides how to stop, so workers ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # If the agent is SIGKILLed outside systemd (no cgroup to clean up), its workers must not live on.
@@ -36,16 +36,20 @@ def _worker_init(parent_pid: int, settings: Settings) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(0)  # the agent died before the line above took effect
-    configure_logging(settings)
+    if settings is not None:
+        configure_logging(settings)
 
 
 def _warm() -> int:
-    return 0
+    default_registry()  # imports numpy and the task plugins now, not in the first task's service time
+    return os.getpid()
 
 
 class LocalExecutor:
-    def __init__(self, settings: Settings) -> None:
-        self.workers = settings.local.workers
+    """``settings`` (optional) configure the workers' logging like the parent's."""
+
+    def __init__(self, workers: int, settings: Settings | None = None) -> None:
+        self.workers = workers
         self._settings = settings
         # spawn, not fork: forking a process that runs paho's and the store's threads could copy a held lock;
         # not forkserver: its server would outlive a SIGKILLed agent, and workers must be our direct children
@@ -81,5 +85,5 @@ class LocalExecutor:
                 self._pool = self._new_pool()
             raise WorkerDied("a worker process died while running the task") from exc
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def shutdown(self, wait: bool = False) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=True)

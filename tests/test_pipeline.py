@@ -39,7 +39,7 @@ async def run_pipeline(tmp_path: Path, n: int, *, publish_cap: int, dispatch_cap
         return mid
 
     settings = Settings(state_dir=tmp_path, local={"workers": 1})  # type: ignore[arg-type]
-    dispatcher = Dispatcher(agent_id="gw", registry=default_registry(), executor=LocalExecutor(settings),
+    dispatcher = Dispatcher(agent_id="gw", registry=default_registry(), executor=LocalExecutor(1, settings),
                             store=store, policy=Policy(settings.decision, inline_kinds=["sensor.stats"]),
                             memory_cap_tasks=dispatch_cap)
     publisher = Publisher(store, publish, window=7, memory_cap=publish_cap)
