@@ -246,15 +246,18 @@ class Daemon:
         old = self.settings
         if new.routes != old.routes:
             self._apply_routes(new.routes, old.routes)
+        if new.decision != old.decision:
+            self.policy.reconfigure(new.decision)
         changed = sorted(
             key for key in type(new).model_fields
-            if key != "routes" and getattr(new, key) != getattr(old, key)
+            if key not in ("routes", "decision") and getattr(new, key) != getattr(old, key)
         )
         self.settings = new.model_copy(update={key: getattr(old, key) for key in changed})
         if changed:
             log.warning("reload_needs_restart", settings=[f"EDGE_AGENT_{k.upper()}" for k in changed],
                         detail="these take effect at the next start")
-        log.info("reload_applied", routes=[r.topic for r in new.routes])
+        log.info("reload_applied", routes=[r.topic for r in new.routes],
+                 decision_changed=new.decision != old.decision)
 
     def _apply_routes(self, routes: list[Route], previous: list[Route]) -> None:
         self.ingress.set_routes(routes)

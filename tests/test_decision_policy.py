@@ -324,3 +324,15 @@ def test_more_local_backlog_never_lowers_the_local_total(
         after = policy.decide(Task(kind, size), now).t_local_s
         assert after >= before * (1 - 1e-9)
         before = after
+
+
+def test_reconfigure_applies_new_margins_and_keeps_what_was_learned() -> None:
+    policy = Policy(DecisionSettings())
+    for _ in range(20):
+        policy.observe_local("noise.spectrum", 100_000, 0.01, 1.0)
+    learned = policy.snapshot(2.0)["kinds"]["noise.spectrum"]["local_fixed_s"]
+    policy.reconfigure(DecisionSettings(margin_s=30.0, margin_ratio=0.0))
+    assert policy.snapshot(2.0)["kinds"]["noise.spectrum"]["local_fixed_s"] == learned
+    # With a 30 s margin the cloud can never win by enough.
+    decision = policy.decide(Task("noise.spectrum", 10_000_000), 2.0)
+    assert decision.target == "local"

@@ -125,10 +125,14 @@ def test_sighup_reloads_routes_without_losing_messages(broker: Mosquitto, agents
     device.publish("city/a/traffic/1/data", b'{"speed": 1}', qos=1)
     wait_for(lambda: len(collector.snapshot()) == 1, 20, "the first result")
 
-    agent.write_env(EDGE_AGENT_ROUTES=json.dumps([{"topic": "city/+/parking/+/data", "task": "sensor.stats"}]))
+    agent.write_env(EDGE_AGENT_ROUTES=json.dumps([{"topic": "city/+/parking/+/data", "task": "sensor.stats"}]),
+                    EDGE_AGENT_DECISION__MARGIN_S="0.5")
     assert agent.proc is not None
     agent.proc.send_signal(signal.SIGHUP)
     agent.wait_logged("reload_applied")
+    applied = next(e for e in agent.events() if e.get("event") == "reload_applied")
+    assert applied["decision_changed"] is True
+    assert not any(e.get("event") == "reload_needs_restart" for e in agent.events())
     time.sleep(0.5)
     device.publish("city/a/parking/2/data", b'{"free": 10}', qos=1)
     device.publish("city/a/traffic/1/data", b'{"speed": 2}', qos=1)  # no longer routed, nor subscribed

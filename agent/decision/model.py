@@ -206,6 +206,15 @@ class Policy:
         self._last_cloud_seen = -math.inf  # the latest cloud result or probe; never, at first
         self._probe_interval = settings.probe_interval_s  # doubles while probes never lead to offloading
 
+    def reconfigure(self, settings: DecisionSettings) -> None:
+        """New settings on a reload (SIGHUP) without forgetting what was learned.
+
+        Margins, probing and the provisioning prior apply at once, and every prior to kinds first seen from now
+        on; the estimators already running keep their measurements and half-lives (a restart resets them).
+        """
+        self._settings = settings
+        self._probe_interval = settings.probe_interval_s
+
     # ------------------------------------------------------------------ decisions
 
     def decide(
