@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -96,6 +97,16 @@ def test_metrics_health_and_readiness(broker: Mosquitto, agents) -> None:  # typ
     assert "edge_agent_mqtt_connected 1.0" in text
     assert "edge_agent_store_tasks " in text
     assert get(base + "/nothing")[0] == 404
+
+    # The Grafana dashboard only asks for series the agent exposes.
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "deploy/grafana/edge-agent.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(edge_agent_[a-z_]+)", e)}
+    exposed = set(re.findall(r"^# TYPE (edge_agent_[a-z_]+) (\w+)", text, re.MULTILINE))
+    names = {n for n, _ in exposed}
+    names |= {n + suffix for n, kind in exposed if kind == "counter" for suffix in ("_total",)}
+    names |= {n + suffix for n, kind in exposed if kind == "histogram" for suffix in ("_bucket", "_sum", "_count")}
+    assert used and used <= names, f"the dashboard queries series the agent does not expose: {used - names}"
 
     broker.stop()
     wait_for(lambda: get(base + "/readyz")[0] == 503, 20, "not ready without the broker")
