@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -274,10 +275,12 @@ class Agent:
 class DevCloud:
     """``python -m agent.devcloud`` on a free port, with helpers for its admin endpoints."""
 
-    def __init__(self, log_path: Path, *extra: str) -> None:
+    def __init__(self, log_path: Path, *extra: str, ca_file: Path | None = None) -> None:
+        """With ``--tls-cert``/``--tls-key`` in ``extra``, pass the CA that signed them as ``ca_file``."""
         self.port = free_port()
         self.token = f"test-{uuid.uuid4().hex}"
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ca_file = ca_file
+        self.url = f"{'https' if ca_file else 'http'}://127.0.0.1:{self.port}"
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.devcloud", "--host", "127.0.0.1", "--port", str(self.port),
@@ -287,11 +290,14 @@ class DevCloud:
         self.log_path = log_path
         wait_for(self._healthy, 60, "the devcloud to start")
 
+    def _verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True
+
     def _healthy(self) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(f"the devcloud exited: {self.log_path.read_text()}")
         try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            return httpx.get(f"{self.url}/healthz", timeout=1, verify=self._verify()).status_code == 200
         except httpx.TransportError:
             return False
 
@@ -300,15 +306,15 @@ class DevCloud:
         return {"Authorization": f"Bearer {self.token}"}
 
     def knobs(self, **change: Any) -> dict[str, Any]:
-        response = httpx.post(f"{self.url}/admin/knobs", json=change, headers=self.auth)
+        response = httpx.post(f"{self.url}/admin/knobs", json=change, headers=self.auth, verify=self._verify())
         assert response.status_code == 200, response.text
         return dict(response.json())
 
     def stats(self) -> dict[str, Any]:
-        return dict(httpx.get(f"{self.url}/admin/stats", headers=self.auth).json())
+        return dict(httpx.get(f"{self.url}/admin/stats", headers=self.auth, verify=self._verify()).json())
 
     def reset(self) -> None:
-        assert httpx.post(f"{self.url}/admin/reset", headers=self.auth).status_code == 204
+        assert httpx.post(f"{self.url}/admin/reset", headers=self.auth, verify=self._verify()).status_code == 204
 
     def settings(self, **overrides: Any) -> CloudSettings:
         values: dict[str, Any] = {

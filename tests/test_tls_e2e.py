@@ -14,7 +14,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from support import Agent, Mosquitto, wait_for
+from support import Agent, Collector, DevCloud, Mosquitto, publisher, wait_for
 from tls import CertificateAuthority, Issued
 
 pytestmark = pytest.mark.integration
@@ -116,3 +116,37 @@ def test_missing_key_file_is_a_config_error(tls_broker: Mosquitto, pki: dict[str
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 78
     assert "EDGE_AGENT_MQTT__TLS__KEY_FILE" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_https_to_the_resource_api_with_a_custom_ca(broker: Mosquitto, pki: dict[str, Any], tmp_path: Path) -> None:
+    server: Issued = pki["ca"].issue("devcloud", server=True)
+    devcloud = DevCloud(tmp_path / "devcloud.log", "--tls-cert", str(server.cert), "--tls-key", str(server.key),
+                        ca_file=pki["ca"].ca_file)
+    route = {"topic": "city/+/noise/+/pcm", "task": "noise.spectrum", "placement": "cloud"}
+    env = {"EDGE_AGENT_CLOUD__URL": devcloud.url, "EDGE_AGENT_CLOUD__TOKEN": devcloud.token,
+           "EDGE_AGENT_CLOUD__CA_FILE": str(pki["ca"].ca_file), "EDGE_AGENT_CLOUD__POLL_INTERVAL_S": "0.05"}
+    good = Agent(tmp_path / "good", broker.port, routes=[route], extra_env=env)
+    # The same server, but the agent trusts another CA: every offload fails, plainly, and runs locally.
+    wrong = Agent(tmp_path / "wrong", broker.port, routes=[route],
+                  extra_env=env | {"EDGE_AGENT_CLOUD__CA_FILE": str(pki["other"].ca_file)})
+    try:
+        for agent in (good, wrong):
+            agent.start()
+            collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+            device = publisher(broker.port)
+            device.publish(f"city/a/noise/{agent.agent_id}/pcm", b"\x01\x00" * 16000, qos=1)
+            wait_for(lambda c=collector: len(c.snapshot()) == 1, 30, "the spectrum")
+            (result,) = [json.loads(p) for _, p in collector.snapshot()]
+            if agent is good:
+                assert result["placement"] == "cloud"
+            else:
+                assert result["placement"] == "local"
+                assert "certificate" in result["decision"]["fallback"].lower()
+            device.loop_stop()
+            device.disconnect()
+            collector.close()
+            assert agent.terminate() == 0
+    finally:
+        good.cleanup()
+        wrong.cleanup()
+        devcloud.stop()

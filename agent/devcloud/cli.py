@@ -29,6 +29,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes shared by all leases (default: CPU count)")
     parser.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="largest task input")
+    parser.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                        help="serve HTTPS with this certificate (chain) …")
+    parser.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="… and this private key")
     knobs = parser.add_argument_group("fault and network injection (also POST /admin/knobs at run time)")
     defaults = Knobs()
     knobs.add_argument("--provisioning-delay", type=float, default=defaults.provisioning_delay_s,
@@ -87,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1 or args.max_body_bytes < 1:
         print("devcloud: --workers and --max-body-bytes must be positive", file=sys.stderr)
         return 2
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("devcloud: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
     token = args.token or os.environ.get(TOKEN_ENV)
     if not token:
         token = secrets.token_urlsafe(24)
@@ -99,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(DevCloudConfig(token=token, workers=args.workers, max_body_bytes=args.max_body_bytes,
                                     knobs=knobs))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=args.access_log,
-                            lifespan="on", timeout_graceful_shutdown=5)
+                            lifespan="on", timeout_graceful_shutdown=5,
+                            ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
+                            ssl_keyfile=str(args.tls_key) if args.tls_key else None)
     server = uvicorn.Server(config)
     server.run()
     # uvicorn returns normally also when it could not bind or start the app; it says why in the log.
