@@ -79,6 +79,15 @@ def _parser() -> argparse.ArgumentParser:
         "devcloud", help="run the reference resource API server (needs the [devcloud] extra)",
         description="The resource API of DESIGN §7 for tests and demos, with knobs for provisioning delay, "
         "latency, bandwidth, errors and outages."))
+
+    from agent.demo.options import build_parser as demo_options  # imports neither rich nor amqtt
+
+    demo_options(sub.add_parser(
+        "demo", help="see it work: embedded broker, devcloud, simulated devices and the agent, with a live view "
+        "(needs the [demo] extra)",
+        description="Runs everything on this machine: an MQTT broker (amqtt, unless --broker), the devcloud, "
+        "devices replaying CityPulse Aarhus rows and synthetic audio, a cloud uplink following a real bandwidth "
+        "trace, and the agent as a subprocess. Ctrl-C stops it all."))
     return parser
 
 
@@ -118,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         from agent.devcloud.cli import run as run_devcloud
 
         return run_devcloud(args)
+    if args.command == "demo":
+        from agent.demo.run import main as run_demo
+
+        return run_demo(args)
     try:
         settings = _settings(args)
     except ConfigError as exc:
