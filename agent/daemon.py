@@ -35,6 +35,24 @@ SUBSCRIPTIONS_KEY = "subscriptions"
 Reloader = Callable[[], Settings]
 
 
+STUCK_AFTER_S = 10.0
+
+
+def health(loop_age_s: float, network_alive: bool, store_healthy: bool) -> tuple[bool, str]:
+    """Alive means every loop turns: the event loop, the MQTT network thread and the store writer.
+
+    It gates the systemd watchdog ping and /healthz: a stuck loop stops the pings, so systemd restarts us.
+    """
+    problems = []
+    if loop_age_s > STUCK_AFTER_S:
+        problems.append("event loop stuck")
+    if not network_alive:
+        problems.append("MQTT network thread stuck")
+    if not store_healthy:
+        problems.append("store writer stuck")
+    return (not problems, "; ".join(problems) or "ok")
+
+
 class ThreadHandoff(Generic[T]):
     """Items from any thread, delivered to ``fn`` on the loop in batches with at most one wake-up pending."""
 
@@ -192,15 +210,8 @@ class Daemon:
             await asyncio.sleep(interval)
 
     def _healthy(self) -> tuple[bool, str]:
-        """Alive means every loop turns: the event loop, the MQTT network thread and the store writer."""
-        problems = []
-        if time.monotonic() - self.loop_tick > 10.0:
-            problems.append("event loop stuck")
-        if not self.link.alive(within_s=10.0):
-            problems.append("MQTT network thread stuck")
-        if not self.store.healthy():
-            problems.append("store writer stuck")
-        return (not problems, "; ".join(problems) or "ok")
+        return health(time.monotonic() - self.loop_tick, self.link.alive(within_s=STUCK_AFTER_S),
+                      self.store.healthy())
 
     def _ready(self) -> tuple[bool, str]:
         if self.stopping.is_set():

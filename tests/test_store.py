@@ -166,3 +166,12 @@ def test_unwritable_state_dir_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         Store(blocker / "state", max_tasks=10, max_bytes=1024 * 1024)
     assert info.value.variable == "EDGE_AGENT_STATE_DIR"
+
+
+def test_a_commit_hanging_too_long_makes_the_writer_unhealthy(store: Store) -> None:
+    store.start(Hooked())
+    assert store.healthy()
+    store.busy_since = time.monotonic() - 120  # as if fsync had hung for two minutes
+    assert not store.healthy(stuck_after_s=60)
+    store.busy_since = None
+    assert store.healthy()

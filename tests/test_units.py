@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.config import Route
-from agent.daemon import ThreadHandoff
+from agent.daemon import ThreadHandoff, health
 from agent.egress import dead_letter, result_message
 from agent.ingress import Router, topic_matches
 from agent.mqtt import backoff_delay, subscription_filter
@@ -115,3 +115,10 @@ def test_results_stay_strict_json() -> None:
     with pytest.raises(TypeError):
         result_message("gw", task_id="a", kind="k", topic="t", placement="local", decision={},
                        timings={}, result={"x": {1, 2}})
+
+
+def test_health_fails_when_any_loop_is_stuck() -> None:
+    assert health(0.5, True, True) == (True, "ok")
+    assert health(30.0, True, True) == (False, "event loop stuck")
+    assert health(0.5, False, True) == (False, "MQTT network thread stuck")
+    assert health(30.0, False, False) == (False, "event loop stuck; MQTT network thread stuck; store writer stuck")
