@@ -424,6 +424,28 @@ def test_statistics_match_a_direct_computation(values: list[float], window: int)
             mean = math.fsum(previous) / len(previous)
             std = math.sqrt(math.fsum((v - mean) ** 2 for v in previous) / len(previous))
             scale = max(abs(v) for v in previous)
-            assert got["mean"] == pytest.approx(mean, rel=1e-9, abs=1e-12 * scale)
+            # (at least a few subnormal steps of absolute slack: below ~1e-308 floats are that coarse)
+            assert got["mean"] == pytest.approx(mean, rel=1e-9, abs=max(1e-12 * scale, 2e-323))
             if got["std"] != 0.0 and std > 1e-6 * scale:
                 assert got["std"] == pytest.approx(std, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        # readings whose squares underflow: once divided by a zero standard deviation
+        [1e-301, -2e-301, 3e-302, 1.7e-304, 1e-301],
+        # a large reading leaves the window; the tiny ones after it must not vanish in its rounding error
+        [2e-160, -2e-301, -3e-200, -1.7e-304, 1e-304, 3e-304, 1e-301, 1.7e-304, 5.1e-302, 2e-301],
+        [1.5e-323, 0.0, 1e-300],
+    ],
+)
+def test_readings_near_the_bottom_of_the_float_range(values: list[float]) -> None:
+    stats = SensorStats()
+    window = 6
+    for i, value in enumerate(values):
+        got = feed(stats, [value], window=window)
+        assert all(math.isfinite(got[key]) for key in ("mean", "std", "z"))
+        previous = values[max(0, i - window):i]
+        if len(previous) >= 2:
+            assert got["mean"] == pytest.approx(math.fsum(previous) / len(previous), rel=1e-9, abs=2e-323)

@@ -208,6 +208,10 @@ def _robust(values: array[float], value: float) -> tuple[float, float, float]:
     return mean, std, z
 
 
+# Below this, sums of squares may have lost readings to underflow (|x| < ~1e-140): compute with scaling.
+_TINY = 1e-280
+
+
 class _Window:
     """The last ``capacity`` readings of one field, in a ring buffer, with running sums of ``x - shift``.
 
@@ -217,7 +221,7 @@ class _Window:
     ``capacity`` updates (O(1) amortised), and sooner whenever their rounding error could matter.
     """
 
-    __slots__ = ("capacity", "peak", "pos", "s1", "s2", "shift", "tolerance", "until_resum", "values")
+    __slots__ = ("capacity", "constant", "peak", "pos", "s1", "s2", "shift", "tolerance", "until_resum", "values")
 
     def __init__(self, capacity: int) -> None:
         self.values: array[float] = array("d")  # 8 bytes a reading; a deque of float objects costs ~4× that
@@ -232,6 +236,9 @@ class _Window:
         self.peak = 0.0
         self.tolerance = capacity * 1e-9
         self.until_resum = capacity
+        # Every reading stored since the last recomputation equals the shift (ids, flags): exactly, not by
+        # a zero sum of squares, which also happens when squares of tiny readings underflow.
+        self.constant = True
 
     def update(self, x: float) -> tuple[float, float, float]:
         """Judge ``x`` against the stored readings (mean, std, z), then store it.
@@ -245,15 +252,15 @@ class _Window:
             s1 = self.s1
             centred = self.s2 - s1 * s1 / n
             # One comparison rejects a centred sum that is negative, NaN, inf or lost in rounding error.
-            if centred > self.tolerance * self.peak:
+            # Trusted only above the rounding error bound, and above where squares start to underflow.
+            if centred > self.tolerance * self.peak and centred > _TINY:
                 mean = self.shift + s1 / n
                 std = math.sqrt(centred / n)
                 z = (x - mean) / std
                 if not -_FLOAT_MAX <= z <= _FLOAT_MAX:
                     mean, std, z = self._exact(x)
-            elif self.peak == 0.0:
-                # Every reading since the last recomputation equals the shift: a constant field (ids).
-                mean, std, z = self.shift + s1 / n, 0.0, 0.0
+            elif self.constant:
+                mean, std, z = self.shift, 0.0, 0.0
             else:
                 mean, std, z = self._exact(x)
         elif n == 1:
@@ -264,6 +271,8 @@ class _Window:
 
         shift = self.shift
         d = x - shift
+        if d != 0.0:
+            self.constant = False
         if n < self.capacity:
             values.append(x)
             s1 = self.s1 + d
@@ -288,8 +297,9 @@ class _Window:
         values = self.values
         self.until_resum = self.capacity
         low = min(values)
+        self.constant = low == max(values)
         try:
-            shift = low if low == max(values) else math.fsum(values) / len(values)
+            shift = low if self.constant else math.fsum(values) / len(values)
             diffs = [x - shift for x in values]
             self.s1 = math.fsum(diffs)
             self.s2 = self.peak = math.fsum(d * d for d in diffs)
@@ -304,7 +314,9 @@ class _Window:
         self._resum()
         n = len(self.values)
         s2 = self.s2
-        if s2 - s2 == 0.0:  # finite
+        if self.constant:
+            return self.shift, 0.0, 0.0
+        if s2 - s2 == 0.0 and s2 > _TINY:  # finite, and no square lost to underflow
             s1 = self.s1
             mean = self.shift + s1 / n
             var = s2 / n - (s1 / n) ** 2
