@@ -336,3 +336,18 @@ def test_reconfigure_applies_new_margins_and_keeps_what_was_learned() -> None:
     # With a 30 s margin the cloud can never win by enough.
     decision = policy.decide(Task("noise.spectrum", 10_000_000), 2.0)
     assert decision.target == "local"
+
+
+@pytest.mark.parametrize("servers", [1, 2, 4])
+def test_local_wait_of_a_long_backlog_is_its_work_spread_over_the_workers(servers: int) -> None:
+    from agent.decision.model import _FifoPool
+
+    pool = _FifoPool(servers)
+    for _ in range(servers + 500):  # far past the exact placement's limit
+        pool.add("k", 100, 0.01, 0.0)
+    wait = pool.wait(0.0)
+    # 500 waiting tasks of 10 ms on `servers` workers, behind `servers` running ones: 5 s / servers + 10 ms.
+    assert wait == pytest.approx(5.0 / servers + 0.01, abs=0.011)
+    for _ in range(500):
+        pool.remove("k", 100, 0.0)
+    assert pool.waiting_s == 0.0

@@ -110,12 +110,17 @@ class _FifoPool:
     earliest-free servers: unlike work / servers, this knows that a task started 0.4 s ago has less left.
     """
 
-    __slots__ = ("running", "servers", "waiting")
+    __slots__ = ("running", "servers", "waiting", "waiting_s")
+
+    # Beyond this many waiting tasks the placement is approximated by spreading their work over the servers
+    # (off by less than one task's service time), so a decision costs O(servers) however long the backlog.
+    EXACT_UP_TO = 64
 
     def __init__(self, servers: int) -> None:
         self.servers = servers
         self.running: list[tuple[float, str, int]] = []  # (predicted end, kind, bytes)
         self.waiting: deque[tuple[float, str, int]] = deque()  # (predicted service, kind, bytes)
+        self.waiting_s = 0.0  # sum of the waiting tasks' predicted service times
 
     def __len__(self) -> int:
         return len(self.running) + len(self.waiting)
@@ -125,6 +130,7 @@ class _FifoPool:
             self.running.append((now + predicted_s, kind, size))
         else:
             self.waiting.append((predicted_s, kind, size))
+            self.waiting_s += predicted_s
 
     def remove(self, kind: str, size: int, now: float) -> None:
         running = self.running
@@ -133,15 +139,18 @@ class _FifoPool:
                 del running[i]
                 break
         else:
-            for i, (_, k, n) in enumerate(self.waiting):
+            for i, (predicted, k, n) in enumerate(self.waiting):
                 if k == kind and n == size:
                     del self.waiting[i]  # left before it ran (a failure): nothing else changes
+                    self.waiting_s = max(0.0, self.waiting_s - predicted) if self.waiting else 0.0
                     return
             if not running:
                 return
             running.remove(min(running))  # an unknown task finished: assume the one due first
         if self.waiting:
             predicted, k, n = self.waiting.popleft()
+            # Reset to exactly zero when empty, so float drift of the running sum cannot accumulate.
+            self.waiting_s = max(0.0, self.waiting_s - predicted) if self.waiting else 0.0
             running.append((now + predicted, k, n))
 
     def wait(self, now: float) -> float:
@@ -149,10 +158,16 @@ class _FifoPool:
             return 0.0
         # Overdue tasks are taken to finish now: the prediction was short, but they are still running.
         ends = sorted(end if end > now else now for end, _, _ in self.running)
-        if self.waiting:
-            heapq.heapify(ends)
-            for predicted, _, _ in self.waiting:
-                heapq.heapreplace(ends, ends[0] + predicted)
+        waiting = self.waiting
+        if not waiting:
+            return ends[0] - now
+        if self.servers == 1:
+            return ends[0] + self.waiting_s - now
+        if len(waiting) > self.EXACT_UP_TO:
+            return max(ends[0] - now, (sum(ends) - self.servers * now + self.waiting_s) / self.servers)
+        heapq.heapify(ends)
+        for predicted, _, _ in waiting:
+            heapq.heapreplace(ends, ends[0] + predicted)
         return ends[0] - now
 
 
