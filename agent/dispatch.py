@@ -19,7 +19,7 @@ from agent.egress import dead_letter, result_message
 from agent.errors import PayloadError, UnknownTask
 from agent.executor import LocalExecutor, WorkerDied
 from agent.metrics import Histogram
-from agent.store import Store, TaskRef
+from agent.store import ReadBack, Store, TaskRef
 from agent.tasks import TaskRegistry
 from agent.telemetry import get_logger
 
@@ -84,9 +84,7 @@ class Dispatcher:
         self._cloud: deque[Admitted] = deque()
         self._cloud_running: dict[int, asyncio.Task[None]] = {}
         self._queued_bytes = 0
-        self._spilled = True  # at start the pending rows in the store are the truth
-        self._loading = False
-        self._last_id = 0
+        self._readback = ReadBack()
         self._running: dict[int, asyncio.Task[None]] = {}
         self._attempts: dict[int, int] = {}
         self._heavy_limit = executor.workers * 2  # keep the pool's queue fed without hoarding tasks
@@ -117,20 +115,18 @@ class Dispatcher:
         return len(self._running) + len(self._cloud_running)
 
     def idle(self) -> bool:
-        return not self.backlog and not self._running and not self._spilled and not self._loading
+        return not self.backlog and not self._running and self._readback.settled
 
     # ------------------------------------------------------------------ intake
 
     def accept(self, tasks: list[TaskRef]) -> None:
         if not tasks:
             return
-        if self._spilled or self.backlog >= self._cap_tasks or self._queued_bytes >= self._cap_bytes:
-            self._spilled = True  # the store has them; _load_more reads them back in id order
-        else:
+        room = self.backlog < self._cap_tasks and self._queued_bytes < self._cap_bytes
+        if self._readback.hand_off(room, tasks[-1].id):
             now = self._clock()
             for ref in tasks:
                 self._admit(ref, now)
-            self._last_id = tasks[-1].id
         self._schedule()
 
     def _admit(self, ref: TaskRef, now: float) -> None:
@@ -155,27 +151,22 @@ class Dispatcher:
         self._queued_bytes += ref.size
 
     def _load_more(self) -> None:
-        if self._loading or self.closing:
+        if self.closing or not self._readback.start_read():
             return
-        self._loading = True
         assert self._loop is not None
         loop, limit = self._loop, 1000
 
         def reply(refs: list[TaskRef]) -> None:
             loop.call_soon_threadsafe(self._loaded, refs, limit)
 
-        self._store.load_pending(self._last_id, limit, reply)
+        self._store.load_pending(self._readback.cursor, limit, reply)
 
     def _loaded(self, refs: list[TaskRef], limit: int) -> None:
-        self._loading = False
         now = self._clock()
         for ref in refs:
             if ref.id not in self._running:
                 self._admit(ref, now)
-        if refs:
-            self._last_id = refs[-1].id
-        if len(refs) < limit:
-            self._spilled = False
+        self._readback.read(len(refs), limit, refs[-1].id if refs else None)
         self._schedule()
 
     # ------------------------------------------------------------------ execution
@@ -212,7 +203,7 @@ class Dispatcher:
                 self._run_light(item, payload)
         if light:
             self._schedule()
-        elif self._spilled and self.backlog < self._cap_tasks // 2:
+        elif self._readback.spilled and self.backlog < self._cap_tasks // 2:
             self._load_more()
 
     def _payload(self, item: Admitted, target: str = "local") -> bytes | None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from agent.store import OutboxEntry, Store
+from agent.store import OutboxEntry, ReadBack, Store
 from agent.telemetry import get_logger
 
 log = get_logger(__name__)
@@ -80,9 +80,7 @@ class Publisher:
         self._memory_cap = memory_cap
         self._queue: deque[OutboxEntry] = deque()
         self._inflight: dict[int, tuple[int, int]] = {}  # mid → (row id, payload size)
-        self._spilled = True  # at start the outbox in the store is the truth
-        self._loading = False
-        self._last_seq = 0
+        self._readback = ReadBack()
         self._retry: asyncio.TimerHandle | None = None
         self.published = 0
         self.acknowledged = 0
@@ -105,17 +103,13 @@ class Publisher:
         self.pump()
 
     def idle(self) -> bool:
-        return not self._queue and not self._inflight and not self._spilled and not self._loading
+        return not self._queue and not self._inflight and self._readback.settled
 
     # ------------------------------------------------------------------ event loop
 
     def accept(self, entries: list[OutboxEntry]) -> None:
-        if self._spilled or len(self._queue) >= self._memory_cap:
-            # Entries stay in the store; the next load picks them up in seq order.
-            self._spilled = True
-        elif entries:
+        if entries and self._readback.hand_off(len(self._queue) < self._memory_cap, entries[-1].seq):
             self._queue.extend(entries)
-            self._last_seq = entries[-1].seq
         self.pump()
 
     def acked(self, mids: list[int]) -> None:
@@ -143,7 +137,7 @@ class Publisher:
             queue.popleft()
             inflight[mid] = (entry.id, len(entry.payload))
             self.published += 1
-        if not queue and self._spilled:
+        if not queue and self._readback.spilled:
             self._load_more()
 
     def _retry_now(self) -> None:
@@ -151,28 +145,20 @@ class Publisher:
         self.pump()
 
     def _load_more(self) -> None:
-        if self._loading:
+        if not self._readback.start_read():
             return
-        self._loading = True
         assert self._loop is not None
         loop = self._loop
         limit = self._memory_cap
         def reply(rows: list[OutboxEntry]) -> None:
             loop.call_soon_threadsafe(self._loaded, rows, limit)
 
-        self._store.load_outbox(self._last_seq, limit, reply)
+        self._store.load_outbox(self._readback.cursor, limit, reply)
 
     def _loaded(self, rows: list[OutboxEntry], limit: int) -> None:
-        self._loading = False
         inflight_ids = {row_id for row_id, _ in self._inflight.values()}
         for row in rows:
             if row.id not in inflight_ids:
                 self._queue.append(row)
-        if rows:
-            self._last_seq = rows[-1].seq
-        # Fewer than asked for: the store holds nothing newer than what was just handed over, and every
-        # later commit reaches accept() after this reply (both come from the writer thread in order).
-        if len(rows) < limit:
-            self._spilled = False
+        self._readback.read(len(rows), limit, rows[-1].seq if rows else None)
         self.pump()
-

@@ -411,6 +411,51 @@ class Store:
             log.warning("store_prune_failed", error=str(exc))
 
 
+class ReadBack:
+    """The bookkeeping of an in-memory queue whose overflow stays in the store and is read back in order.
+
+    Items reach the queue as hand-offs after each commit, or, while ``spilled``, only by reading the store
+    from ``cursor`` on. The switch back is safe because reads are barriers in the writer's order (see
+    ``Store._run``): every commit handed off before a read's reply is in that read, every later one arrives
+    after it. A reply shorter than asked for therefore means the store holds nothing newer, and hand-offs can
+    be taken again. Starts spilled: at start the store is the truth.
+    """
+
+    __slots__ = ("cursor", "loading", "spilled")
+
+    def __init__(self) -> None:
+        self.spilled = True
+        self.loading = False
+        self.cursor = 0  # id (tasks) or seq (outbox) of the newest item held or read
+
+    @property
+    def settled(self) -> bool:
+        return not self.spilled and not self.loading
+
+    def hand_off(self, room: bool, last: int) -> bool:
+        """A commit's items arrive: True when the caller keeps them (``last`` is their newest key)."""
+        if self.spilled or not room:
+            self.spilled = True  # the store has them; a later read picks them up in order
+            return False
+        self.cursor = last
+        return True
+
+    def start_read(self) -> bool:
+        """True when the caller should issue a read from ``cursor`` (none is under way)."""
+        if self.loading:
+            return False
+        self.loading = True
+        return True
+
+    def read(self, count: int, limit: int, last: int | None) -> None:
+        """A read's reply of ``count`` items (``last``: the newest key among them) has been taken in."""
+        self.loading = False
+        if last is not None:
+            self.cursor = last
+        if count < limit:
+            self.spilled = False
+
+
 def stored_size(row: NewTask) -> int:
     """Bytes a new row holds in the store: its input, or its dead letter (the input is not kept)."""
     return len(row.out_payload) if row.out_payload is not None else row.size
