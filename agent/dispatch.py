@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, cast
 
 from agent.cloud import CircuitOpen, CloudClient, CloudError, TransientCloudError
@@ -99,7 +99,7 @@ class Dispatcher:
         self.fallbacks = 0
         self._fallbacks_unlogged = 0
         self._fallback_logged_at = -FALLBACK_LOG_EVERY_S
-        self.last_terms: dict[str, dict[str, float]] = {}  # kind → the terms of its latest decision
+        self.last_terms: dict[str, Mapping[str, float]] = {}  # kind → the terms of its latest decision
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -141,7 +141,7 @@ class Dispatcher:
                                           circuit_open=cloud is not None and cloud.circuit_open(now))
             key = (decision.target, decision.reason)
             self.decisions[key] = self.decisions.get(key, 0) + 1
-            self.last_terms[ref.kind] = dict(decision.terms)
+            self.last_terms[ref.kind] = decision.terms  # each decision has its own; no copy per task
             self.policy.task_started(decision.target, task, now)
         item = Admitted(ref, task, decision)
         if decision is not None and decision.target == "cloud":
