@@ -41,7 +41,8 @@ def _worker_init(parent_pid: int, settings: Settings | None) -> None:
 
 
 def _warm() -> int:
-    default_registry()  # imports numpy and the task plugins now, not in the first task's service time
+    default_registry()  # imports the task plugins now, not in the first task's service time
+    import numpy  # noqa: F401 - noise.spectrum's, likewise
     return os.getpid()
 
 

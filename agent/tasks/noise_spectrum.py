@@ -10,8 +10,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from agent.errors import InvalidPayload
 
 DEFAULT_SAMPLE_RATE = 16_000
@@ -48,6 +46,10 @@ def _level(power: float, offset_db: float) -> float:
 
 
 def noise_spectrum(payload: bytes, options: Mapping[str, Any]) -> dict[str, Any]:
+    # numpy is imported where the task runs (the worker pool), not by the daemon, which never needs its
+    # ~12 MB; LocalExecutor.warm_up imports it in the workers ahead of the first clip.
+    import numpy as np
+
     sample_rate, offset_db = read_options(options)
     size = len(payload)
     if size == 0:
