@@ -7,9 +7,7 @@ import json
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
 
 from agent.cloud import CircuitState, CloudClient
 from agent.config import Route, Settings
@@ -28,7 +26,6 @@ from agent.telemetry import get_logger
 
 log = get_logger(__name__)
 
-T = TypeVar("T")
 STATS_EVERY_S = 60.0
 STATUS_EVERY_S = 5.0
 SUBSCRIPTIONS_KEY = "subscriptions"
@@ -39,7 +36,7 @@ STUCK_AFTER_S = 10.0
 
 
 def health(loop_age_s: float, network_alive: bool, store_healthy: bool) -> tuple[bool, str]:
-    """Alive means every loop turns: the event loop, the MQTT network thread and the store writer.
+    """Alive means every loop turns: the event loop, the MQTT supervisor on it and the store writer.
 
     It gates the systemd watchdog ping and /healthz: a stuck loop stops the pings, so systemd restarts us.
     """
@@ -47,34 +44,10 @@ def health(loop_age_s: float, network_alive: bool, store_healthy: bool) -> tuple
     if loop_age_s > STUCK_AFTER_S:
         problems.append("event loop stuck")
     if not network_alive:
-        problems.append("MQTT network thread stuck")
+        problems.append("MQTT link stuck")
     if not store_healthy:
         problems.append("store writer stuck")
     return (not problems, "; ".join(problems) or "ok")
-
-
-class ThreadHandoff(Generic[T]):
-    """Items from any thread, delivered to ``fn`` on the loop in batches with at most one wake-up pending."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[list[T]], None]) -> None:
-        self._loop = loop
-        self._fn = fn
-        self._items: deque[T] = deque()
-        self._scheduled = False
-
-    def put(self, item: T) -> None:
-        self._items.append(item)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        # Clear the flag before taking items: an item appended after the last pop then schedules a new drain.
-        self._scheduled = False
-        items = self._items
-        batch = [items.popleft() for _ in range(len(items))]
-        if batch:
-            self._fn(batch)
 
 
 class Daemon:
@@ -107,17 +80,20 @@ class Daemon:
         self.dispatcher = Dispatcher(agent_id=s.agent_id, registry=self.registry, executor=self.executor,
                                      store=store, policy=self.policy, cloud=self.cloud)
         self.ingress = Ingress(agent_id=s.agent_id, routes=s.routes, max_payload_bytes=s.max_payload_bytes,
-                               store=store, ack=self._ack, request_redelivery=self._request_redelivery)
-        self.ingress.remember(store.recent_deliveries(s.mqtt.receive_maximum))
+                               store=store, ack=self._ack, request_redelivery=self._request_redelivery,
+                               throttle=self._throttle)
+        # Every packet id, not only a Receive Maximum's worth: a broker resuming a session may have more of our
+        # messages unacknowledged than that (Mosquitto 2.0 does), and any of them can come back as a duplicate.
+        self.ingress.remember(store.recent_deliveries(65_535))
+        self.ingress.start(loop)
         previous = json.loads(store.get_meta(SUBSCRIPTIONS_KEY) or "[]")
-        self.pubacks: ThreadHandoff[int] = ThreadHandoff(loop, self._acked)
         self.link = MqttLink(
             s.mqtt, client_id=s.client_id, agent_id=s.agent_id,
             topic_filters=[(r.topic, r.qos) for r in s.routes],
-            on_message=self.ingress.handle, on_puback=self.pubacks.put, on_connected=self._connected,
+            on_message=self.ingress.handle, on_puback=self._acked, on_connected=self._connected,
             unsubscribe=[f for f in previous if f not in {r.topic for r in s.routes}],
         )
-        self.publisher = Publisher(store, self.link.publish, window=s.mqtt.publish_window)
+        self.publisher = Publisher(store, self.link.publish, self.link.republish, window=s.mqtt.publish_window)
         self.metrics: MetricsServer | None = None
         if s.metrics.port:
             self.metrics = MetricsServer(s.metrics.port, self._collector(), healthy=self._healthy,
@@ -126,35 +102,41 @@ class Daemon:
     def _ack(self, mid: int, qos: int) -> None:
         self.link.ack(mid, qos)
 
+    def _throttle(self, on: bool) -> None:
+        self.link.pause_reading(on)
+
     def _request_redelivery(self) -> None:
         self.link.request_reconnect()
 
-    def _acked(self, mids: list[int]) -> None:
-        self.publisher.acked(mids)
+    def _acked(self, mid: int) -> None:
+        self.publisher.acked((mid,))
 
-    def _connected(self, session_present: bool) -> None:  # network thread, after every CONNACK
+    def _connected(self, session_present: bool) -> None:  # after every CONNACK
         routes = self.settings.routes
         # Remember what we subscribe to, so filters dropped from the routes are unsubscribed next time.
         self.store.call(lambda: self.store.set_meta(SUBSCRIPTIONS_KEY, json.dumps([r.topic for r in routes])))
         # MQTT 5: never have more results unacknowledged than the broker says it accepts.
         window = min(self.settings.mqtt.publish_window, self.link.server_receive_maximum)
-        self._loop.call_soon_threadsafe(self.publisher.set_window, window)
+        self.publisher.reconnected(window)
 
-    def _deliver(self, committed: Committed) -> None:  # event loop
+    def _deliver(self, committed: Committed) -> None:  # event loop, after each group commit
+        if committed.ingested:
+            self.ingress.committed(committed.ingested)
+        if committed.acks:
+            self.ingress.mark_acked(committed.acks)
+            ack = self.link.ack
+            for mid, qos in committed.acks:
+                ack(mid, qos)
         if committed.tasks:
             self.dispatcher.accept(committed.tasks)
         if committed.outbox:
             self.publisher.accept(committed.outbox)
-
-    def _on_commit(self, committed: Committed) -> None:  # writer thread, after each group commit
-        if committed.acks:
-            self.ingress.mark_acked(committed.acks)
-            for mid, qos in committed.acks:
-                self.link.ack(mid, qos)
-        if committed.tasks or committed.outbox:
-            self._loop.call_soon_threadsafe(self._deliver, committed)
         if committed.released:
             self.ingress.maybe_resume()
+
+    def _on_commit(self, committed: Committed) -> None:  # writer thread: one hand-off to the loop per commit
+        if committed.ingested or committed.acks or committed.tasks or committed.outbox or committed.released:
+            self._loop.call_soon_threadsafe(self._deliver, committed)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -287,8 +269,7 @@ class Daemon:
         # Give them a chance to reach the broker; whatever is left stays in the outbox for the next start.
         while not self.publisher.idle() and self.link.connected.is_set() and time.monotonic() < deadline - 0.5:
             await asyncio.sleep(0.02)
-        self.link.stop(timeout_s=max(0.5, deadline - time.monotonic()))
-        await asyncio.sleep(0)  # run PUBACK hand-offs queued by the network thread
+        await self.link.stop(timeout_s=max(0.5, deadline - time.monotonic()))
         self.executor.shutdown()
         self.store.stop()
         if self.metrics is not None:

@@ -65,8 +65,8 @@ class Dispatcher:
         policy: Policy,
         cloud: CloudClient | None = None,
         clock: Callable[[], float] = time.monotonic,
-        memory_cap_bytes: int = 64 * 1024 * 1024,
-        memory_cap_tasks: int = 20_000,
+        memory_cap_bytes: int = 16 * 1024 * 1024,
+        memory_cap_tasks: int = 2_000,
     ) -> None:
         self._agent_id = agent_id
         self._registry = registry
@@ -89,6 +89,7 @@ class Dispatcher:
         self._attempts: dict[int, int] = {}
         self._heavy_limit = executor.workers * 2  # keep the pool's queue fed without hoarding tasks
         self._scheduled = False
+        self._done: list[tuple[int, int, str, bytes]] = []  # results of this loop turn, for the store
         self.closing = False
         self.completed = 0
         self.dead_lettered = 0
@@ -122,11 +123,17 @@ class Dispatcher:
     def accept(self, tasks: list[TaskRef]) -> None:
         if not tasks:
             return
-        room = self.backlog < self._cap_tasks and self._queued_bytes < self._cap_bytes
-        if self._readback.hand_off(room, tasks[-1].id):
+        # Take what fits under the caps; the rest stays in the store and is read back in order later.
+        room = self._cap_tasks - self.backlog if self._queued_bytes < self._cap_bytes else 0
+        take = tasks if room >= len(tasks) else tasks[:max(room, 0)]
+        if take and self._readback.hand_off(True, take[-1].id):
             now = self._clock()
-            for ref in tasks:
+            for ref in take:
                 self._admit(ref, now)
+        else:
+            take = []
+        if len(take) < len(tasks):
+            self._readback.hand_off(False, tasks[-1].id)
         self._schedule()
 
     def _admit(self, ref: TaskRef, now: float) -> None:
@@ -154,7 +161,7 @@ class Dispatcher:
         if self.closing or not self._readback.start_read():
             return
         assert self._loop is not None
-        loop, limit = self._loop, 1000
+        loop, limit = self._loop, max(1, self._cap_tasks // 2)
 
         def reply(refs: list[TaskRef]) -> None:
             loop.call_soon_threadsafe(self._loaded, refs, limit)
@@ -323,7 +330,7 @@ class Dispatcher:
             histogram = self.durations[key] = Histogram()
         histogram.observe(service_s)
         self.completed += 1
-        self._store.complete(ref.id, ref.size, topic, body)
+        self._finish_row(ref, topic, body)
 
     def _fail(self, item: Admitted, exc: BaseException) -> None:
         ref = item.ref
@@ -336,7 +343,19 @@ class Dispatcher:
         self.dead_lettered += 1
         self.dead_by_reason[reason] = self.dead_by_reason.get(reason, 0) + 1
         topic, body = dead_letter(self._agent_id, ref.topic, reason, detail, ref.size, ref.received_at)
-        self._store.complete(ref.id, ref.size, topic, body)
+        self._finish_row(ref, topic, body)
+
+    def _finish_row(self, ref: TaskRef, topic: str, body: bytes) -> None:
+        """Hand a result or dead letter to the store: all of one loop turn's in one write."""
+        done = self._done
+        if not done:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush_done)
+        done.append((ref.id, ref.size, topic, body))
+
+    def _flush_done(self) -> None:
+        done, self._done = self._done, []
+        self._store.complete(done)
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop starting tasks and wait for the running ones; True when all finished in time.
@@ -346,12 +365,14 @@ class Dispatcher:
         """
         self.closing = True
         running = [*self._running.values(), *self._cloud_running.values()]
-        if not running:
-            return True
-        _, pending = await asyncio.wait(running, timeout=timeout_s)
-        for task in pending:
-            if task in self._cloud_running.values():
-                task.cancel()
+        pending: set[asyncio.Task[None]] = set()
+        if running:
+            _, pending = await asyncio.wait(running, timeout=timeout_s)
+            for task in pending:
+                if task in self._cloud_running.values():
+                    task.cancel()
+        if self._done:
+            self._flush_done()  # the results of the last turn reach the store before its final barrier
         return not pending
 
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import orjson
-
+from agent import codec
 from agent.store import OutboxEntry, ReadBack, Store
 from agent.telemetry import get_logger
 
 log = get_logger(__name__)
 
-RESULT_QOS = 1
 RETRY_REFUSED_S = 0.5
 
 
@@ -32,9 +30,7 @@ def dead_letter_topic(agent_id: str, topic: str) -> str:
 
 
 def encode(obj: dict[str, Any]) -> bytes:
-    """Compact RFC 8259 JSON. orjson writes a non-finite float as null, so a task's NaN cannot make a result
-    unreadable to strict consumers; it is also ~10x faster than the standard library (the hot path)."""
-    return orjson.dumps(obj)
+    return codec.dumps(obj)
 
 
 def dead_letter(agent_id: str, topic: str, reason: str, detail: str, size: int,
@@ -69,19 +65,22 @@ class Publisher:
     def __init__(
         self,
         store: Store,
-        publish: Callable[[str, bytes, int], int | None],
+        publish: Callable[[str, bytes], int | None],
+        republish: Callable[[int, str, bytes], bool],
         *,
         window: int,
-        memory_cap: int = 10_000,
+        memory_cap: int = 2_000,
     ) -> None:
         self._store = store
         self._publish = publish
+        self._republish = republish
         self.window = window
         self._memory_cap = memory_cap
         self._queue: deque[OutboxEntry] = deque()
-        self._inflight: dict[int, tuple[int, int]] = {}  # mid → (row id, payload size)
+        self._inflight: dict[int, OutboxEntry] = {}  # mid → the row it carries
         self._readback = ReadBack()
         self._retry: asyncio.TimerHandle | None = None
+        self._settled: list[tuple[int, int]] = []  # acknowledged since the last hand-over to the store
         self.published = 0
         self.acknowledged = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -98,29 +97,38 @@ class Publisher:
     def backlog(self) -> int:
         return len(self._queue)
 
-    def set_window(self, window: int) -> None:
-        self.window = max(1, window)
-        self.pump()
-
     def idle(self) -> bool:
-        return not self._queue and not self._inflight and self._readback.settled
+        return not self._queue and not self._inflight and not self._settled and self._readback.settled
 
     # ------------------------------------------------------------------ event loop
 
     def accept(self, entries: list[OutboxEntry]) -> None:
-        if entries and self._readback.hand_off(len(self._queue) < self._memory_cap, entries[-1].seq):
-            self._queue.extend(entries)
+        room = self._memory_cap - len(self._queue)
+        take = entries if room >= len(entries) else entries[:max(room, 0)]
+        if take and self._readback.hand_off(True, take[-1].seq):
+            self._queue.extend(take)
+        else:
+            take = []
+        if len(take) < len(entries):
+            self._readback.hand_off(False, entries[-1].seq)  # the rest is read back from the store later
         self.pump()
 
-    def acked(self, mids: list[int]) -> None:
-        done: list[tuple[int, int]] = []
+    def acked(self, mids: Iterable[int]) -> None:
+        """PUBACKs, one by one as paho reads them; the store hears of them once per loop turn."""
+        settled, inflight = self._settled, self._inflight
+        first = not settled
         for mid in mids:
-            entry = self._inflight.pop(mid, None)
+            entry = inflight.pop(mid, None)
             if entry is not None:  # other mids are our status messages
-                done.append(entry)
-        if done:
-            self.acknowledged += len(done)
-            self._store.published(done)
+                settled.append((entry.id, len(entry.payload)))
+        if first and settled:
+            assert self._loop is not None
+            self._loop.call_soon(self._settle)
+
+    def _settle(self) -> None:
+        done, self._settled = self._settled, []
+        self.acknowledged += len(done)
+        self._store.published(done)
         self.pump()
 
     def pump(self) -> None:
@@ -129,16 +137,25 @@ class Publisher:
         queue, inflight, publish = self._queue, self._inflight, self._publish
         while queue and len(inflight) < self.window:
             entry = queue[0]
-            mid = publish(entry.topic, entry.payload, RESULT_QOS)
+            mid = publish(entry.topic, entry.payload)
             if mid is None:
                 assert self._loop is not None
                 self._retry = self._loop.call_later(RETRY_REFUSED_S, self._retry_now)
                 return
             queue.popleft()
-            inflight[mid] = (entry.id, len(entry.payload))
+            inflight[mid] = entry
             self.published += 1
         if not queue and self._readback.spilled:
             self._load_more()
+
+    def reconnected(self, window: int) -> None:
+        """After each CONNACK, with the window the broker allows: what the last connection left unacknowledged
+        goes again, then the queue."""
+        self.window = max(1, window)
+        for mid, entry in list(self._inflight.items()):
+            if not self._republish(mid, entry.topic, entry.payload):
+                break
+        self.pump()
 
     def _retry_now(self) -> None:
         self._retry = None
@@ -156,7 +173,7 @@ class Publisher:
         self._store.load_outbox(self._readback.cursor, limit, reply)
 
     def _loaded(self, rows: list[OutboxEntry], limit: int) -> None:
-        inflight_ids = {row_id for row_id, _ in self._inflight.values()}
+        inflight_ids = {entry.id for entry in self._inflight.values()}
         for row in rows:
             if row.id not in inflight_ids:
                 self._queue.append(row)

@@ -1,14 +1,16 @@
 """Device message → routed task row handed to the store; the acknowledgement follows the commit.
 
-Runs on the MQTT network thread, so it only does cheap work: size check, route lookup, an id and a checksum.
-Parsing belongs to the task (its errors become dead letters with the task's reason code).
+Runs on the event loop for every message, so it only does cheap work: size check, route lookup, an id and a
+checksum. Parsing belongs to the task (its errors become dead letters with the task's reason code).
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
-import threading
 import zlib
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +23,11 @@ from agent.telemetry import get_logger
 log = get_logger(__name__)
 
 ROUTE_CACHE_MAX = 10_000
+# Rows handed to the store and not yet committed. The broker should keep this below our Receive Maximum, but
+# a broker resuming a session may push its whole queue at once; above the high mark we stop reading the
+# socket (TCP pushes back) until the writer has caught up to the low mark, so memory stays bounded.
+INTAKE_HIGH = 4_000
+INTAKE_LOW = 1_000
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -58,14 +65,26 @@ class Router:
         return found
 
 
-@dataclass(slots=True)
-class Delivery:
-    """What we know of the last message the broker sent under one packet id."""
+class TaskIds:
+    """Task ids: 64 random bits drawn at start-up and a 64-bit counter, as 32 hex digits.
 
-    topic: str
-    crc: int
-    task_id: str
-    acked: bool
+    As unique as a uuid4 for our purposes, without a system call for randomness on every message.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._count = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._count) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def fingerprint(topic: str, crc: int) -> int:
+    """What identifies a delivery besides its packet id: the topic's hash and the payload's crc32."""
+    return ((hash(topic) & 0xFFFFFFFF) << 32) | crc
+
+
+NOT_STORED, STORED, ACKED = 0, 1, 2
 
 
 @dataclass(slots=True)
@@ -89,6 +108,7 @@ class Ingress:
         store: Store,
         ack: Callable[[int, int], None],
         request_redelivery: Callable[[], None],
+        throttle: Callable[[bool], None] = lambda on: None,
     ) -> None:
         self._agent_id = agent_id
         self.router = Router(routes)
@@ -96,49 +116,62 @@ class Ingress:
         self._store = store
         self._ack = ack
         self._request_redelivery = request_redelivery
+        self._throttle = throttle
+        self.uncommitted = 0
+        self.throttled = False
         self.counters = IngressCounters()
-        # Packet id → last delivery. Packet ids are at most 65,535, so this is bounded by construction.
-        self._deliveries: dict[int, Delivery | None] = {}
-        self._lock = threading.Lock()  # guards paused/held_back between the network and writer threads
+        # Per packet id, the last delivery under it: its fingerprint and whether it is stored and acknowledged.
+        # Packet ids are at most 65,535, so two flat arrays (about 600 kB) hold them all.
+        self._marks = array("Q", bytes(8 * 65536))
+        self._state = bytearray(65536)
+        self._ids = TaskIds()
+        self._rows: list[NewTask] = []  # taken this loop turn, handed to the store in one go
+        self._acks: list[tuple[int, int]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.paused = False
         self.closing = False  # set at shutdown: nothing new is acknowledged, the broker keeps it for us
         self._held_back_since_resume = False
 
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
     def remember(self, recent: Sequence[tuple[int, str, int, str]]) -> None:
         """Load (mid, topic, crc, task_id) of committed deliveries, newest first (at start-up)."""
-        for mid, topic, crc, task_id in reversed(recent):
-            self._deliveries[mid] = Delivery(topic, crc, task_id, acked=True)
+        for mid, topic, crc, _ in reversed(recent):
+            self._marks[mid] = fingerprint(topic, crc)
+            self._state[mid] = ACKED
 
     def set_routes(self, routes: Sequence[Route]) -> None:
         self.router = Router(routes)
 
-    # ------------------------------------------------------------------ network thread
-
     def handle(self, msg: InboundMessage) -> None:
-        self.counters.received += 1
+        counters = self.counters
+        counters.received += 1
         payload = msg.payload
         size = len(payload)
-        crc = zlib.crc32(payload) if msg.qos else 0
-
-        if msg.qos and msg.dup:
-            known = self._deliveries.get(msg.mid)
-            if known is not None and known.topic == msg.topic and known.crc == crc:
+        qos, mid = msg.qos, msg.mid
+        crc = mark = 0
+        if qos:
+            crc = zlib.crc32(payload)
+            mark = fingerprint(msg.topic, crc)
+            if msg.dup and self._state[mid] and self._marks[mid] == mark:
                 # A redelivery of a message we already committed: same task, nothing new to store.
-                self.counters.duplicates += 1
-                if known.acked:
-                    self._ack(msg.mid, msg.qos)  # our first PUBACK was lost with the connection
-                log.debug("duplicate_delivery", topic=msg.topic, mid=msg.mid, task_id=known.task_id)
+                counters.duplicates += 1
+                if self._state[mid] == ACKED:
+                    self._ack(mid, qos)  # our first PUBACK was lost with the connection
+                log.debug("duplicate_delivery", topic=msg.topic, mid=mid)
                 return
 
         if self.closing:
-            if msg.qos:
-                self._deliveries[msg.mid] = None
+            if qos:
+                self._state[mid] = NOT_STORED
             return
-        if self.paused or not self._store.has_room(size if size <= self._max_payload else 0):
+        store = self._store
+        if self.paused or not store.has_room(size if size <= self._max_payload else 0):
             self._hold_back(msg)
             return
 
-        task_id = os.urandom(16).hex()  # 128 random bits like uuid4, a quarter of its cost on this hot path
+        task_id = self._ids.next()
         route = self.router.match(msg.topic)
         if size > self._max_payload:
             row = self._dead(msg, task_id, crc, "too_large",
@@ -150,13 +183,37 @@ class Ingress:
             options = route.options
             options["topic"] = msg.topic
             row = NewTask(task_id, msg.topic, route.task, route.placement, options, payload, size,
-                          msg.received_at, msg.mid if msg.qos else None, crc if msg.qos else None)
-            counters = self.counters
+                          msg.received_at, mid if qos else None, crc if qos else None)
             counters.accepted += 1
             counters.by_route[route.topic] = counters.by_route.get(route.topic, 0) + 1
-        if msg.qos:
-            self._deliveries[msg.mid] = Delivery(msg.topic, crc, task_id, acked=False)
-        self._store.ingest((row,), ((msg.mid, msg.qos),) if msg.qos else ())
+        store.admit(row)
+        rows = self._rows
+        if not rows:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+        rows.append(row)
+        if qos:
+            self._marks[mid] = mark
+            self._state[mid] = STORED
+            self._acks.append((mid, qos))
+
+    def _flush(self) -> None:
+        """One hand-over to the store per loop turn (a burst read from the socket), not one per message."""
+        rows, acks = self._rows, self._acks
+        self._rows, self._acks = [], []
+        self._store.submit(rows, acks)
+        self.uncommitted += len(rows)
+        if self.uncommitted >= INTAKE_HIGH and not self.throttled:
+            self.throttled = True
+            log.debug("intake_throttled", uncommitted=self.uncommitted)
+            self._throttle(True)
+
+    def committed(self, rows: int) -> None:
+        """The writer committed ``rows`` of ours: reading resumes once it has caught up."""
+        self.uncommitted -= rows
+        if self.throttled and self.uncommitted <= INTAKE_LOW:
+            self.throttled = False
+            self._throttle(False)
 
     def _dead(self, msg: InboundMessage, task_id: str, crc: int, reason: str, detail: str) -> NewTask:
         self.counters.dead_lettered += 1
@@ -168,37 +225,31 @@ class Ingress:
                        msg.mid if msg.qos else None, crc if msg.qos else None, out_topic, out_payload)
 
     def _hold_back(self, msg: InboundMessage) -> None:
-        with self._lock:
-            if not self.paused:
-                self.paused = True
-                log.warning("store_full_intake_paused", rows=self._store.outstanding_rows,
-                            bytes=self._store.outstanding_bytes, max_tasks=self._store.max_tasks,
-                            max_bytes=self._store.max_bytes)
-            self.counters.held_back += 1
-            self._held_back_since_resume = True
+        if not self.paused:
+            self.paused = True
+            log.warning("store_full_intake_paused", rows=self._store.outstanding_rows,
+                        bytes=self._store.outstanding_bytes, max_tasks=self._store.max_tasks,
+                        max_bytes=self._store.max_bytes)
+        self.counters.held_back += 1
+        self._held_back_since_resume = True
         if msg.qos:
             # Forget any older delivery under this id: this one was not committed.
-            self._deliveries[msg.mid] = None
+            self._state[msg.mid] = NOT_STORED
         else:
             log.warning("qos0_message_dropped_store_full", topic=msg.topic)
 
-    # ------------------------------------------------------------------ writer thread
-
     def mark_acked(self, acks: Sequence[tuple[int, int]]) -> None:
-        deliveries = self._deliveries
+        state = self._state
         for mid, _ in acks:
-            known = deliveries.get(mid)
-            if known is not None:
-                known.acked = True
+            if state[mid] == STORED:
+                state[mid] = ACKED
 
     def maybe_resume(self) -> None:
         """After the store released rows: resume intake and have the broker redeliver what we held back."""
         if not self.paused or not self._store.below_resume_mark():
             return
-        with self._lock:
-            self.paused = False
-            redeliver = self._held_back_since_resume
-            self._held_back_since_resume = False
+        self.paused = False
+        redeliver, self._held_back_since_resume = self._held_back_since_resume, False
         log.info("store_intake_resumed", rows=self._store.outstanding_rows)
         if redeliver:
             self._request_redelivery()

@@ -1,13 +1,18 @@
 """The one paho-mqtt client: connect, reconnect with backoff and jitter, subscribe, manual ack, publish.
 
-paho's network I/O runs in one thread of ours (``MqttLink``) rather than ``loop_start()``, because paho's own
-reconnect loop has no jitter (a fleet of gateways would reconnect in lock-step after a broker restart) and we
-want the thread's liveness for the systemd watchdog. Every paho callback catches everything: an exception
-escaping a callback would kill the network thread (thingsboard-gateway #2086).
+paho runs on the agent's asyncio event loop through its external-loop interface (``loop_read``,
+``loop_write``, ``loop_misc`` and the socket callbacks) rather than ``loop_start()``: ingress, dispatch and
+publishing then share one thread, so no message crosses a thread (each crossing costs a wake-up and a fight
+for the GIL), and the reconnect loop is ours, with jitter (paho's has none, so a fleet of gateways would
+reconnect in lock-step after a broker restart). Only the blocking connect (TCP and TLS handshake) runs in a
+worker thread. Every paho callback catches everything: an exception escaping one would unwind paho's
+read loop mid-packet (thingsboard-gateway #2086).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import socket
 import ssl
@@ -15,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -119,11 +124,122 @@ def explain_connect_error(exc: BaseException, settings: MqttSettings) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class MqttLink:
-    """Owns the paho client and its network thread.
+READ_CHUNK = 64 * 1024
+READ_BUDGET = 256  # packets per turn of the event loop
+TICK_S = 0.5  # supervisor period: keepalive checks, reconnect decisions, watchdog heartbeat
+CONNACK_TIMEOUT_S = 30.0
 
-    ``on_message`` and ``on_puback`` run on the network thread and must be quick; ``on_connected`` too.
-    ``ack`` and ``publish`` may be called from any thread (paho queues the packet and wakes our select()).
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | 0x80 if n else byte)
+        if not n:
+            return bytes(out)
+
+
+class _Client(paho.Client):
+    """paho's client with a lean path for what the agent does per message.
+
+    paho stays in charge of the session (CONNECT, subscriptions, keepalive, QoS 2, our status messages). Per
+    message it costs more than the rest of the agent: three ``recv`` calls for each packet, and a message, a
+    message-info with its condition variable and lock, and MQTT 5 property and reason-code objects for every
+    PUBLISH and PUBACK. Here reads come from one 64 KiB ``recv``; a QoS 0/1 PUBLISH goes to ``inbound`` as plain
+    values; results go out as QoS 1 packets built here, tracked by the caller (``MqttLink.publish``), whose
+    PUBACKs go to ``settled``. Anything else takes paho's own path.
+    """
+
+    _rbuf = b""
+    _rpos = 0
+    _rsock: object = None
+    inbound: Callable[[bytes, bytes, int, int, bool], None] | None = None  # topic, payload, qos, mid, dup
+    settled: Callable[[int], None] | None = None  # mid of a result the broker acknowledged
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf) or self._rsock is not self._sock:
+            data = super()._sock_recv(READ_CHUNK)
+            self._rsock, self._rbuf, self._rpos = self._sock, data, 0
+            if not data:
+                return data
+        pos = self._rpos
+        chunk = self._rbuf[pos:pos + bufsize]
+        self._rpos = pos + len(chunk)
+        return chunk
+
+    def buffered(self) -> bool:
+        """Bytes read from the socket but not parsed yet, which the event loop's select() cannot see."""
+        sock = self._sock
+        if sock is None:
+            return False
+        if self._rsock is sock and self._rpos < len(self._rbuf):
+            return True
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        command, packet = self._in_packet["command"], self._in_packet["packet"]
+        qos = (command & 0x06) >> 1
+        if qos == 2 or self.inbound is None:
+            return super()._handle_publish()
+        try:
+            end = 2 + ((packet[0] << 8) | packet[1])
+            topic = bytes(packet[2:end])
+            mid = 0
+            if qos:
+                mid = (packet[end] << 8) | packet[end + 1]
+                end += 2
+            if self._protocol == paho.MQTTv5:  # skip the properties: none of them changes what we do
+                length = shift = 0
+                while True:
+                    byte = packet[end]
+                    end += 1
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if byte < 0x80:
+                        break
+                end += length
+        except IndexError:
+            return MQTTErrorCode.MQTT_ERR_PROTOCOL
+        if not topic or end > len(packet):  # an empty topic needs an alias, which we never allow
+            return MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self.inbound(topic, bytes(packet[end:]), qos, mid, bool(command & 0x08))
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or self.settled is None or len(packet) < 2:
+            return super()._handle_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]
+        with self._out_message_mutex:
+            own = mid in self._out_messages
+        if own:  # one of paho's (status messages)
+            return super()._handle_pubackcomp(cmd)
+        if len(packet) > 2 and packet[2] >= 0x80:
+            # The broker took the result and answered no (MQTT 5, e.g. not authorised): retrying cannot help,
+            # so it counts as settled, loudly.
+            reason = ReasonCode(PacketTypes.PUBACK, identifier=packet[2])
+            log.error("result_refused_by_broker", mid=mid, reason=str(reason))
+        self.settled(mid)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def send_qos1(self, topic: bytes, payload: bytes, mid: int | None = None) -> int:
+        """Queue a QoS 1 PUBLISH; ``mid`` given means a resend (DUP) after a reconnect. Returns the mid."""
+        dup = mid is not None
+        if mid is None:
+            mid = self._mid_generate()
+        v5 = self._protocol == paho.MQTTv5
+        head = bytes((0x3A if dup else 0x32,)) + _varint(len(topic) + len(payload) + (5 if v5 else 4))
+        packet = b"".join((head, len(topic).to_bytes(2, "big"), topic, mid.to_bytes(2, "big"),
+                           b"\x00" if v5 else b"", payload))
+        self._packet_queue(paho.PUBLISH, packet, mid, 1)
+        return mid
+
+
+class MqttLink:
+    """Owns the paho client, driven by the event loop.
+
+    ``on_message``, ``on_puback`` and ``on_connected`` run on the event loop and must be quick. ``ack`` and
+    ``publish`` are called on the loop too; paho writes the queued packets on the loop's next turn.
     """
 
     def __init__(
@@ -147,18 +263,28 @@ class MqttLink:
         # Filters our persistent session may still hold from earlier routes; dropped at the next CONNACK.
         self._unsubscribe = list(unsubscribe)
         self._rng = random.Random()
-        self._stop = threading.Event()
-        self._reconnect_requested = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._supervisor: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._stopping = False
+        self._reconnect_requested = False
+        self._dropping = False  # we closed the connection on purpose: reconnect at once, no backoff
+        self._lost = False  # the connection dropped or was refused: back off before the next attempt
+        self._connack_deadline = 0.0
+        self._reader_fd = -1
+        self._writer_fd = -1
+        self._flush_scheduled = False
+        self._reading_paused = False
         self.connected = threading.Event()
-        self.heartbeat = time.monotonic()  # refreshed by every pass of the network loop (watchdog)
+        self.heartbeat = time.monotonic()  # refreshed by every pass of the supervisor (watchdog)
         self.server_receive_maximum = 65535
         self._v5 = settings.protocol == "5"
         self._last_refusal: str | None = None
         self._awaiting_connack = False
 
         protocol = paho.MQTTv5 if self._v5 else paho.MQTTv311
-        client = paho.Client(
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=protocol,
@@ -181,99 +307,130 @@ class MqttLink:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        client.inbound = self._inbound
+        client.settled = self._on_puback_cb
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
         self._client = client
 
-    # ----------------------------------------------------------------- lifecycle (any thread)
+    # ----------------------------------------------------------------- lifecycle (event loop)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="mqtt-network", daemon=True)
-        # paho writes queued packets from the calling thread when it thinks no network thread exists, which
-        # would race with ours; naming our thread as its network thread makes publish()/ack() only wake it.
-        self._client._thread = self._thread
-        self._thread.start()
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._wake = asyncio.Event()
+        self._supervisor = self._loop.create_task(self._supervise(), name="mqtt-supervisor")
 
     def request_reconnect(self) -> None:
         """Reconnect so the broker redelivers the QoS 1 messages we left unacknowledged (store was full)."""
-        self._reconnect_requested.set()
+        self._reconnect_requested = True
+        if self._wake is not None:
+            self._wake.set()
 
     def alive(self, within_s: float) -> bool:
-        return self._thread is not None and self._thread.is_alive() and (
+        return self._supervisor is not None and not self._supervisor.done() and (
             time.monotonic() - self.heartbeat < within_s
         )
 
-    def stop(self, timeout_s: float) -> None:
-        """Publish the retained ``offline`` status (waiting for its PUBACK), disconnect, end the thread."""
-        if self._thread is None:
+    async def stop(self, timeout_s: float) -> None:
+        """Publish the retained ``offline`` status (waiting for its PUBACK), disconnect, stop reconnecting."""
+        if self._supervisor is None:
             return
+        self._stopping = True
+        deadline = time.monotonic() + timeout_s
         if self.connected.is_set():
             info = self._client.publish(status_topic(self._agent_id), b"offline", qos=1, retain=True)
-            deadline = time.monotonic() + min(timeout_s, 5.0)
-            while not info.is_published() and time.monotonic() < deadline and self.connected.is_set():
-                time.sleep(0.01)
-        self._stop.set()
-        self._thread.join(timeout=timeout_s)
-        self._thread = None
+            soft = min(deadline, time.monotonic() + 5.0)
+            while not info.is_published() and time.monotonic() < soft and self.connected.is_set():
+                await asyncio.sleep(0.01)
+        self._supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._supervisor
+        self._supervisor = None
+        if self._client.socket() is not None:
+            self._client.disconnect()
+            while self._client.socket() is not None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        self.connected.clear()
 
-    # ----------------------------------------------------------------- any thread
+    # ----------------------------------------------------------------- event loop
 
     def ack(self, mid: int, qos: int) -> None:
-        if qos > 0:
+        # Only on a live session: a PUBACK queued while paho reconnects could go out before the CONNECT. The
+        # broker redelivers what we did not acknowledge, and ingress recognises it as already stored.
+        if qos > 0 and self.connected.is_set():
             self._client.ack(mid, qos)
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
-        """Queue a publish; returns its mid, or None when paho did not take it (caller retries later).
+    def publish(self, topic: str, payload: bytes) -> int | None:
+        """Queue a result at QoS 1; its mid, or None while disconnected (the caller keeps it for later).
 
-        While disconnected paho keeps QoS 1 messages and sends them after the next CONNACK (``NO_CONN``).
+        Its PUBACK reaches ``on_puback``. paho does not track these: after a reconnect the caller sends what
+        was not acknowledged again with :meth:`republish`.
         """
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            return int(info.mid)
-        log.warning("publish_refused", topic=topic, rc=paho.error_string(info.rc))
-        return None
+        if not self.connected.is_set():
+            return None
+        return self._client.send_qos1(topic.encode(), payload)
 
-    # ----------------------------------------------------------------- network thread
+    def republish(self, mid: int, topic: str, payload: bytes) -> bool:
+        """Send an unacknowledged result again under its packet id (DUP), as MQTT asks after a reconnect."""
+        if not self.connected.is_set():
+            return False
+        self._client.send_qos1(topic.encode(), payload, mid)
+        return True
 
-    def _run(self) -> None:
+    async def _supervise(self) -> None:
+        """Connect, keep alive, reconnect with backoff; one pass per tick or when something changes."""
+        assert self._loop is not None and self._wake is not None
         attempt = 0
-        while not self._stop.is_set():
+        while True:
             self.heartbeat = time.monotonic()
-            if not self.connected.is_set() and not self._connecting() and not self._try_connect():
-                delay = backoff_delay(attempt, self._settings.reconnect_min_s,
-                                      self._settings.reconnect_max_s, self._rng)
-                attempt += 1
-                log.info("mqtt_reconnect_wait", seconds=round(delay, 2), attempt=attempt)
-                self._sleep(delay)
-                continue
-            if self.connected.is_set():
+            client = self._client
+            if client.socket() is None:
+                if self._lost:
+                    self._lost = False
+                    delay = backoff_delay(attempt, self._settings.reconnect_min_s,
+                                          self._settings.reconnect_max_s, self._rng)
+                    attempt += 1
+                    log.info("mqtt_reconnect_wait", seconds=round(delay, 2), attempt=attempt)
+                    await self._pause(delay, wake=False)
+                    continue
+                if not await self._loop.run_in_executor(None, self._try_connect):
+                    self._lost = True
+                    continue
+                self._connack_deadline = time.monotonic() + CONNACK_TIMEOUT_S
+            elif self.connected.is_set():
                 attempt = 0
-            if self._reconnect_requested.is_set():
-                self._reconnect_requested.clear()
-                log.info("mqtt_reconnect_for_redelivery")
-                self._drop_connection()
-                continue
-            try:
-                rc = self._client.loop(timeout=0.5)
-            except Exception as exc:  # noqa: BLE001 - paho raises on some socket errors; the thread must live
-                log.warning("mqtt_loop_error", error=repr(exc))
-                rc = MQTTErrorCode.MQTT_ERR_CONN_LOST
-            if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
-                if self.connected.is_set():
-                    log.warning("mqtt_connection_lost", rc=paho.error_string(rc))
-                elif self._awaiting_connack:
-                    self._refused_before_connack()
-                self._awaiting_connack = False
-                self._mark_disconnected()
-                delay = backoff_delay(attempt, self._settings.reconnect_min_s,
-                                      self._settings.reconnect_max_s, self._rng)
-                attempt += 1
-                self._sleep(delay)
-        self._disconnect_cleanly()
+                if self._reconnect_requested:
+                    self._reconnect_requested = False
+                    log.info("mqtt_reconnect_for_redelivery")
+                    # A normal DISCONNECT: the session, with the messages we left unacknowledged, stays.
+                    self._dropping = True
+                    client.disconnect()
+            elif self._awaiting_connack and time.monotonic() > self._connack_deadline:
+                log.warning("mqtt_connect_failed", host=self._settings.host, port=self._settings.port,
+                            error=f"no CONNACK within {CONNACK_TIMEOUT_S:.0f} s")
+                self._lose_socket()
+            if client.socket() is not None:
+                client.loop_misc()  # keepalive: a PINGREQ when due; a silent broker is dropped
+            await self._pause(TICK_S)
 
-    def _connecting(self) -> bool:
-        # Between CONNECT and CONNACK the socket exists but we are not connected yet.
-        return self._client.socket() is not None and not self.connected.is_set()
+    async def _pause(self, seconds: float, wake: bool = True) -> None:
+        assert self._wake is not None
+        self._wake.clear()
+        if not wake:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
 
     def _try_connect(self) -> bool:
+        """The blocking part (TCP connect, TLS handshake, CONNECT queued); runs in a worker thread."""
         properties: Properties | None = None
         if self._v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -307,39 +464,127 @@ class MqttLink:
             log.error("mqtt_connect_failed", host=self._settings.host, port=self._settings.port, error=detail)
             self._last_refusal = detail
 
-    def _drop_connection(self) -> None:
-        # We own the network thread, so reconnecting here cannot race paho's socket handling.
-        self._mark_disconnected()
-        try:
-            self._client.reconnect()
-        except (OSError, ssl.SSLError) as exc:
-            log.warning("mqtt_connect_failed", host=self._settings.host, port=self._settings.port,
-                        error=f"{type(exc).__name__}: {exc}")
+    def _lose_socket(self) -> None:
+        """Give up on the current socket without a DISCONNECT (it is broken or the broker never answered)."""
+        self._client._sock_close()  # paho's own teardown: socket callbacks, then close
+        self._connection_ended()
 
-    def _mark_disconnected(self) -> None:
+    def _connection_ended(self) -> None:
+        if self._awaiting_connack and not self._dropping:
+            self._refused_before_connack()
+        self._awaiting_connack = False
+        if not self._dropping and not self._stopping:
+            self._lost = True
+        self._dropping = False
         self.connected.clear()
+        self._poke()
 
-    def _sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self._stop.is_set() and not self._reconnect_requested.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self.heartbeat = time.monotonic()
-            self._stop.wait(min(remaining, 0.5))
+    def pause_reading(self, paused: bool) -> None:
+        """Stop (or resume) reading from the broker; TCP then holds back its messages."""
+        self._reading_paused = paused
+        assert self._loop is not None
+        if not paused and self._reader_fd < 0:
+            sock = self._client.socket()
+            if sock is not None:
+                self._watch(sock)
+                self._loop.call_soon(self._readable)  # bytes already buffered raise no event
+        elif paused and self._reader_fd >= 0:
+            self._loop.remove_reader(self._reader_fd)
+            self._reader_fd = -1
 
-    def _disconnect_cleanly(self) -> None:
+    # ----------------------------------------------------------------- socket plumbing (event loop)
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        assert self._loop is not None
+        if threading.get_ident() == self._loop_thread:
+            fn()
+        else:  # the connect in its worker thread
+            self._loop.call_soon_threadsafe(fn)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(lambda: self._watch(sock))
+
+    def _watch(self, sock: Any) -> None:
+        assert self._loop is not None
+        current = self._client.socket()
+        if current is None or current is not sock or self._reader_fd >= 0 or self._reading_paused:
+            return  # closed again meanwhile, already watched, or paused
+        self._reader_fd = current.fileno()
+        self._loop.add_reader(self._reader_fd, self._readable)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # By descriptor, since paho closes the socket as soon as this returns.
+        self._on_loop(self._unwatch)
+
+    def _unwatch(self) -> None:
+        assert self._loop is not None
+        if self._reader_fd >= 0:
+            self._loop.remove_reader(self._reader_fd)
+            self._reader_fd = -1
+        if self._writer_fd >= 0:
+            self._loop.remove_writer(self._writer_fd)
+            self._writer_fd = -1
+
+    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # Write on the loop's next turn: every packet queued until then goes out in the same pass.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            if threading.get_ident() == self._loop_thread:
+                self._loop.call_soon(self._flush)
+            else:
+                self._loop.call_soon_threadsafe(self._flush)
+
+    def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._writer_fd >= 0:
+            self._on_loop(self._stop_writing)
+
+    def _stop_writing(self) -> None:
+        if self._writer_fd >= 0:
+            assert self._loop is not None
+            self._loop.remove_writer(self._writer_fd)
+            self._writer_fd = -1
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._write()
+
+    def _write(self) -> None:
+        client = self._client
+        if client.socket() is None:
+            return
         try:
-            self._client.disconnect()
-            # Let paho flush the DISCONNECT packet.
-            for _ in range(5):
-                if self._client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    break
-        except Exception as exc:  # noqa: BLE001 - best effort on the way out
-            log.debug("mqtt_disconnect_error", error=repr(exc))
-        self.connected.clear()
+            client.loop_write()
+        except Exception as exc:  # noqa: BLE001 - paho raises on some socket errors; the loop must go on
+            log.warning("mqtt_write_error", error=repr(exc))
+            self._lose_socket()
+            return
+        sock = client.socket()
+        if sock is not None and client.want_write() and self._writer_fd < 0:
+            # The socket's buffer is full: wait until it drains.
+            assert self._loop is not None
+            self._writer_fd = sock.fileno()
+            self._loop.add_writer(self._writer_fd, self._write)
 
-    # ----------------------------------------------------------------- paho callbacks (network thread)
+    def _readable(self) -> None:
+        client = self._client
+        try:
+            for _ in range(READ_BUDGET):
+                if self._reading_paused or client.socket() is None:
+                    return
+                if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or not client.buffered():
+                    return
+        except Exception as exc:  # noqa: BLE001 - paho raises on some socket errors; the loop must go on
+            log.warning("mqtt_loop_error", error=repr(exc))
+            if client.socket() is not None:
+                self._lose_socket()
+            return
+        # More is buffered (select() cannot see it): continue after the loop's other work, so commits, acks
+        # and results keep pace with a broker that pushes a whole queued session at once.
+        assert self._loop is not None
+        self._loop.call_soon(self._readable)
+
+    # ----------------------------------------------------------------- paho callbacks (event loop)
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Properties | None) -> None:
@@ -401,13 +646,27 @@ class MqttLink:
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Properties | None) -> None:
         try:
-            if not self._stop.is_set():
-                log.warning("mqtt_disconnected", reason=str(reason))
-            self._mark_disconnected()
+            if self.connected.is_set() and not self._stopping and not self._dropping:
+                log.warning("mqtt_connection_lost", reason=str(reason))
+            self._connection_ended()
         except Exception:
             log.exception("callback_failed", callback="on_disconnect")
 
+    def _inbound(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool) -> None:
+        try:
+            try:
+                text = topic.decode()
+            except UnicodeDecodeError:
+                # MQTT forbids it and brokers reject it; if one slips through, it cannot be routed or replied to.
+                log.error("mqtt_topic_not_utf8", raw=repr(topic[:200]))
+                self.ack(mid, qos)
+                return
+            self._on_message_cb(InboundMessage(text, payload, qos, mid, dup, time.time()))
+        except Exception:
+            log.exception("callback_failed", callback="on_message")
+
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        """QoS 2 messages, which take paho's own path."""
         try:
             try:
                 topic = message.topic

@@ -14,6 +14,7 @@ Under load the groups grow by themselves; when idle a single message commits alo
 
 from __future__ import annotations
 
+import functools
 import queue
 import sqlite3
 import threading
@@ -25,6 +26,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from agent import codec
 from agent.errors import ConfigError, StoreError
 from agent.telemetry import get_logger
 
@@ -103,6 +105,7 @@ class Committed:
     tasks: list[TaskRef] = field(default_factory=list)
     outbox: list[OutboxEntry] = field(default_factory=list)
     released: int = 0
+    ingested: int = 0  # rows inserted from ingress
 
 
 CommitHook = Callable[[Committed], None]
@@ -135,6 +138,7 @@ class Store:
         self.released_rows = 0
         self.released_bytes = 0
         self._next_seq = 0
+        self._next_id = 0  # row ids are assigned here, so a group's rows go in with one INSERT
         self._since_prune = 0
         self.commits = 0
         self.last_commit_s = 0.0
@@ -149,11 +153,13 @@ class Store:
             self._check_schema()
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError("EDGE_AGENT_STATE_DIR", f"cannot open the store at {self.path}: {exc}") from exc
-        rows, size, seq = self._db.execute(
+        rows, size, seq, top = self._db.execute(
             "SELECT count(*), coalesce(sum(CASE state WHEN 0 THEN size ELSE length(out_payload) END), 0), "
-            "(SELECT coalesce(max(out_seq), 0) FROM tasks) FROM tasks WHERE state < 2"
+            "(SELECT coalesce(max(out_seq), 0) FROM tasks), (SELECT coalesce(max(id), 0) FROM tasks) "
+            "FROM tasks WHERE state < 2"
         ).fetchone()
-        self.admitted_rows, self.admitted_bytes, self._next_seq = int(rows), int(size), int(seq) + 1
+        self.admitted_rows, self.admitted_bytes = int(rows), int(size)
+        self._next_seq, self._next_id = int(seq) + 1, int(top) + 1
 
     def _check_schema(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -205,8 +211,9 @@ class Store:
         return self.outstanding_rows < self.max_tasks and self.outstanding_bytes + size <= self.max_bytes
 
     def below_resume_mark(self) -> bool:
-        # Resume intake with some slack so we do not flap between full and not full on every message.
-        return self.outstanding_rows < self.max_tasks * 0.9 and self.outstanding_bytes < self.max_bytes * 0.9
+        # Resume at half the bound: every resume costs a reconnect (for the broker to redeliver what we held
+        # back), so the store drains a good part first instead of flapping between full and not full.
+        return self.outstanding_rows < self.max_tasks * 0.5 and self.outstanding_bytes < self.max_bytes * 0.5
 
     # ------------------------------------------------------------------ writer thread
 
@@ -237,15 +244,24 @@ class Store:
         if self._reader is not None:
             self._reader.close()
 
-    def ingest(self, rows: Sequence[NewTask], acks: Sequence[tuple[int, int]]) -> None:
-        """Called by ingress (one thread): count the rows in now, commit them soon, then acknowledge."""
-        for row in rows:
-            self.admitted_rows += 1
-            self.admitted_bytes += stored_size(row)
+    def admit(self, row: NewTask) -> None:
+        """Count a row in as soon as ingress takes it, so the bound holds for rows not yet handed over."""
+        self.admitted_rows += 1
+        self.admitted_bytes += stored_size(row)
+
+    def submit(self, rows: Sequence[NewTask], acks: Sequence[tuple[int, int]]) -> None:
+        """Admitted rows to commit soon; the acknowledgements follow the commit."""
         self._queue.put(_Op("ingest", (rows, acks)))
 
-    def complete(self, row_id: int, size: int, out_topic: str, out_payload: bytes) -> None:
-        self._queue.put(_Op("complete", (row_id, size, out_topic, out_payload)))
+    def ingest(self, rows: Sequence[NewTask], acks: Sequence[tuple[int, int]]) -> None:
+        """Admit and submit in one call (from one thread)."""
+        for row in rows:
+            self.admit(row)
+        self.submit(rows, acks)
+
+    def complete(self, results: Sequence[tuple[int, int, str, bytes]]) -> None:
+        """Tasks done: (row id, input size, result topic, result payload) each, committed as one group."""
+        self._queue.put(_Op("complete", (results,)))
 
     def published(self, row_ids: Iterable[tuple[int, int]]) -> None:
         """Rows whose result the broker acknowledged: (row id, size of the result payload)."""
@@ -295,14 +311,14 @@ class Store:
                 self._commit_group(group)
 
     def _commit_group(self, batch: list[_Op]) -> None:
-        committed = Committed()
         started = time.perf_counter()
         self.busy_since = time.monotonic()
+        next_id, next_seq = self._next_id, self._next_seq
         while True:
+            committed = Committed()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                for op in batch:
-                    self._apply(op, committed)
+                released_rows, released_bytes = self._apply(batch, committed)
                 self._db.execute("COMMIT")
                 break
             except sqlite3.Error as exc:
@@ -310,9 +326,11 @@ class Store:
                 # the broker keeps our unacknowledged messages meanwhile.
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                committed = Committed()
+                self._next_id, self._next_seq = next_id, next_seq
                 log.error("store_commit_failed", error=str(exc), retry_in_s=1.0)
                 time.sleep(1.0)
+        self.released_rows += released_rows
+        self.released_bytes += released_bytes
         self.busy_since = None
         self.commits += 1
         self.last_commit_s = time.perf_counter() - started
@@ -325,50 +343,64 @@ class Store:
             self._since_prune = 0
             self._prune()
 
-    def _apply(self, op: _Op, committed: Committed) -> None:
+    def _apply(self, batch: list[_Op], committed: Committed) -> tuple[int, int]:
+        """Write a group as a few multi-row statements; returns the rows and bytes it released.
+
+        One statement per kind rather than one per row: sqlite3 lets go of the GIL for every statement it
+        steps, and each time this thread then waits for the event loop to hand the GIL back.
+        """
+        inserts: list[tuple[Any, ...]] = []
+        completes: list[tuple[Any, ...]] = []
+        published: list[int] = []
+        released_rows = released_bytes = 0
+        tasks, outbox = committed.tasks, committed.outbox
+        for op in batch:
+            if op.kind == "ingest":
+                rows, acks = op.args
+                for row in rows:
+                    row_id = self._next_id
+                    self._next_id += 1
+                    if row.out_topic is not None:  # a dead letter: straight to the outbox, no input kept
+                        assert row.out_payload is not None
+                        seq = self._take_seq()
+                        inserts.append((row_id, row.task_id, row.topic, None, None, None, None, row.size,
+                                        row.received_at, row.mid, row.crc, OUTBOX, row.out_topic, row.out_payload,
+                                        seq))
+                        outbox.append(OutboxEntry(row_id, row.out_topic, row.out_payload, seq))
+                    else:
+                        assert row.kind is not None and row.placement is not None
+                        options = row.options or {}
+                        inserts.append((row_id, row.task_id, row.topic, row.kind, row.placement,
+                                        codec.dumps(options) if options else None, row.payload, row.size,
+                                        row.received_at, row.mid, row.crc, PENDING, None, None, None))
+                        tasks.append(TaskRef(row_id, row.task_id, row.topic, row.kind, row.placement, options,
+                                             row.payload, row.size, row.received_at))
+                committed.acks.extend(acks)
+                committed.ingested += len(rows)
+            elif op.kind == "complete":
+                for row_id, size, out_topic, out_payload in op.args[0]:
+                    seq = self._take_seq()
+                    completes.append((row_id, out_topic, out_payload, seq))
+                    # The input leaves the store and the result takes its place in the byte count.
+                    released_bytes += size - len(out_payload)
+                    outbox.append(OutboxEntry(row_id, out_topic, out_payload, seq))
+            elif op.kind == "published":
+                (pairs,) = op.args
+                for row_id, out_size in pairs:
+                    published.append(row_id)
+                    released_bytes += out_size
+                released_rows += len(pairs)
+            else:  # pragma: no cover - programming error
+                raise StoreError(f"unknown store operation {op.kind}")
+        committed.released = released_rows
         db = self._db
-        if op.kind == "ingest":
-            rows, acks = op.args
-            for row in rows:
-                dead = row.out_topic is not None
-                state = OUTBOX if dead else PENDING
-                seq = self._take_seq() if dead else None
-                cur = db.execute(
-                    "INSERT INTO tasks (task_id, topic, kind, placement, options, payload, size, received_at, "
-                    "mid, crc, state, out_topic, out_payload, out_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (row.task_id, row.topic, row.kind, row.placement,
-                     orjson.dumps(row.options) if row.options else None, None if dead else row.payload,
-                     row.size, row.received_at, row.mid, row.crc, state, row.out_topic, row.out_payload, seq),
-                )
-                row_id = int(cur.lastrowid or 0)
-                if dead:
-                    assert row.out_topic is not None and row.out_payload is not None and seq is not None
-                    committed.outbox.append(OutboxEntry(row_id, row.out_topic, row.out_payload, seq))
-                else:
-                    assert row.kind is not None and row.placement is not None
-                    committed.tasks.append(TaskRef(row_id, row.task_id, row.topic, row.kind, row.placement,
-                                                   row.options or {}, row.payload, row.size, row.received_at))
-            committed.acks.extend(acks)
-        elif op.kind == "complete":
-            row_id, size, out_topic, out_payload = op.args
-            seq = self._take_seq()
-            db.execute(
-                "UPDATE tasks SET state=1, payload=NULL, out_topic=?, out_payload=?, out_seq=? WHERE id=? AND state=0",
-                (out_topic, out_payload, seq, row_id),
-            )
-            # The input leaves the store and the result takes its place in the byte count.
-            self.released_bytes += size - len(out_payload)
-            committed.outbox.append(OutboxEntry(row_id, out_topic, out_payload, seq))
-        elif op.kind == "published":
-            (pairs,) = op.args
-            db.executemany("UPDATE tasks SET state=2, out_payload=NULL WHERE id=? AND state=1",
-                           [(row_id,) for row_id, _ in pairs])
-            for _, out_size in pairs:
-                self.released_rows += 1
-                self.released_bytes += out_size
-            committed.released += len(pairs)
-        else:  # pragma: no cover - programming error
-            raise StoreError(f"unknown store operation {op.kind}")
+        for rows, chunk in _chunks(inserts):
+            db.execute(_insert_sql(rows), chunk)
+        for rows, chunk in _chunks(completes):
+            db.execute(_complete_sql(rows), chunk)
+        for rows, chunk in _chunks([(row_id,) for row_id in published]):
+            db.execute(_published_sql(rows), chunk)
+        return released_rows, released_bytes
 
     def _barrier(self, op: _Op) -> None:
         try:
@@ -454,6 +486,42 @@ class ReadBack:
             self.cursor = last
         if count < limit:
             self.spilled = False
+
+
+CHUNKS = (256, 64, 16, 4, 1)
+
+
+def _chunks(rows: list[tuple[Any, ...]]) -> Iterable[tuple[int, list[Any]]]:
+    """Rows in runs of the few sizes in CHUNKS, each flattened into one parameter list.
+
+    Few sizes, so few distinct statements: sqlite3 keeps every statement it prepared in its cache, and one
+    prepared for each group size that ever occurred would hold tens of megabytes.
+    """
+    start, total = 0, len(rows)
+    for size in CHUNKS:
+        while total - start >= size:
+            yield size, [value for row in rows[start:start + size] for value in row]
+            start += size
+
+
+# Only "?" placeholders are formatted into these statements; every value is bound (hence the S608 waivers).
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    values = ",".join(["(" + ",".join("?" * 15) + ")"] * rows)
+    return ("INSERT INTO tasks (id, task_id, topic, kind, placement, options, payload, size, received_at, "  # noqa: S608
+            f"mid, crc, state, out_topic, out_payload, out_seq) VALUES {values}")
+
+
+@functools.cache
+def _complete_sql(rows: int) -> str:
+    values = ",".join(["(?,?,?,?)"] * rows)
+    return ("UPDATE tasks SET state=1, payload=NULL, out_topic=v.column2, out_payload=v.column3, "  # noqa: S608
+            f"out_seq=v.column4 FROM (VALUES {values}) AS v WHERE tasks.id=v.column1 AND tasks.state=0")
+
+
+@functools.cache
+def _published_sql(rows: int) -> str:
+    return f"UPDATE tasks SET state=2, out_payload=NULL WHERE state=1 AND id IN ({','.join('?' * rows)})"  # noqa: S608
 
 
 def stored_size(row: NewTask) -> int:

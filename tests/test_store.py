@@ -83,7 +83,7 @@ def test_task_lifecycle_and_byte_accounting(store: Store) -> None:
     assert isinstance(ref, TaskRef) and ref.payload == b"x" * 100
     assert ref.options == {"topic": "x", "window": 5}
     assert store.outstanding_bytes == 100
-    store.complete(ref.id, ref.size, "edge/gw/results/x", b"r" * 30)
+    store.complete([(ref.id, ref.size, "edge/gw/results/x", b"r" * 30)])
     (entry,) = hook.gather(1, "outbox")
     assert isinstance(entry, OutboxEntry) and entry.payload == b"r" * 30
     assert store.outstanding_bytes == 30
@@ -129,7 +129,7 @@ def test_resume_reads_pending_and_outbox_in_order(tmp_path: Path) -> None:
     refs = hook.gather(10, "tasks")
     for ref in refs[:4]:
         assert isinstance(ref, TaskRef)
-        store.complete(ref.id, ref.size, "edge/gw/results/x", f"r{ref.id}".encode())
+        store.complete([(ref.id, ref.size, "edge/gw/results/x", f"r{ref.id}".encode())])
     hook.gather(4, "outbox")
     store.stop()
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
-import threading
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.config import Route
-from agent.daemon import ThreadHandoff, health
+from agent.daemon import health
 from agent.egress import dead_letter, result_message
 from agent.ingress import Router, topic_matches
 from agent.mqtt import backoff_delay, subscription_filter
@@ -68,31 +66,6 @@ def test_backoff_has_jitter() -> None:
     assert len({round(backoff_delay(5, 0.5, 60, rng), 6) for _ in range(20)}) > 10
 
 
-def test_thread_handoff_delivers_every_item_in_batches() -> None:
-    async def main() -> list[list[int]]:
-        loop = asyncio.get_running_loop()
-        batches: list[list[int]] = []
-        handoff: ThreadHandoff[int] = ThreadHandoff(loop, batches.append)
-
-        def produce(base: int) -> None:
-            for i in range(20_000):
-                handoff.put(base + i)
-
-        threads = [threading.Thread(target=produce, args=(n * 100_000,)) for n in range(3)]
-        for t in threads:
-            t.start()
-        while any(t.is_alive() for t in threads):
-            await asyncio.sleep(0.01)
-        for _ in range(10):
-            await asyncio.sleep(0.01)
-        return batches
-
-    batches = asyncio.run(main())
-    items = [i for b in batches for i in b]
-    assert sorted(items) == sorted(n * 100_000 + i for n in range(3) for i in range(20_000))
-    assert len(batches) < len(items)
-
-
 def test_result_and_dead_letter_shapes() -> None:
     topic, body = result_message(
         "gw1", task_id="abc", kind="sensor.stats", topic="city/a/traffic/1/data", placement="local",
@@ -120,5 +93,5 @@ def test_results_stay_strict_json() -> None:
 def test_health_fails_when_any_loop_is_stuck() -> None:
     assert health(0.5, True, True) == (True, "ok")
     assert health(30.0, True, True) == (False, "event loop stuck")
-    assert health(0.5, False, True) == (False, "MQTT network thread stuck")
-    assert health(30.0, False, False) == (False, "event loop stuck; MQTT network thread stuck; store writer stuck")
+    assert health(0.5, False, True) == (False, "MQTT link stuck")
+    assert health(30.0, False, False) == (False, "event loop stuck; MQTT link stuck; store writer stuck")
