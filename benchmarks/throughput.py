@@ -11,7 +11,11 @@ On one real Mosquitto (started here on a free port):
    msgs/s from the first to the N-th result seen by a consumer, and the agent's peak RSS (VmHWM).
 3. latency: devices offer R msgs/s for S seconds; p50/p99 from publish to the result's arrival.
 
-The machine is shared and noisy, so the ratio agent/bare-paho from the same run is the figure to compare.
+The results are counted by ``mosquitto_sub`` (C), not by a second Python subscriber: on two cores a Python
+consumer would take a good part of the CPU the agent is being measured with. The CPU time per message of
+the bare subscriber and of the agent (all its threads) is printed too: unlike rates, it barely moves when
+the machine is busy. The machine is shared and noisy, so the ratio agent/bare-paho from the same run is the
+figure to compare.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +38,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support import Agent, Mosquitto, citypulse_rows, wait_for
+from support import Agent, Mosquitto, citypulse_rows
 
 TOPIC = "city/aarhus/traffic/{}/data"
 
@@ -110,6 +116,41 @@ class Drain:
         return self.expected / max(self.last - self.first, 1e-9)
 
 
+class Sub:
+    """``mosquitto_sub`` on a persistent session, writing each message's arrival time (and payload) to a file."""
+
+    def __init__(self, work: Path, port: int, client_id: str, topic: str, expected: int, payloads: bool = False):
+        exe = shutil.which("mosquitto_sub")
+        if exe is None:
+            raise SystemExit("mosquitto_sub is needed (Debian: apt-get install mosquitto-clients)")
+        self.expected = expected
+        self.path = work / f"{client_id}.out"
+        self._out = self.path.open("wb")
+        self.proc = subprocess.Popen(
+            [exe, "-h", "127.0.0.1", "-p", str(port), "-i", client_id, "-c", "-q", "1", "-t", topic,
+             "-C", str(expected), "-F", "%U %p" if payloads else "%U"], stdout=self._out)
+
+    def wait(self, timeout: float) -> list[tuple[float, bytes]]:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._out.close()
+        rows = []
+        for line in self.path.read_bytes().splitlines():
+            stamp, _, payload = line.partition(b" ")
+            rows.append((float(stamp), payload))
+        if len(rows) < self.expected:
+            raise RuntimeError(f"only {len(rows)} of {self.expected} messages arrived")
+        return rows
+
+
+def cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of a process, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -156,8 +197,10 @@ def main() -> int:
         say(f"bare paho: queueing {args.messages} messages …")
         subscribe_once(broker.port, "bench-bare", "city/+/traffic/+/data")
         queue_messages(broker.port, bodies)
+        cpu_before = time.process_time()
         bare = Drain(broker.port, "bench-bare", "city/+/traffic/+/data", args.messages).run(600)
-        say(f"bare paho drained {bare:,.0f} msgs/s")
+        bare_cpu_us = (time.process_time() - cpu_before) / args.messages * 1e6
+        say(f"bare paho drained {bare:,.0f} msgs/s ({bare_cpu_us:.1f} µs CPU a message)")
 
         say(f"agent: queueing {args.messages} messages …")
         agent = Agent(work / "agent", broker.port, agent_id="bench",
@@ -167,27 +210,29 @@ def main() -> int:
         agent.start()  # subscribes
         agent.terminate()
         queue_messages(broker.port, bodies)
-        drain = Drain(broker.port, "bench-results", results_topic, args.messages)
+        drain = Sub(work, broker.port, "bench-results", results_topic, args.messages)
         agent.start(wait_connected=False)
         assert agent.proc is not None
-        agent_rate = drain.run(600)
+        arrivals = [stamp for stamp, _ in drain.wait(600)]
+        agent_rate = args.messages / max(arrivals[-1] - arrivals[0], 1e-9)
+        agent_cpu_us = cpu_s(agent.proc.pid) / args.messages * 1e6  # start-up included: a slight overstatement
         rss = peak_rss_mb(agent.proc.pid)
-        say(f"agent processed {agent_rate:,.0f} msgs/s (ratio {agent_rate / bare:.2f}), peak RSS {rss:.1f} MB")
+        say(f"agent processed {agent_rate:,.0f} msgs/s (ratio {agent_rate / bare:.2f}, {agent_cpu_us:.1f} µs CPU "
+            f"a message), peak RSS {rss:.1f} MB")
 
         say(f"latency: offering {args.rate:.0f} msgs/s for {args.seconds:.0f} s …")
         expected = int(args.rate * args.seconds)
-        timed = Drain(broker.port, "bench-latency", results_topic, expected, keep=True)
-        timed.client.loop_start()
+        subscribe_once(broker.port, "bench-latency", results_topic)
+        timed = Sub(work, broker.port, "bench-latency", results_topic, expected, payloads=True)
         time.sleep(0.5)
         device = multiprocessing.get_context("spawn").Process(target=offer_at_rate,
                                                               args=(broker.port, args.rate, args.seconds))
         device.start()
         device.join()
-        wait_for(lambda: timed.count >= expected, 120, "the latency run's results")
-        timed.client.loop_stop()
+        kept = timed.wait(120)
         latencies = sorted(
             (arrived - json.loads(body)["result"]["fields"]["sent_at"]["value"]) * 1000
-            for arrived, body in timed.kept
+            for arrived, body in kept
         )
         p50 = statistics.median(latencies)
         p99 = latencies[int(len(latencies) * 0.99) - 1]
@@ -204,6 +249,8 @@ def main() -> int:
         "agent_msgs_per_s": round(agent_rate, 1),
         "ratio": round(agent_rate / bare, 3),
         "agent_peak_rss_mb": round(rss, 1),
+        "bare_paho_cpu_us_per_msg": round(bare_cpu_us, 1),
+        "agent_cpu_us_per_msg": round(agent_cpu_us, 1),
         "p50_latency_ms": round(p50, 2),
         "p99_latency_ms": round(p99, 2),
         "messages": args.messages,
