@@ -146,6 +146,8 @@ class Dispatcher:
             decision = self.policy.decide(task, now, placement=cast(Placement, ref.placement),
                                           cloud_available=cloud is not None,
                                           circuit_open=cloud is not None and cloud.circuit_open(now))
+            if decision.prewarm and cloud is not None:
+                cloud.prewarm()  # the model wants a warm lease for the tasks to come
             key = (decision.target, decision.reason)
             self.decisions[key] = self.decisions.get(key, 0) + 1
             self.last_terms[ref.kind] = decision.terms  # each decision has its own; no copy per task

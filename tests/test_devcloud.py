@@ -250,6 +250,29 @@ def test_client_leases_submits_reuses_and_releases(devcloud: DevCloud) -> None:
     assert [r.result for r in results[:3]] == [results[3].result] * 3  # the same clip, the same spectrum
 
 
+def test_prewarm_readies_one_lease_that_the_next_task_uses_without_waiting(devcloud: DevCloud) -> None:
+    recorder = Recorder()
+
+    async def main() -> tuple[Any, float, str, Any]:
+        client = CloudClient(devcloud.settings(lease_idle_s=30.0), recorder)
+        try:
+            client.prewarm()
+            client.prewarm()  # already on its way: no second request
+            await asyncio.sleep(PROVISIONING_S + 0.5)
+            status = client.lease_status()
+            started = time.monotonic()
+            result = await client.submit("a", "noise.spectrum", CLIP[:3200])
+            return status, time.monotonic() - started, result.lease_id, devcloud.stats()["leases"]
+        finally:
+            await client.aclose()
+
+    status, waited, lease_id, leases = asyncio.run(main())
+    assert status.ready and status.slots == 1
+    assert waited < PROVISIONING_S  # the task found the lease ready
+    assert leases["ready"] == 1 and leases["provisioning"] == 0 and lease_id
+    assert len(recorder.seen["provisioning"]) == 1
+
+
 def test_client_replaces_a_lease_the_cloud_dropped(devcloud: DevCloud) -> None:
     async def main() -> tuple[str, str]:
         client = CloudClient(devcloud.settings())

@@ -227,6 +227,21 @@ class CloudClient:
             provisioning=any(lease.stage in ("pending", "provisioning") for lease in self._leases),
         )
 
+    def prewarm(self) -> None:
+        """Request a lease before a task needs it (the policy's ``Decision.prewarm``).
+
+        The tasks that follow then find it ready instead of each waiting out provisioning. Nothing happens
+        while a lease is ready or on its way, or while the circuit is open. An unused lease is released after
+        ``lease_idle_s`` like any other.
+        """
+        now = self._clock()
+        if self._closed or self._breaker.is_open(now) or any(lease.usable(now) for lease in self._leases):
+            return
+        self._start_maintenance()
+        lease = Lease(created_at=now)
+        self._leases.append(lease)
+        lease.task = asyncio.create_task(self._acquire(lease), name="cloud-lease-prewarm")
+
     async def submit(self, task_id: str, kind: str, payload: bytes,
                      options: Mapping[str, Any] | None = None) -> CloudResult:
         """Run one task in the cloud; raises :class:`CloudError` when it did not (the caller runs it locally).
