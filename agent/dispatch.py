@@ -29,6 +29,7 @@ INLINE_BUDGET = 256  # light tasks per loop turn, so acks and PUBACK hand-offs a
 WORKER_RETRIES = 1  # a task whose worker died is tried once more before it is dead-lettered
 FALLBACK_LOG_EVERY_S = 30.0
 CLOUD_IN_FLIGHT = 64  # cloud submissions awaiting answers; beyond, decided tasks wait (bounded memory)
+_NO_TERMS: Mapping[str, float] = {}
 
 
 class Admitted(NamedTuple):
@@ -66,7 +67,7 @@ class Dispatcher:
         cloud: CloudClient | None = None,
         clock: Callable[[], float] = time.monotonic,
         memory_cap_bytes: int = 16 * 1024 * 1024,
-        memory_cap_tasks: int = 2_000,
+        memory_cap_tasks: int = 5_000,
     ) -> None:
         self._agent_id = agent_id
         self._registry = registry
@@ -134,6 +135,7 @@ class Dispatcher:
             take = []
         if len(take) < len(tasks):
             self._readback.hand_off(False, tasks[-1].id)
+            self._store.stop_hand_off("tasks")  # read back from the store from now on
         self._schedule()
 
     def _admit(self, ref: TaskRef, now: float) -> None:
@@ -152,6 +154,9 @@ class Dispatcher:
             self.decisions[key] = self.decisions.get(key, 0) + 1
             self.last_terms[ref.kind] = decision.terms  # each decision has its own; no copy per task
             self.policy.task_started(decision.target, task, now)
+            # The queued task keeps what its result reports, not the terms (most of a decision's memory).
+            decision = Decision(decision.target, decision.t_local_s, decision.t_cloud_s, decision.reason, _NO_TERMS,
+                                decision.probe, decision.prewarm)
         item = Admitted(ref, task, decision)
         if decision is not None and decision.target == "cloud":
             self._cloud.append(item)

@@ -111,6 +111,7 @@ class Publisher:
             take = []
         if len(take) < len(entries):
             self._readback.hand_off(False, entries[-1].seq)  # the rest is read back from the store later
+            self._store.stop_hand_off("outbox")
         self.pump()
 
     def acked(self, mids: Iterable[int]) -> None:

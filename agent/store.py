@@ -35,6 +35,7 @@ log = get_logger(__name__)
 PENDING, OUTBOX, PUBLISHED = 0, 1, 2
 SCHEMA_VERSION = 1
 MAX_GROUP = 4000  # operations per transaction: bounds the time acknowledgements wait behind one commit
+INLINE_READ_BYTES = 4096  # read-backs carry inputs up to this size; larger ones are read when they run
 TOMBSTONES_KEPT = 70_000  # > 65,535 packet ids, so any id the broker may still redeliver is remembered
 
 _SCHEMA = """
@@ -56,6 +57,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     out_seq     INTEGER
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- The publisher reads a backlog of results back in commit order.
+CREATE INDEX IF NOT EXISTS outbox_order ON tasks (out_seq) WHERE state = 1;
 """
 
 
@@ -139,6 +142,11 @@ class Store:
         self.released_bytes = 0
         self._next_seq = 0
         self._next_id = 0  # row ids are assigned here, so a group's rows go in with one INSERT
+        # Whether commits hand their new tasks / outbox rows to the reader at all (writer thread only). Off
+        # while the dispatcher or publisher has spilled and reads the store back anyway; on again at the read
+        # that catches up, which in the writer's order comes before any commit it has not seen.
+        self._hand_tasks = True
+        self._hand_outbox = True
         self._since_prune = 0
         self.commits = 0
         self.last_commit_s = 0.0
@@ -273,6 +281,11 @@ class Store:
     def load_outbox(self, after_seq: int, limit: int, reply: Callable[[list[OutboxEntry]], None]) -> None:
         self._queue.put(_Op("load_outbox", (after_seq, limit, reply)))
 
+    def stop_hand_off(self, what: str) -> None:
+        """``"tasks"`` or ``"outbox"``: the reader has spilled and will read the store back; until that read
+        catches up, commits need not build hand-offs it would only drop."""
+        self._queue.put(_Op("stop_hand_off", (what,)))
+
     def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the writer thread after everything queued before it has been committed."""
         self._queue.put(_Op("call", (fn,)))
@@ -355,6 +368,12 @@ class Store:
         released_rows = released_bytes = 0
         tasks, outbox = committed.tasks, committed.outbox
         for op in batch:
+            if op.kind == "stop_hand_off":
+                if op.args[0] == "tasks":
+                    self._hand_tasks = False
+                else:
+                    self._hand_outbox = False
+                continue
             if op.kind == "ingest":
                 rows, acks = op.args
                 for row in rows:
@@ -366,15 +385,17 @@ class Store:
                         inserts.append((row_id, row.task_id, row.topic, None, None, None, None, row.size,
                                         row.received_at, row.mid, row.crc, OUTBOX, row.out_topic, row.out_payload,
                                         seq))
-                        outbox.append(OutboxEntry(row_id, row.out_topic, row.out_payload, seq))
+                        if self._hand_outbox:
+                            outbox.append(OutboxEntry(row_id, row.out_topic, row.out_payload, seq))
                     else:
                         assert row.kind is not None and row.placement is not None
                         options = row.options or {}
                         inserts.append((row_id, row.task_id, row.topic, row.kind, row.placement,
                                         codec.dumps(options) if options else None, row.payload, row.size,
                                         row.received_at, row.mid, row.crc, PENDING, None, None, None))
-                        tasks.append(TaskRef(row_id, row.task_id, row.topic, row.kind, row.placement, options,
-                                             row.payload, row.size, row.received_at))
+                        if self._hand_tasks:
+                            tasks.append(TaskRef(row_id, row.task_id, row.topic, row.kind, row.placement, options,
+                                                 row.payload, row.size, row.received_at))
                 committed.acks.extend(acks)
                 committed.ingested += len(rows)
             elif op.kind == "complete":
@@ -383,7 +404,8 @@ class Store:
                     completes.append((row_id, out_topic, out_payload, seq))
                     # The input leaves the store and the result takes its place in the byte count.
                     released_bytes += size - len(out_payload)
-                    outbox.append(OutboxEntry(row_id, out_topic, out_payload, seq))
+                    if self._hand_outbox:
+                        outbox.append(OutboxEntry(row_id, out_topic, out_payload, seq))
             elif op.kind == "published":
                 (pairs,) = op.args
                 for row_id, out_size in pairs:
@@ -407,10 +429,13 @@ class Store:
             if op.kind == "load_pending":
                 after_id, limit, reply = op.args
                 rows = self._db.execute(
-                    "SELECT id, task_id, topic, kind, placement, options, size, received_at FROM tasks "
-                    "WHERE id > ? AND state=0 ORDER BY id LIMIT ?", (after_id, limit)
+                    "SELECT id, task_id, topic, kind, placement, options, size, received_at, "
+                    "CASE WHEN size <= ? THEN payload END FROM tasks WHERE id > ? AND state=0 ORDER BY id LIMIT ?",
+                    (INLINE_READ_BYTES, after_id, limit),
                 ).fetchall()
-                reply([TaskRef(r[0], r[1], r[2], r[3], r[4], orjson.loads(r[5]) if r[5] else {}, None, r[6], r[7])
+                if len(rows) < limit:
+                    self._hand_tasks = True
+                reply([TaskRef(r[0], r[1], r[2], r[3], r[4], orjson.loads(r[5]) if r[5] else {}, r[8], r[6], r[7])
                        for r in rows])
             elif op.kind == "load_outbox":
                 after_seq, limit, reply = op.args
@@ -418,6 +443,8 @@ class Store:
                     "SELECT id, out_topic, out_payload, out_seq FROM tasks WHERE state=1 AND out_seq > ? "
                     "ORDER BY out_seq LIMIT ?", (after_seq, limit)
                 ).fetchall()
+                if len(rows) < limit:
+                    self._hand_outbox = True
                 reply([OutboxEntry(r[0], r[1], r[2], r[3]) for r in rows])
             else:
                 op.args[0]()
