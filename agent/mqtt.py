@@ -24,6 +24,7 @@ from typing import Any, Literal, NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -176,22 +177,69 @@ class _Client(paho.Client):
             return True
         return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
+    def _packet_read(self) -> MQTTErrorCode:
+        """A packet already whole in the buffer is cut out of it directly: PUBLISH and a plain PUBACK go to
+        their callbacks, anything else to paho's handler. Partial packets take paho's byte-by-byte path."""
+        if self._in_packet["command"] or self._rsock is not self._sock:
+            return super()._packet_read()
+        buf, pos = self._rbuf, self._rpos
+        end = len(buf)
+        length = shift = 0
+        i = pos + 1
+        while True:
+            if i >= end or shift > 21:
+                return super()._packet_read()
+            byte = buf[i]
+            i += 1
+            length |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+        stop = i + length
+        if stop > end:
+            return super()._packet_read()
+        command = buf[pos]
+        self._rpos = stop
+        self._last_bytes_received = time.monotonic()  # paho's keepalive clock
+        kind = command & 0xF0
+        if kind == paho.PUBLISH and self.inbound is not None and command & 0x06 != 0x04:
+            return self._publish_from(command, buf, i, stop)
+        if kind == paho.PUBACK and length == 2 and self.settled is not None:
+            mid = (buf[i] << 8) | buf[i + 1]
+            if mid not in self._out_messages:
+                self.settled(mid)
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._in_packet["command"] = command
+        self._in_packet["packet"] = bytearray(buf[i:stop])
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket:
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet["command"] = 0
+        self._in_packet["packet"] = bytearray()
+        return rc
+
     def _handle_publish(self) -> MQTTErrorCode:
         command, packet = self._in_packet["command"], self._in_packet["packet"]
-        qos = (command & 0x06) >> 1
-        if qos == 2 or self.inbound is None:
+        if command & 0x06 == 0x04 or self.inbound is None:  # QoS 2: paho's own flow
             return super()._handle_publish()
+        return self._publish_from(command, packet, 0, len(packet))
+
+    def _publish_from(self, command: int, data: bytes | bytearray, start: int, stop: int) -> MQTTErrorCode:
+        """A QoS 0/1 PUBLISH whose variable header and payload are ``data[start:stop]``, to ``inbound``."""
+        assert self.inbound is not None
+        qos = (command & 0x06) >> 1
         try:
-            end = 2 + ((packet[0] << 8) | packet[1])
-            topic = bytes(packet[2:end])
+            end = start + 2 + ((data[start] << 8) | data[start + 1])
+            topic = bytes(data[start + 2:end])
             mid = 0
             if qos:
-                mid = (packet[end] << 8) | packet[end + 1]
+                mid = (data[end] << 8) | data[end + 1]
                 end += 2
             if self._protocol == paho.MQTTv5:  # skip the properties: none of them changes what we do
                 length = shift = 0
                 while True:
-                    byte = packet[end]
+                    byte = data[end]
                     end += 1
                     length |= (byte & 0x7F) << shift
                     shift += 7
@@ -200,9 +248,9 @@ class _Client(paho.Client):
                 end += length
         except IndexError:
             return MQTTErrorCode.MQTT_ERR_PROTOCOL
-        if not topic or end > len(packet):  # an empty topic needs an alias, which we never allow
+        if not topic or end > stop:  # an empty topic needs an alias, which we never allow
             return MQTTErrorCode.MQTT_ERR_PROTOCOL
-        self.inbound(topic, bytes(packet[end:]), qos, mid, bool(command & 0x08))
+        self.inbound(topic, bytes(data[end:stop]), qos, mid, bool(command & 0x08))
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
