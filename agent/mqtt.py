@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -33,6 +33,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.config import MqttSettings
 from agent.errors import ConfigError
 from agent.telemetry import get_logger
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import _OutPacket
 
 log = get_logger(__name__)
 
@@ -127,6 +130,7 @@ def explain_connect_error(exc: BaseException, settings: MqttSettings) -> str:
 
 READ_CHUNK = 64 * 1024
 READ_BUDGET = 256  # packets per turn of the event loop
+WRITE_CHUNK = 256 * 1024  # bytes coalesced into one send
 TICK_S = 0.5  # supervisor period: keepalive checks, reconnect decisions, watchdog heartbeat
 CONNACK_TIMEOUT_S = 30.0
 
@@ -269,6 +273,27 @@ class _Client(paho.Client):
             log.error("result_refused_by_broker", mid=mid, reason=str(reason))
         self.settled(mid)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _packet_write(self) -> MQTTErrorCode:
+        """Whole queued packets (a loop turn's PUBACKs and results) go out in one send, not one each."""
+        out = self._out_packet
+        if len(out) > 1:
+            taken: list[_OutPacket] = []
+            size = 0
+            while out and size < WRITE_CHUNK:
+                head = out[0]
+                kind = head["command"] & 0xF0
+                if head["pos"] or kind == paho.DISCONNECT or (kind == paho.PUBLISH and head["qos"] == 0):
+                    break  # partly sent, or paho acts once it is written
+                taken.append(out.popleft())
+                size += len(head["packet"])
+            if len(taken) > 1:
+                blob = b"".join(packet["packet"] for packet in taken)
+                out.appendleft({"command": paho.PUBACK, "mid": 0, "qos": 1, "pos": 0, "to_process": len(blob),
+                                "packet": blob, "info": None})
+            elif taken:
+                out.appendleft(taken[0])
+        return super()._packet_write()
 
     def send_qos1(self, topic: bytes, payload: bytes, mid: int | None = None) -> int:
         """Queue a QoS 1 PUBLISH; ``mid`` given means a resend (DUP) after a reconnect. Returns the mid."""

@@ -102,3 +102,37 @@ def test_result_packets_are_well_formed_for_both_protocols(protocol: int, header
     c.send_qos1(b"edge/gw/results/a", b"{}", mid)  # the resend after a reconnect
     body = (17).to_bytes(2, "big") + b"edge/gw/results/a" + mid.to_bytes(2, "big") + header + b"{}"
     assert queued == [bytes([0x32, len(body)]) + body, bytes([0x3A, len(body)]) + body]
+
+
+class RecordingSocket(ChunkedSocket):
+    """Takes at most ``chunk`` bytes per send, as a full socket buffer would."""
+
+    def __init__(self, chunk: int) -> None:
+        super().__init__(b"", chunk)
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(bytes(data[:self.chunk]))
+        return len(self.sent[-1])
+
+
+@pytest.mark.parametrize("chunk", [5, 100_000])
+def test_queued_packets_go_out_together_and_whole(chunk: int) -> None:
+    c, _, _ = client(paho.MQTTv5)
+    sock = RecordingSocket(chunk)
+    c._sock = sock  # type: ignore[assignment]
+    c.on_socket_register_write = lambda *args: None  # as on the event loop: written on the next turn
+    expected = b""
+    for mid in range(1, 6):
+        c._send_puback(mid)
+        expected += bytes([0x40, 2, 0, mid])
+        sent = c.send_qos1(b"edge/gw/results/a", b"{}")
+        expected += bytes([0x32, 24]) + (17).to_bytes(2, "big") + b"edge/gw/results/a" + sent.to_bytes(2, "big")
+        expected += b"\x00{}"
+    for _ in range(100):
+        if not c.want_write():
+            break
+        c.loop_write()
+    assert b"".join(sock.sent) == expected
+    if chunk > len(expected):
+        assert len(sock.sent) == 1  # ten packets, one system call
