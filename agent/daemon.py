@@ -124,9 +124,7 @@ class Daemon:
             self.ingress.committed(committed.ingested)
         if committed.acks:
             self.ingress.mark_acked(committed.acks)
-            ack = self.link.ack
-            for mid, qos in committed.acks:
-                ack(mid, qos)
+            self.link.ack_many(committed.acks)
         if committed.tasks:
             self.dispatcher.accept(committed.tasks)
         if committed.outbox:

@@ -436,6 +436,18 @@ class MqttLink:
         if qos > 0 and self.connected.is_set():
             self._client.ack(mid, qos)
 
+    def ack_many(self, acks: Sequence[tuple[int, int]]) -> None:
+        """The acknowledgements of one commit: the QoS 1 PUBACKs as one queued write, built here."""
+        if not self.connected.is_set():
+            return  # see ack()
+        pubacks = [mid for mid, qos in acks if qos == 1]
+        if pubacks:
+            blob = b"".join([b"\x40\x02" + mid.to_bytes(2, "big") for mid in pubacks])
+            self._client._packet_queue(paho.PUBACK, blob, 0, 0)
+        for mid, qos in acks:
+            if qos == 2:
+                self._client.ack(mid, qos)
+
     def publish(self, topic: str, payload: bytes) -> int | None:
         """Queue a result at QoS 1; its mid, or None while disconnected (the caller keeps it for later).
 

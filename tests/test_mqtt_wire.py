@@ -136,3 +136,19 @@ def test_queued_packets_go_out_together_and_whole(chunk: int) -> None:
     assert b"".join(sock.sent) == expected
     if chunk > len(expected):
         assert len(sock.sent) == 1  # ten packets, one system call
+
+
+def test_a_commits_acknowledgements_are_one_write_of_pubacks() -> None:
+    from agent.config import MqttSettings
+    from agent.mqtt import MqttLink
+
+    link = MqttLink(MqttSettings(), client_id="c", agent_id="gw", topic_filters=[("a/#", 1)],
+                    on_message=lambda m: None, on_puback=lambda mid: None)
+    c = link._client
+    queued: list[tuple[int, bytes]] = []
+    c._packet_queue = lambda command, packet, mid, qos, info=None: queued.append((command, bytes(packet)))  # type: ignore[method-assign]
+    link.ack_many([(1, 1), (300, 1)])
+    assert queued == []  # not connected: the broker redelivers, ingress recognises the message
+    link.connected.set()
+    link.ack_many([(1, 1), (300, 1), (7, 0)])
+    assert queued == [(0x40, bytes([0x40, 2, 0, 1, 0x40, 2, 1, 44]))]
