@@ -60,9 +60,12 @@ def queue_messages(port: int, bodies: list[bytes]) -> None:
     client.max_inflight_messages_set(1000)
     client.connect("127.0.0.1", port)
     client.loop_start()
-    infos = [client.publish(TOPIC.format(i % 50), body, qos=1) for i, body in enumerate(bodies)]
-    for info in infos:
-        info.wait_for_publish(60)
+    # In chunks: paho's packet ids run out at 65,535 messages awaiting their PUBACK.
+    for start in range(0, len(bodies), 20_000):
+        infos = [client.publish(TOPIC.format(i % 50), body, qos=1)
+                 for i, body in enumerate(bodies[start:start + 20_000], start)]
+        for info in infos:
+            info.wait_for_publish(60)
     client.loop_stop()
     client.disconnect()
 
