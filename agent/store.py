@@ -351,7 +351,7 @@ class Store:
             self._hook(committed)
         except Exception:
             log.exception("store_post_commit_failed")
-        self._since_prune += len(batch)
+        self._since_prune += committed.ingested
         if self._since_prune > 20_000:
             self._since_prune = 0
             self._prune()
@@ -362,8 +362,9 @@ class Store:
         One statement per kind rather than one per row: sqlite3 lets go of the GIL for every statement it
         steps, and each time this thread then waits for the event loop to hand the GIL back.
         """
-        inserts: list[tuple[Any, ...]] = []
-        completes: list[tuple[Any, ...]] = []
+        # Flat parameter lists (15, 4 and 1 values a row), cut into statements by _chunks.
+        inserts: list[Any] = []
+        completes: list[Any] = []
         published: list[int] = []
         released_rows = released_bytes = 0
         tasks, outbox = committed.tasks, committed.outbox
@@ -382,7 +383,7 @@ class Store:
                     if row.out_topic is not None:  # a dead letter: straight to the outbox, no input kept
                         assert row.out_payload is not None
                         seq = self._take_seq()
-                        inserts.append((row_id, row.task_id, row.topic, None, None, None, None, row.size,
+                        inserts.extend((row_id, row.task_id, row.topic, None, None, None, None, row.size,
                                         row.received_at, row.mid, row.crc, OUTBOX, row.out_topic, row.out_payload,
                                         seq))
                         if self._hand_outbox:
@@ -390,7 +391,7 @@ class Store:
                     else:
                         assert row.kind is not None and row.placement is not None
                         options = row.options or {}
-                        inserts.append((row_id, row.task_id, row.topic, row.kind, row.placement,
+                        inserts.extend((row_id, row.task_id, row.topic, row.kind, row.placement,
                                         codec.dumps(options) if options else None, row.payload, row.size,
                                         row.received_at, row.mid, row.crc, PENDING, None, None, None))
                         if self._hand_tasks:
@@ -401,7 +402,7 @@ class Store:
             elif op.kind == "complete":
                 for row_id, size, out_topic, out_payload in op.args[0]:
                     seq = self._take_seq()
-                    completes.append((row_id, out_topic, out_payload, seq))
+                    completes.extend((row_id, out_topic, out_payload, seq))
                     # The input leaves the store and the result takes its place in the byte count.
                     released_bytes += size - len(out_payload)
                     if self._hand_outbox:
@@ -416,11 +417,11 @@ class Store:
                 raise StoreError(f"unknown store operation {op.kind}")
         committed.released = released_rows
         db = self._db
-        for rows, chunk in _chunks(inserts):
+        for rows, chunk in _chunks(inserts, 15):
             db.execute(_insert_sql(rows), chunk)
-        for rows, chunk in _chunks(completes):
+        for rows, chunk in _chunks(completes, 4):
             db.execute(_complete_sql(rows), chunk)
-        for rows, chunk in _chunks([(row_id,) for row_id in published]):
+        for rows, chunk in _chunks(published, 1):
             db.execute(_published_sql(rows), chunk)
         return released_rows, released_bytes
 
@@ -518,16 +519,16 @@ class ReadBack:
 CHUNKS = (256, 64, 16, 4, 1)
 
 
-def _chunks(rows: list[tuple[Any, ...]]) -> Iterable[tuple[int, list[Any]]]:
-    """Rows in runs of the few sizes in CHUNKS, each flattened into one parameter list.
+def _chunks(values: list[Any], width: int) -> Iterable[tuple[int, list[Any]]]:
+    """A flat parameter list of ``width`` values a row, in runs of the few row counts in CHUNKS.
 
     Few sizes, so few distinct statements: sqlite3 keeps every statement it prepared in its cache, and one
     prepared for each group size that ever occurred would hold tens of megabytes.
     """
-    start, total = 0, len(rows)
+    start, total = 0, len(values) // width
     for size in CHUNKS:
         while total - start >= size:
-            yield size, [value for row in rows[start:start + size] for value in row]
+            yield size, values[start * width:(start + size) * width]
             start += size
 
 
