@@ -94,7 +94,7 @@ class Daemon:
             on_message=self.ingress.handle, on_puback=self._acked, on_connected=self._connected,
             unsubscribe=[f for f in previous if f not in {r.topic for r in s.routes}],
         )
-        self.publisher = Publisher(store, self.link.publish, self.link.republish, window=s.mqtt.publish_window)
+        self.publisher = Publisher(store, self.link.send, window=s.mqtt.publish_window)
         self.metrics: MetricsServer | None = None
         if s.metrics.port:
             self.metrics = MetricsServer(s.metrics.port, self._collector(), healthy=self._healthy,

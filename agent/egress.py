@@ -65,15 +65,13 @@ class Publisher:
     def __init__(
         self,
         store: Store,
-        publish: Callable[[str, bytes], int | None],
-        republish: Callable[[int, str, bytes], bool],
+        send: Callable[[list[tuple[str, bytes, int | None]]], list[int]],
         *,
         window: int,
         memory_cap: int = 2_000,
     ) -> None:
         self._store = store
-        self._publish = publish
-        self._republish = republish
+        self._send = send
         self.window = window
         self._memory_cap = memory_cap
         self._queue: deque[OutboxEntry] = deque()
@@ -135,17 +133,18 @@ class Publisher:
     def pump(self) -> None:
         if self._retry is not None:
             return
-        queue, inflight, publish = self._queue, self._inflight, self._publish
-        while queue and len(inflight) < self.window:
-            entry = queue[0]
-            mid = publish(entry.topic, entry.payload)
-            if mid is None:
+        queue, inflight = self._queue, self._inflight
+        room = min(len(queue), self.window - len(inflight))
+        if room > 0:
+            batch = [queue.popleft() for _ in range(room)]
+            mids = self._send([(entry.topic, entry.payload, None) for entry in batch])
+            if not mids:  # disconnected: again after the next CONNACK, or shortly
+                queue.extendleft(reversed(batch))
                 assert self._loop is not None
                 self._retry = self._loop.call_later(RETRY_REFUSED_S, self._retry_now)
                 return
-            queue.popleft()
-            inflight[mid] = entry
-            self.published += 1
+            inflight.update(zip(mids, batch, strict=True))
+            self.published += len(mids)
         if not queue and self._readback.spilled:
             self._load_more()
 
@@ -153,9 +152,11 @@ class Publisher:
         """After each CONNACK, with the window the broker allows: what the last connection left unacknowledged
         goes again, then the queue."""
         self.window = max(1, window)
-        for mid, entry in list(self._inflight.items()):
-            if not self._republish(mid, entry.topic, entry.payload):
-                break
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._inflight:
+            self._send([(entry.topic, entry.payload, mid) for mid, entry in self._inflight.items()])
         self.pump()
 
     def _retry_now(self) -> None:

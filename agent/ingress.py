@@ -52,6 +52,10 @@ class Router:
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = list(routes)
         self._cache: dict[str, Route | None] = {}
+        # Each route's task options, built once (pydantic builds a new dict on every access).
+        self.options: dict[str, dict[str, object]] = {}
+        for route in reversed(self.routes):
+            self.options[route.topic] = route.options
 
     def match(self, topic: str) -> Route | None:
         try:
@@ -180,8 +184,7 @@ class Ingress:
             row = self._dead(msg, task_id, crc, "unknown_task",
                              f"no route matches topic {msg.topic!r} (a subscription left from earlier routes?)")
         else:
-            options = route.options
-            options["topic"] = msg.topic
+            options = {**self.router.options[route.topic], "topic": msg.topic}
             row = NewTask(task_id, msg.topic, route.task, route.placement, options, payload, size,
                           msg.received_at, mid if qos else None, crc if qos else None)
             counters.accepted += 1

@@ -18,7 +18,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -295,17 +295,20 @@ class _Client(paho.Client):
                 out.appendleft(taken[0])
         return super()._packet_write()
 
-    def send_qos1(self, topic: bytes, payload: bytes, mid: int | None = None) -> int:
-        """Queue a QoS 1 PUBLISH; ``mid`` given means a resend (DUP) after a reconnect. Returns the mid."""
-        dup = mid is not None
-        if mid is None:
-            mid = self._mid_generate()
-        v5 = self._protocol == paho.MQTTv5
-        head = bytes((0x3A if dup else 0x32,)) + _varint(len(topic) + len(payload) + (5 if v5 else 4))
-        packet = b"".join((head, len(topic).to_bytes(2, "big"), topic, mid.to_bytes(2, "big"),
-                           b"\x00" if v5 else b"", payload))
-        self._packet_queue(paho.PUBLISH, packet, mid, 1)
-        return mid
+    def send_qos1(self, messages: Iterable[tuple[bytes, bytes, int | None]]) -> list[int]:
+        """Queue QoS 1 PUBLISHes as one write: (topic, payload, mid) each, where a mid means a resend (DUP)
+        after a reconnect and None a new packet id. Returns the packet ids in order."""
+        extra, properties = (5, b"\x00") if self._protocol == paho.MQTTv5 else (4, b"")
+        parts: list[bytes] = []
+        mids: list[int] = []
+        for topic, payload, given in messages:
+            mid = self._mid_generate() if given is None else given
+            parts += (b"\x32" if given is None else b"\x3a", _varint(len(topic) + len(payload) + extra),
+                      len(topic).to_bytes(2, "big"), topic, mid.to_bytes(2, "big"), properties, payload)
+            mids.append(mid)
+        if parts:
+            self._packet_queue(paho.PUBLISH, b"".join(parts), mids[0], 1)
+        return mids
 
 
 class MqttLink:
@@ -448,22 +451,17 @@ class MqttLink:
             if qos == 2:
                 self._client.ack(mid, qos)
 
-    def publish(self, topic: str, payload: bytes) -> int | None:
-        """Queue a result at QoS 1; its mid, or None while disconnected (the caller keeps it for later).
+    def send(self, messages: Sequence[tuple[str, bytes, int | None]]) -> list[int]:
+        """Queue results at QoS 1: (topic, payload, None) for a new one, (…, mid) to resend one under its
+        packet id after a reconnect (DUP), as MQTT asks. Returns their packet ids; none while disconnected
+        (the caller keeps them for later).
 
-        Its PUBACK reaches ``on_puback``. paho does not track these: after a reconnect the caller sends what
-        was not acknowledged again with :meth:`republish`.
+        paho does not track these: their PUBACKs reach ``on_puback``, and the caller resends what a lost
+        connection left unacknowledged.
         """
         if not self.connected.is_set():
-            return None
-        return self._client.send_qos1(topic.encode(), payload)
-
-    def republish(self, mid: int, topic: str, payload: bytes) -> bool:
-        """Send an unacknowledged result again under its packet id (DUP), as MQTT asks after a reconnect."""
-        if not self.connected.is_set():
-            return False
-        self._client.send_qos1(topic.encode(), payload, mid)
-        return True
+            return []
+        return self._client.send_qos1([(topic.encode(), payload, mid) for topic, payload, mid in messages])
 
     async def _supervise(self) -> None:
         """Connect, keep alive, reconnect with backoff; one pass per tick or when something changes."""

@@ -98,10 +98,13 @@ def test_result_packets_are_well_formed_for_both_protocols(protocol: int, header
     c, _, _ = client(protocol)
     queued: list[bytes] = []
     c._packet_queue = lambda command, packet, mid, qos, info=None: queued.append(bytes(packet))  # type: ignore[method-assign]
-    mid = c.send_qos1(b"edge/gw/results/a", b"{}")
-    c.send_qos1(b"edge/gw/results/a", b"{}", mid)  # the resend after a reconnect
+    (mid,) = c.send_qos1([(b"edge/gw/results/a", b"{}", None)])
+    assert c.send_qos1([(b"edge/gw/results/a", b"{}", mid)]) == [mid]  # the resend after a reconnect
     body = (17).to_bytes(2, "big") + b"edge/gw/results/a" + mid.to_bytes(2, "big") + header + b"{}"
     assert queued == [bytes([0x32, len(body)]) + body, bytes([0x3A, len(body)]) + body]
+    queued.clear()
+    first, second = c.send_qos1([(b"edge/gw/results/a", b"{}", None), (b"edge/gw/results/b", b"[]", None)])
+    assert second == first + 1 and len(queued) == 1  # a batch is one queued write
 
 
 class RecordingSocket(ChunkedSocket):
@@ -126,7 +129,7 @@ def test_queued_packets_go_out_together_and_whole(chunk: int) -> None:
     for mid in range(1, 6):
         c._send_puback(mid)
         expected += bytes([0x40, 2, 0, mid])
-        sent = c.send_qos1(b"edge/gw/results/a", b"{}")
+        (sent,) = c.send_qos1([(b"edge/gw/results/a", b"{}", None)])
         expected += bytes([0x32, 24]) + (17).to_bytes(2, "big") + b"edge/gw/results/a" + sent.to_bytes(2, "big")
         expected += b"\x00{}"
     for _ in range(100):

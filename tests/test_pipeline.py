@@ -32,17 +32,19 @@ async def run_pipeline(tmp_path: Path, n: int, *, publish_cap: int, dispatch_cap
     mids = iter(range(1, 1_000_000))
     boxes: dict[str, Any] = {}
 
-    def publish(topic: str, payload: bytes) -> int:
-        published.append(json.loads(payload))
-        mid = next(mids)
-        loop.call_soon(boxes["publisher"].acked, [mid])  # the broker's PUBACK
-        return mid
+    def send(messages: list[tuple[str, bytes, int | None]]) -> list[int]:
+        sent = []
+        for _, payload, _ in messages:
+            published.append(json.loads(payload))
+            sent.append(next(mids))
+        loop.call_soon(boxes["publisher"].acked, sent)  # the broker's PUBACKs
+        return sent
 
     settings = Settings(state_dir=tmp_path, local={"workers": 1})  # type: ignore[arg-type]
     dispatcher = Dispatcher(agent_id="gw", registry=default_registry(), executor=LocalExecutor(1, settings),
                             store=store, policy=Policy(settings.decision, inline_kinds=["sensor.stats"]),
                             memory_cap_tasks=dispatch_cap)
-    publisher = Publisher(store, publish, lambda mid, topic, payload: True, window=7, memory_cap=publish_cap)
+    publisher = Publisher(store, send, window=7, memory_cap=publish_cap)
     boxes["publisher"] = publisher
 
     def deliver(committed: Committed) -> None:
