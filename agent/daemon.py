@@ -110,7 +110,7 @@ class Daemon:
         self.link.request_reconnect()
 
     def _acked(self, mid: int) -> None:
-        self.publisher.acked((mid,))
+        self.publisher.acked_one(mid)
 
     def _connected(self, session_present: bool) -> None:  # after every CONNACK
         routes = self.settings.routes

@@ -113,16 +113,19 @@ class Publisher:
         self.pump()
 
     def acked(self, mids: Iterable[int]) -> None:
-        """PUBACKs, one by one as paho reads them; the store hears of them once per loop turn."""
-        settled, inflight = self._settled, self._inflight
-        first = not settled
         for mid in mids:
-            entry = inflight.pop(mid, None)
-            if entry is not None:  # other mids are our status messages
-                settled.append((entry.id, len(entry.payload)))
-        if first and settled:
+            self.acked_one(mid)
+
+    def acked_one(self, mid: int) -> None:
+        """A PUBACK, as the client reads it; the store hears of them once per loop turn."""
+        entry = self._inflight.pop(mid, None)
+        if entry is None:  # not a result of ours
+            return
+        settled = self._settled
+        if not settled:
             assert self._loop is not None
             self._loop.call_soon(self._settle)
+        settled.append((entry.id, len(entry.payload)))
 
     def _settle(self) -> None:
         done, self._settled = self._settled, []
