@@ -37,6 +37,7 @@ SCHEMA_VERSION = 1
 MAX_GROUP = 4000  # operations per transaction: bounds the time acknowledgements wait behind one commit
 INLINE_READ_BYTES = 4096  # read-backs carry inputs up to this size; larger ones are read when they run
 TOMBSTONES_KEPT = 70_000  # > 65,535 packet ids, so any id the broker may still redeliver is remembered
+PRUNE_EVERY = 1_000  # ingested rows between prunes, each dropping at most twice as many old tombstones
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -352,7 +353,7 @@ class Store:
         except Exception:
             log.exception("store_post_commit_failed")
         self._since_prune += committed.ingested
-        if self._since_prune > 20_000:
+        if self._since_prune >= PRUNE_EVERY:
             self._since_prune = 0
             self._prune()
 
@@ -461,12 +462,16 @@ class Store:
         return seq
 
     def _prune(self) -> None:
-        """Drop old tombstones; keep enough to recognise any packet id the broker could still redeliver."""
-        row = self._db.execute("SELECT max(id) FROM tasks").fetchone()
-        if row[0] is None:
-            return
+        """Drop old tombstones; keep enough to recognise any packet id the broker could still redeliver.
+
+        A bounded number per call, often: one big DELETE after a long backlog held the writer, and with it
+        every acknowledgement and result, for hundreds of milliseconds.
+        """
         try:
-            self._db.execute("DELETE FROM tasks WHERE state=2 AND id < ?", (int(row[0]) - TOMBSTONES_KEPT,))
+            self._db.execute(
+                "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE state=2 AND id < ? ORDER BY id LIMIT ?)",
+                (self._next_id - TOMBSTONES_KEPT, 2 * PRUNE_EVERY),
+            )
         except sqlite3.Error as exc:
             log.warning("store_prune_failed", error=str(exc))
 

@@ -197,3 +197,28 @@ def test_a_commit_hanging_too_long_makes_the_writer_unhealthy(store: Store) -> N
     assert not store.healthy(stuck_after_s=60)
     store.busy_since = None
     assert store.healthy()
+
+
+def test_old_tombstones_are_pruned_a_bounded_number_at_a_time(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.store as store_module
+
+    monkeypatch.setattr(store_module, "TOMBSTONES_KEPT", 100)
+    monkeypatch.setattr(store_module, "PRUNE_EVERY", 10)
+    store = Store(tmp_path, max_tasks=10_000, max_bytes=10_000_000)
+    hook = Hooked()
+    store.start(hook)
+    published = 0
+    for batch in range(50):
+        store.ingest([new_task(batch * 10 + i) for i in range(10)], [])
+        refs = hook.gather(10, "tasks")
+        store.complete([(r.id, r.size, "edge/gw/results/x", b"r") for r in refs])  # type: ignore[attr-defined]
+        store.published([(e.id, 1) for e in hook.gather(10, "outbox")])  # type: ignore[attr-defined]
+        published += 10
+    store.ingest([new_task(999)], [])  # the commits after the last tombstones prune once more
+    hook.gather(1, "tasks")
+    store.stop()
+    counts = Store(tmp_path, max_tasks=10_000, max_bytes=10_000_000).counts()
+    # A prune (at most 20 rows) after every 10 ingested rows keeps up: the newest 100 tombstones are left.
+    assert counts["published"] == 100 < published
+    assert counts["pending"] == 1
