@@ -127,9 +127,9 @@ class Daemon:
             self.ingress.mark_acked(committed.acks)
             self.link.ack_many(committed.acks)
         if committed.tasks:
-            self.dispatcher.accept(committed.tasks)
+            self.dispatcher.accept(committed.tasks, committed.number)
         if committed.outbox:
-            self.publisher.accept(committed.outbox)
+            self.publisher.accept(committed.outbox, committed.number)
         if committed.released:
             self.ingress.maybe_resume()
 

@@ -121,7 +121,8 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ intake
 
-    def accept(self, tasks: list[TaskRef]) -> None:
+    def accept(self, tasks: list[TaskRef], commit: int) -> None:
+        """The tasks a commit (number ``commit``) handed over."""
         if not tasks:
             return
         # Take what fits under the caps; the rest stays in the store and is read back in order later.
@@ -135,7 +136,7 @@ class Dispatcher:
             take = []
         if len(take) < len(tasks):
             self._readback.hand_off(False, tasks[-1].id)
-            self._store.stop_hand_off("tasks")  # read back from the store from now on
+            self._store.stop_hand_off("tasks", commit)  # read back from the store from now on
         self._schedule()
 
     def _admit(self, ref: TaskRef, now: float) -> None:

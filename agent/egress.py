@@ -100,7 +100,8 @@ class Publisher:
 
     # ------------------------------------------------------------------ event loop
 
-    def accept(self, entries: list[OutboxEntry]) -> None:
+    def accept(self, entries: list[OutboxEntry], commit: int) -> None:
+        """The results and dead letters a commit (number ``commit``) handed over."""
         room = self._memory_cap - len(self._queue)
         take = entries if room >= len(entries) else entries[:max(room, 0)]
         if take and self._readback.hand_off(True, take[-1].seq):
@@ -109,7 +110,7 @@ class Publisher:
             take = []
         if len(take) < len(entries):
             self._readback.hand_off(False, entries[-1].seq)  # the rest is read back from the store later
-            self._store.stop_hand_off("outbox")
+            self._store.stop_hand_off("outbox", commit)
         self.pump()
 
     def acked(self, mids: Iterable[int]) -> None:

@@ -110,6 +110,7 @@ class Committed:
     outbox: list[OutboxEntry] = field(default_factory=list)
     released: int = 0
     ingested: int = 0  # rows inserted from ingress
+    number: int = 0  # the commit's sequence number (Store.commits after it)
 
 
 CommitHook = Callable[[Committed], None]
@@ -148,6 +149,8 @@ class Store:
         # that catches up, which in the writer's order comes before any commit it has not seen.
         self._hand_tasks = True
         self._hand_outbox = True
+        # The commit count at each one's last catching-up read: a stop older than that read is stale.
+        self._caught_up = {"tasks": -1, "outbox": -1}
         self._since_prune = 0
         self.commits = 0
         self.last_commit_s = 0.0
@@ -282,10 +285,14 @@ class Store:
     def load_outbox(self, after_seq: int, limit: int, reply: Callable[[list[OutboxEntry]], None]) -> None:
         self._queue.put(_Op("load_outbox", (after_seq, limit, reply)))
 
-    def stop_hand_off(self, what: str) -> None:
-        """``"tasks"`` or ``"outbox"``: the reader has spilled and will read the store back; until that read
-        catches up, commits need not build hand-offs it would only drop."""
-        self._queue.put(_Op("stop_hand_off", (what,)))
+    def stop_hand_off(self, what: str, commit: int) -> None:
+        """``"tasks"`` or ``"outbox"``: the reader spilled at the hand-off of commit number ``commit`` and will
+        read the store back; until that read catches up, commits need not build hand-offs it would only drop.
+
+        Ignored when a read that caught up came after that commit: the reader has taken hand-offs again since
+        (it sent this before the read's reply reached it), and stopping them now would strand new rows.
+        """
+        self._queue.put(_Op("stop_hand_off", (what, commit)))
 
     def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the writer thread after everything queued before it has been committed."""
@@ -347,6 +354,7 @@ class Store:
         self.released_bytes += released_bytes
         self.busy_since = None
         self.commits += 1
+        committed.number = self.commits
         self.last_commit_s = time.perf_counter() - started
         try:
             self._hook(committed)
@@ -371,10 +379,12 @@ class Store:
         tasks, outbox = committed.tasks, committed.outbox
         for op in batch:
             if op.kind == "stop_hand_off":
-                if op.args[0] == "tasks":
-                    self._hand_tasks = False
-                else:
-                    self._hand_outbox = False
+                what, commit = op.args
+                if commit > self._caught_up[what]:
+                    if what == "tasks":
+                        self._hand_tasks = False
+                    else:
+                        self._hand_outbox = False
                 continue
             if op.kind == "ingest":
                 rows, acks = op.args
@@ -437,6 +447,7 @@ class Store:
                 ).fetchall()
                 if len(rows) < limit:
                     self._hand_tasks = True
+                    self._caught_up["tasks"] = self.commits
                 reply([TaskRef(r[0], r[1], r[2], r[3], r[4], orjson.loads(r[5]) if r[5] else {}, r[8], r[6], r[7])
                        for r in rows])
             elif op.kind == "load_outbox":
@@ -447,6 +458,7 @@ class Store:
                 ).fetchall()
                 if len(rows) < limit:
                     self._hand_outbox = True
+                    self._caught_up["outbox"] = self.commits
                 reply([OutboxEntry(r[0], r[1], r[2], r[3]) for r in rows])
             else:
                 op.args[0]()

@@ -48,8 +48,8 @@ async def run_pipeline(tmp_path: Path, n: int, *, publish_cap: int, dispatch_cap
     boxes["publisher"] = publisher
 
     def deliver(committed: Committed) -> None:
-        dispatcher.accept(committed.tasks)
-        publisher.accept(committed.outbox)
+        dispatcher.accept(committed.tasks, committed.number)
+        publisher.accept(committed.outbox, committed.number)
 
     if preload:  # as after a restart: everything is already in the store
         store.start(lambda c: None)

@@ -154,7 +154,7 @@ def test_hand_offs_pause_while_the_reader_reads_back_and_resume_at_the_read_that
     hook = Hooked()
     store.start(hook)
     got: queue.SimpleQueue[list[TaskRef]] = queue.SimpleQueue()
-    store.stop_hand_off("tasks")
+    store.stop_hand_off("tasks", 0)
     store.ingest([new_task(0), new_task(1)], [(1, 1), (2, 1)])
     store.load_pending(0, 1, got.put)  # a full page: the reader is still behind
     store.ingest([new_task(2)], [(3, 1)])
@@ -169,6 +169,20 @@ def test_hand_offs_pause_while_the_reader_reads_back_and_resume_at_the_read_that
     assert [r.task_id for r in got.get(timeout=5)] == ["t1", "t2"]
     handed = hook.gather(1, "tasks")
     assert [r.task_id for r in handed] == ["t3"]  # type: ignore[attr-defined]
+
+
+def test_a_stop_sent_before_a_catching_up_read_reached_the_reader_is_ignored(store: Store) -> None:
+    hook = Hooked()
+    store.start(hook)
+    got: queue.SimpleQueue[list[TaskRef]] = queue.SimpleQueue()
+    store.ingest([new_task(0)], [])
+    first = hook.commits.get(timeout=5)
+    store.load_pending(0, 10, got.put)  # catches up after commit 1
+    assert [r.task_id for r in got.get(timeout=5)] == ["t0"]
+    # The reader had declined commit 1's hand-off before that read's reply reached it: the stop is stale.
+    store.stop_hand_off("tasks", first.number)
+    store.ingest([new_task(1)], [])
+    assert [r.task_id for r in hook.gather(1, "tasks")] == ["t1"]  # type: ignore[attr-defined]
 
 
 def test_call_runs_after_everything_queued_before(store: Store) -> None:
