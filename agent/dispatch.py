@@ -3,11 +3,18 @@
 Runs on the event loop. Each task is decided when it is admitted, so the policy sees every task queued on
 each side (its waits) and not only the running ones. A task sent to the cloud that does not come back for any
 reason (the cloud client raised) runs on the gateway instead: the cloud can delay a task, never lose it.
+
+Hedging: a cloud task still unanswered ``Decision.hedge_after_s`` after its decision (an upload that met a fade)
+also runs on the gateway, as the same row with the same task id. The first copy to finish commits the result;
+a cloud request still running then is cancelled (which aborts its HTTP request), a gateway copy still queued is
+dropped, and one already running in the pool is left to finish and its result ignored. Either way one result
+is published, whose ``placement`` says where it ran and whose decision says ``"hedged": true``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -39,9 +46,11 @@ class Admitted(NamedTuple):
     task: Task
     decision: Decision | None  # None: the kind is not installed (it fails without running)
     fallback: str | None = None  # why a task decided for the cloud runs on the gateway after all
+    decided_at: float = 0.0  # the dispatcher's clock when it was decided (hedging counts from then)
+    hedge: bool = False  # the gateway copy of a cloud task that was overdue
 
 
-def decision_fields(item: Admitted) -> dict[str, Any]:
+def decision_fields(item: Admitted, hedged: bool = False) -> dict[str, Any]:
     """The ``decision`` object of a result message (DESIGN §4), plus ``fallback`` when the cloud failed it."""
     decision = item.decision
     if decision is None:
@@ -52,6 +61,8 @@ def decision_fields(item: Admitted) -> dict[str, Any]:
         fields["probe"] = True
     if item.fallback is not None:
         fields["fallback"] = item.fallback
+    if hedged or item.hedge:
+        fields["hedged"] = True
     return fields
 
 
@@ -99,6 +110,11 @@ class Dispatcher:
         self.durations: dict[tuple[str, str], Histogram] = {}  # (placement, kind) → service time
         self.cloud_outcomes: dict[str, int] = {}  # ok, transient, permanent, circuit_open → count
         self.fallbacks = 0
+        self.hedges = 0  # cloud tasks that also ran on the gateway because they were overdue
+        self.hedges_won = 0  # … of which the gateway copy finished first
+        self._hedged: dict[int, Admitted] = {}  # row id → gateway copy of a cloud task still in flight
+        self._hedge_timers: dict[int, asyncio.TimerHandle] = {}
+        self._settled: set[int] = set()  # rows whose result is committed while a losing gateway copy still runs
         self._fallbacks_unlogged = 0
         self._fallback_logged_at = -FALLBACK_LOG_EVERY_S
         self.last_terms: dict[str, Mapping[str, float]] = {}  # kind → the terms of its latest decision
@@ -157,8 +173,8 @@ class Dispatcher:
             self.policy.task_started(decision.target, task, now)
             # The queued task keeps what its result reports, not the terms (most of a decision's memory).
             decision = Decision(decision.target, decision.t_local_s, decision.t_cloud_s, decision.reason, _NO_TERMS,
-                                decision.probe, decision.prewarm)
-        item = Admitted(ref, task, decision)
+                                decision.probe, decision.prewarm, decision.hedge_after_s)
+        item = Admitted(ref, task, decision, decided_at=now)
         if decision is not None and decision.target == "cloud":
             self._cloud.append(item)
         else:
@@ -206,6 +222,8 @@ class Dispatcher:
         while heavy and len(self._running) < self._heavy_limit:
             item = heavy.popleft()
             self._queued_bytes -= item.ref.size
+            if item.hedge and self._hedge_lost(item):
+                continue
             payload = self._payload(item)
             if payload is not None:
                 self._running[item.ref.id] = asyncio.ensure_future(self._run_heavy(item, payload))
@@ -213,6 +231,8 @@ class Dispatcher:
         for _ in range(min(len(light), INLINE_BUDGET)):
             item = light.popleft()
             self._queued_bytes -= item.ref.size
+            if item.hedge and self._hedge_lost(item):
+                continue
             payload = self._payload(item)
             if payload is not None:
                 self._run_light(item, payload)
@@ -269,22 +289,56 @@ class Dispatcher:
 
     async def _run_cloud(self, item: Admitted, payload: bytes) -> None:
         ref = item.ref
-        assert self.cloud is not None
+        assert self.cloud is not None and self._loop is not None
         started = time.time()
+        hedge_after = item.decision.hedge_after_s if item.decision is not None else math.inf
+        if math.isfinite(hedge_after):
+            delay = max(0.0, item.decided_at + hedge_after - self._clock())
+            self._hedge_timers[ref.id] = self._loop.call_later(delay, self._hedge, item, payload)
         try:
             answer = await self.cloud.submit(ref.task_id, ref.kind, payload, ref.options)
         except CloudError as exc:
             self._count_cloud(_outcome(exc))
-            self._cloud_failed(item, payload, exc)
+            if ref.id in self._hedged:
+                self._finished(item, "cloud")  # the gateway copy is running already: it provides the result
+            else:
+                self._cloud_failed(item, payload, exc)
         else:
             self._count_cloud("ok")
             self._complete(item, answer.result, answer.exec_s, started, placement="cloud")
         finally:
+            timer = self._hedge_timers.pop(ref.id, None)
+            if timer is not None:
+                timer.cancel()
             self._cloud_running.pop(ref.id, None)
             lease = self.cloud.lease_status()
             if lease.ready or not lease.provisioning:
                 self.policy.observe_lease(lease.ready, slots=lease.slots or None)
             self._schedule()
+
+    def _hedge(self, item: Admitted, payload: bytes) -> None:
+        """The cloud task is overdue: queue a gateway copy too, behind the tasks queued there already (as the
+        policy counts it, and as the replay simulates it)."""
+        ref = item.ref
+        self._hedge_timers.pop(ref.id, None)
+        if self.closing or ref.id not in self._cloud_running or ref.id in self._hedged:
+            return
+        self.policy.task_started("local", item.task, self._clock())
+        self.hedges += 1
+        copy = item._replace(ref=ref._replace(payload=payload), hedge=True)
+        self._hedged[ref.id] = copy
+        spec = self._registry.get(ref.kind)
+        (self._heavy if spec.heavy else self._light).append(copy)
+        self._queued_bytes += ref.size
+        self._schedule()
+
+    def _hedge_lost(self, copy: Admitted) -> bool:
+        """A gateway copy about to start: True (and forgotten) when the cloud already answered for its row."""
+        if copy.ref.id in self._hedged:
+            return False
+        self._settled.discard(copy.ref.id)
+        self.policy.task_finished("local", copy.task, self._clock())
+        return True
 
     def _cloud_failed(self, item: Admitted, payload: bytes, exc: CloudError) -> None:
         """Run it on the gateway instead, ahead of tasks admitted later (it has waited already)."""
@@ -313,11 +367,18 @@ class Dispatcher:
     def _complete(self, item: Admitted, result: dict[str, Any], service_s: float, started: float,
                   placement: str = "local") -> None:
         ref = item.ref
+        if item.hedge and ref.id in self._settled:
+            # The losing gateway copy of a row the cloud answered: its time is still a measurement.
+            self._settled.discard(ref.id)
+            self._finished(item, "local")
+            self.policy.observe_local(ref.kind, ref.size, service_s, self._clock())
+            return
+        hedged = item.hedge or ref.id in self._hedged
         finished = time.time()
         try:
             topic, body = result_message(
                 self._agent_id, task_id=ref.task_id, kind=ref.kind, topic=ref.topic, placement=placement,
-                decision=decision_fields(item),
+                decision=decision_fields(item, hedged),
                 timings={"queued_s": round(max(0.0, started - ref.received_at), 6),
                          "exec_s": round(service_s, 6),
                          "total_s": round(max(0.0, finished - ref.received_at), 6)},
@@ -327,6 +388,8 @@ class Dispatcher:
             self._fail(item, ValueError(f"the task returned a result that is not JSON: {exc}"))
             return
         now = self._clock()
+        if hedged:
+            self._settle_hedge(item, placement, now)
         self._finished(item, placement)
         if placement == "local":
             # What the model learns from: the measured service time (the cloud client reports the cloud's).
@@ -340,8 +403,34 @@ class Dispatcher:
         self.completed += 1
         self._finish_row(ref, topic, body)
 
+    def _settle_hedge(self, item: Admitted, placement: str, now: float) -> None:
+        """The first copy of a hedged row finished (its result is being committed): stop the other copy."""
+        ref = item.ref
+        copy = self._hedged.pop(ref.id, None)
+        if placement == "local":
+            self.hedges_won += 1
+            cloud_task = self._cloud_running.pop(ref.id, None)
+            if cloud_task is not None:
+                self.policy.cloud_cancelled(item.task, now)
+                cloud_task.cancel()  # aborts the HTTP request; its late answer can no longer be committed
+        elif copy is not None and ref.id in self._running:
+            self._settled.add(ref.id)  # the gateway copy runs in the pool: let it finish, ignore its result
+        # A copy still queued is dropped when it would start (_hedge_lost); a light one never waits that long.
+
     def _fail(self, item: Admitted, exc: BaseException) -> None:
         ref = item.ref
+        if item.hedge:
+            if ref.id in self._settled:
+                self._settled.discard(ref.id)
+                self._finished(item)
+                return
+            if ref.id in self._cloud_running and ref.id in self._hedged:
+                # The gateway copy failed while the cloud copy still runs: the cloud may still deliver; if it
+                # fails too, its fallback runs the task here again and reports that failure.
+                del self._hedged[ref.id]
+                self._finished(item)
+                return
+            self._hedged.pop(ref.id, None)
         self._finished(item)
         if isinstance(exc, (PayloadError, UnknownTask)):
             reason, detail = exc.reason, str(exc)

@@ -351,3 +351,83 @@ def test_local_wait_of_a_long_backlog_is_its_work_spread_over_the_workers(server
     for _ in range(500):
         pool.remove("k", 100, 0.0)
     assert pool.waiting_s == 0.0
+
+
+# --- hedging ------------------------------------------------------------------------------------------------
+
+
+def fast_cloud_policy() -> Policy:
+    """A warm lease on a measured 20 Mbit/s uplink and a busy gateway: heavy tasks go to the cloud."""
+    policy = Policy(quiet(), local_workers=2)
+    policy.observe_lease(True)
+    for i in range(5):
+        policy.observe_transfer("up", 1_000_000, 0.4, now=float(i))
+        policy.observe_rtt(0.04, now=float(i))
+    for _ in range(4):
+        policy.task_started("local", Task(NOISE, 160_000), 5.0)
+    return policy
+
+
+def test_a_cloud_task_the_model_chose_is_hedged_once_well_past_its_prediction() -> None:
+    from agent.decision import model
+
+    d = fast_cloud_policy().decide(Task(NOISE, 160_000), 5.0)
+    assert d.target == "cloud" and d.reason == "model"
+    assert math.isfinite(d.hedge_after_s)
+    # Ordinary prediction error is waited out: the slack, twice the prediction, and what the gateway would take.
+    assert d.hedge_after_s >= d.t_cloud_s + model.HEDGE_SLACK_S
+    assert d.hedge_after_s >= model.HEDGE_RATIO * d.t_cloud_s
+    assert d.hedge_after_s >= model.HEDGE_LOCAL_RATIO * d.t_local_s
+    # …but a stalled upload is not waited out: the bound is the largest of those three.
+    assert d.hedge_after_s == pytest.approx(max(d.t_cloud_s + model.HEDGE_SLACK_S,
+                                                model.HEDGE_RATIO * d.t_cloud_s,
+                                                model.HEDGE_LOCAL_RATIO * d.t_local_s))
+
+
+def test_only_the_models_cloud_tasks_are_hedged() -> None:
+    policy = fast_cloud_policy()
+    task = Task(NOISE, 160_000)
+    assert math.isinf(policy.decide(task, 5.0, placement="local").hedge_after_s)
+    # The operator placed the route in the cloud: it stays there, however slow.
+    forced = policy.decide(task, 5.0, placement="cloud")
+    assert forced.target == "cloud" and math.isinf(forced.hedge_after_s)
+    assert math.isinf(policy.decide(task, 5.0, circuit_open=True).hedge_after_s)
+    local = Policy(quiet()).decide(task, 0.0)  # priors only: the gateway wins
+    assert local.target == "local" and math.isinf(local.hedge_after_s)
+
+
+def test_a_probe_is_hedged_too() -> None:
+    policy = Policy(DecisionSettings(probe_interval_s=10.0, probe_budget_s=1.0))
+    policy.observe_lease(True)
+    d = policy.decide(Task(SENSOR, 300), 0.0)
+    assert d.probe and d.target == "cloud"
+    assert math.isfinite(d.hedge_after_s)
+
+
+def test_a_cancelled_stalled_upload_still_teaches_the_uplink_estimate() -> None:
+    def after(cancel: bool) -> float:
+        policy = Policy(quiet(), local_workers=1)
+        policy.observe_lease(True)
+        stalled = Task(NOISE, 100_000)
+        policy.task_started("cloud", stalled, 0.0)
+        if cancel:
+            policy.cloud_cancelled(stalled, 20.0)  # 100 kB not uploaded in 20 s: at most 5 kB/s
+        else:
+            policy.task_finished("cloud", stalled, 20.0)
+        snapshot = policy.snapshot(20.0)
+        assert snapshot["cloud_tasks"] == 0 and snapshot["uplink_queued_bytes"] == 0
+        return policy.decide(Task(NOISE, 100_000), 20.0).terms["upload_s"]
+
+    assert after(cancel=True) > 3 * after(cancel=False)
+
+
+def test_cancelling_a_task_still_queued_behind_another_upload_learns_nothing() -> None:
+    policy = Policy(quiet(), local_workers=1)
+    policy.observe_lease(True)
+    head, queued = Task(NOISE, 100_000), Task(NOISE, 50_000)
+    policy.task_started("cloud", head, 0.0)
+    policy.task_started("cloud", queued, 0.0)
+    before = policy.snapshot(0.0)["uplink_mbps"]
+    policy.cloud_cancelled(queued, 0.5)
+    assert policy.snapshot(0.5)["uplink_queued_bytes"] == 100_000
+    assert policy.snapshot(0.5)["uplink_mbps"] == pytest.approx(before)

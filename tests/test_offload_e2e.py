@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,39 @@ def test_a_bad_token_is_said_plainly_and_tasks_run_locally(broker: Mosquitto, de
         text = agent.log_path.read_text()
         assert text.count("the cloud rejected the token") == 1
         assert "wrong-token" not in text
+        assert agent.terminate() == 0
+    finally:
+        agent.cleanup()
+
+
+def test_an_upload_stalled_by_a_slow_link_is_hedged_on_the_gateway_and_reported_once(
+        broker: Mosquitto, devcloud: DevCloud, tmp_path: Path) -> None:
+    # Priors that make the cloud look far faster, so the model offloads; then the link nearly stops.
+    kinds = {"noise.spectrum": {"local_fixed_s": 2.0, "local_per_byte_s": 1e-5, "cloud_fixed_s": 0.001,
+                                "cloud_per_byte_s": 1e-9, "out_bytes": 300}}
+    env = cloud_env(devcloud) | {"EDGE_AGENT_DECISION__KINDS": json.dumps(kinds),
+                                 "EDGE_AGENT_DECISION__UPLINK_MBPS": "1000",
+                                 "EDGE_AGENT_DECISION__PROVISIONING_S": "0",
+                                 "EDGE_AGENT_DECISION__PROBE_INTERVAL_S": "0"}
+    agent = Agent(tmp_path / "agent", broker.port, routes=[NOISE_ROUTE], extra_env=env)
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    try:
+        agent.start()
+        devcloud.knobs(bandwidth_bytes_per_s=2000)  # a 64 kB clip would need 32 s to upload
+        publish_burst(broker.port, 0, 2, 2.0)
+        wait_for(lambda: len(collector.json_under(f"edge/{agent.agent_id}/results/")) >= 2, 30, "2 spectra")
+        devcloud.knobs(bandwidth_bytes_per_s=0)  # the link recovers: a late cloud answer could come now
+        time.sleep(3.0)
+        results = collector.json_under(f"edge/{agent.agent_id}/results/")
+        assert len(results) == 2, [(m["task_id"], m["placement"]) for m in results]  # one per task, no second
+        assert len({m["task_id"] for m in results}) == 2
+        for m in results:
+            assert m["placement"] == "local"
+            assert m["decision"]["reason"] == "model"
+            assert m["decision"]["hedged"] is True
+            assert "fallback" not in m["decision"]
+            assert m["result"]["samples"] == 32_000
+        assert devcloud.stats()["executions_total"] == 0  # the cancelled uploads never reached the cloud's workers
         assert agent.terminate() == 0
     finally:
         agent.cleanup()

@@ -151,6 +151,32 @@ def test_table_names_every_policy() -> None:
     assert "× oracle" in table and "columns" in table
 
 
+def outage_trace(tmp_path: Path) -> Path:
+    """20 Mbit/s, except for an outage from 40 to 80 s (0.02 Mbit/s: a 100 kB upload takes 40 s)."""
+    path = tmp_path / "outage"
+    rows = ["0 20"] + [f"{t} {0.02 if 40 < t <= 80 else 20}" for t in range(1, 121)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_hedging_bounds_the_tasks_an_outage_catches_in_the_uplink(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.decision import model
+
+    trace = outage_trace(tmp_path)
+    hedged = run_replay(trace, seed=1, workload=SHORT, policies=("agent", "always_local"))
+    monkeypatch.setattr(model, "HEDGE_SLACK_S", math.inf)  # never overdue: hedging off
+    waiting = run_replay(trace, seed=1, workload=SHORT, policies=("agent", "always_local"))
+    # Without hedging, the clips in flight when the outage began wait for it to end.
+    assert max(waiting.outcomes["agent"].completion_s) > 30.0
+    # Hedged, they finish on the gateway a few seconds later; the local copies do not swamp the gateway.
+    assert max(hedged.outcomes["agent"].completion_s) < 8.0
+    assert hedged.stats["agent"].mean_s < waiting.stats["agent"].mean_s
+    assert hedged.stats["agent"].mean_s < hedged.stats["always_local"].mean_s
+    # The baselines do not hedge.
+    assert hedged.stats["always_local"] == waiting.stats["always_local"]
+
+
 # --- command line -------------------------------------------------------------------------------------------
 
 

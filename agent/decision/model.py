@@ -43,6 +43,21 @@ _MIN_RATE = 1.0  # bytes/s: keeps every term finite even after a total outage wa
 # this many samples (RTT, provisioning, output size). Small, so the first real measurements dominate.
 _PRIOR_SECONDS = 0.5
 _PRIOR_SAMPLES = 1.0
+# Hedging (see Decision.hedge_after_s): a cloud task counts as overdue once it has taken HEDGE_SLACK_S longer
+# than its predicted total, HEDGE_RATIO times that total, and HEDGE_LOCAL_RATIO times what the gateway was
+# expected to need for it, whichever is latest. The slack and the ratio absorb ordinary prediction error (upload
+# times on cellular links vary by about ×2 either way), so mostly uploads that met a fade or an outage are
+# hedged; the local bound does not start a gateway copy before the task has waited as long as that copy is
+# expected to take (the classic rent-or-buy rule). In the replays, slacks of 0.5-2 s and ratios of 1.5-3 did
+# the same within seed noise.
+HEDGE_SLACK_S = 1.0
+HEDGE_RATIO = 2.0
+HEDGE_LOCAL_RATIO = 1.0
+# What a cancelled upload proves (the link carried at most its size in the time it ran) is a bound, not a
+# measured transfer: it counts as this share of a measured transfer of the same duration. In the replays, not
+# counting it at all let the agent keep offloading into a dead link (each task then paying the hedge delay);
+# counting it fully made the agent too timid after every fade on LTE.
+_CANCELLED_WEIGHT = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +82,15 @@ class Decision:
     # True when the cloud would have won but for provisioning: the caller should request a lease now, so the
     # next tasks find it warm (provisioning is paid once for many tasks, not charged to this one).
     prewarm: bool = False
+    # Hedging a cloud task: if its result has not come ``hedge_after_s`` seconds after this decision, the caller
+    # starts the same task on the gateway too (reporting it with ``task_started("local", task)``), keeps the
+    # result that comes first and cancels or ignores the other copy: ``task_finished`` for each copy once it
+    # ended, or ``cloud_cancelled`` for a cloud copy cancelled because the gateway's finished first. Finite only
+    # for a cloud task the model chose (probes included); ``math.inf`` for local tasks and for routes placed in
+    # the cloud by the operator. The delay is the predicted cloud total plus a bound that ordinary prediction
+    # error stays within (see ``HEDGE_*``), so that a task stuck in an upload that met a fade does not wait for
+    # the fade to end.
+    hedge_after_s: float = math.inf
 
 
 class _Kind:
@@ -327,7 +351,10 @@ class Policy:
         )
         if prewarm:
             self._provision_started = now  # the caller requests a lease; count its provisioning down from now
-        return Decision(target, t_local, t_cloud, reason, terms, probe, prewarm)
+        hedge_after = math.inf
+        if target == "cloud" and reason == "model":
+            hedge_after = max(t_cloud + HEDGE_SLACK_S, HEDGE_RATIO * t_cloud, HEDGE_LOCAL_RATIO * t_local)
+        return Decision(target, t_local, t_cloud, reason, terms, probe, prewarm, hedge_after)
 
     # ------------------------------------------------------------------ observations
 
@@ -440,6 +467,24 @@ class Policy:
         self._last_cloud_done = now if self._last_cloud_done is None else max(self._last_cloud_done, now)
         if self._cloud_n == 0:
             self._provision_started = None  # nothing waits for a lease any more
+
+    def cloud_cancelled(self, task: Task, now: float) -> None:
+        """The cloud copy of a hedged ``task`` was cancelled: its local copy finished first.
+
+        Bookkeeping as ``task_finished("cloud", task, now)``. If its upload was the one in progress on the uplink
+        and never completed, the time it has been uploading is kept as a sample of the uplink: the link carried
+        at most ``in_bytes`` in that time (a bound, so weighted by ``_CANCELLED_WEIGHT``). Without it, the
+        estimate would forget the fade that the upload met the moment the upload stops counting as pending.
+        """
+        now = max(self._clock, now)
+        since = self._up_head_since
+        pending = self._up_pending
+        if pending and pending[0] == task.in_bytes and since is not None and now > since:
+            elapsed = now - since
+            self._up.observe(task.in_bytes / elapsed, _CANCELLED_WEIGHT * elapsed, now)
+            self._up_queued -= pending.popleft()
+            self._up_head_since = now if pending else None
+        self.task_finished("cloud", task, now)
 
     # ------------------------------------------------------------------ introspection
 

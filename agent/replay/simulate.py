@@ -51,7 +51,7 @@ class CloudPlan:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """Per task, in arrival order: completion time (s) and where it ran."""
+    """Per task, in arrival order: completion time (s) and where it ran (for a hedged task: the copy that counted)."""
 
     policy: str
     completion_s: list[float]
@@ -151,11 +151,24 @@ def _oracle(world: World, i: int, now: float) -> Target:
 
 
 # Observation events for the agent, in time order: (time, sequence, what, task index, CloudPlan or None).
-_LOCAL_DONE, _LEASE_READY, _UPLOADED, _CLOUD_DONE = range(4)
+_LOCAL_DONE, _LEASE_READY, _UPLOADED, _CLOUD_DONE, _HEDGE, _CANCEL_CLOUD, _DROP_LOCAL = range(7)
 
 
 def _agent(settings: DecisionSettings, workload: Workload, arrivals: Arrivals, uplink: Trace,
            downlink: Trace) -> Outcome:
+    """The agent's run, hedging included (``Decision.hedge_after_s``), as the dispatcher does it.
+
+    A cloud task whose result has not come by its hedge time gets a local copy, queued at that moment like any
+    local task (it occupies a worker, or the event loop for a light kind). The first result counts:
+
+    - the local copy finishes first: the cloud request is cancelled then. Its upload keeps the uplink until
+      it would have ended all the same: the bytes already handed to the socket's send buffer and the modem's
+      queue still drain after the request is abandoned (a closed TCP socket sends what it has buffered), so
+      freeing the link at once would flatter hedging. Its cloud slot is kept likewise. The agent observes
+      nothing of the cancelled request (no upload time, no RTT), as in the daemon.
+    - the cloud result comes first: a copy still waiting for a worker is dropped; one already running goes on
+      (a pool process cannot be interrupted), and its service time is observed as usual.
+    """
     world = World(workload, arrivals, uplink, downlink)
     inline = frozenset(k for k, stream in arrivals.kinds.items() if not stream.heavy)
     policy = Policy(settings, local_workers=workload.workers, cloud_slots=workload.cloud_slots, inline_kinds=inline,
@@ -166,10 +179,32 @@ def _agent(settings: DecisionSettings, workload: Workload, arrivals: Arrivals, u
     seq = 0
     completion: list[float] = []
     cloud: list[bool] = []
+    cancelled: dict[int, float] = {}  # hedged cloud copies the local copy beat: task index → cancellation time
+
+    def push(t: float, what: int, j: int, plan: CloudPlan | None) -> None:
+        nonlocal seq
+        heapq.heappush(events, (t, seq, what, j, plan))
+        seq += 1
+
+    def hedge(j: int, t: float, plan: CloudPlan) -> None:
+        start, end = world.plan_local(j, t)
+        policy.task_started("local", tasks[j], t)
+        if start >= plan.done:
+            push(plan.done, _DROP_LOCAL, j, None)  # still queued when the cloud answered: dropped unrun
+            return
+        world.commit_local(j, end)
+        push(end, _LOCAL_DONE, j, None)
+        if end < plan.done:
+            cancelled[j] = end
+            push(end, _CANCEL_CLOUD, j, None)
+            completion[j] = end - a.arrival_s[j]
+            cloud[j] = False
 
     def deliver(until: float) -> None:
         while events and events[0][0] <= until:
             t, _, what, j, plan = heapq.heappop(events)
+            if what in (_UPLOADED, _CLOUD_DONE) and j in cancelled and t > cancelled[j]:
+                continue  # the request was cancelled before this happened
             if what == _LOCAL_DONE:
                 policy.observe_local(a.kind[j], a.in_bytes[j], a.local_s[j], t)
                 policy.observe_output(a.kind[j], a.out_bytes[j], t)
@@ -179,13 +214,20 @@ def _agent(settings: DecisionSettings, workload: Workload, arrivals: Arrivals, u
             elif what == _UPLOADED:
                 assert plan is not None
                 policy.observe_transfer("up", a.in_bytes[j], plan.up_end - plan.up_start, t)
-            else:
+            elif what == _CLOUD_DONE:
                 assert plan is not None
                 policy.observe_rtt(a.rtt_s[j], t)
                 policy.observe_cloud(a.kind[j], a.in_bytes[j], a.cloud_s[j], t)
                 policy.observe_transfer("down", a.out_bytes[j], plan.down_end - plan.exec_end - a.rtt_s[j] / 2, t)
                 policy.observe_output(a.kind[j], a.out_bytes[j], t)
                 policy.task_finished("cloud", tasks[j], t)
+            elif what == _HEDGE:
+                assert plan is not None
+                hedge(j, t, plan)
+            elif what == _CANCEL_CLOUD:
+                policy.cloud_cancelled(tasks[j], t)
+            else:  # _DROP_LOCAL
+                policy.task_finished("local", tasks[j], t)
 
     for i, now in enumerate(a.arrival_s):
         deliver(now)
@@ -194,26 +236,25 @@ def _agent(settings: DecisionSettings, workload: Workload, arrivals: Arrivals, u
         if decision.prewarm:
             ready = world.request_lease(i, now)
             if ready is not None:
-                heapq.heappush(events, (ready, seq, _LEASE_READY, i, None))
-                seq += 1
+                push(ready, _LEASE_READY, i, None)
         if decision.target == "cloud":
             plan = world.plan_cloud(i, now)
             world.commit_cloud(plan)
             if plan.new_lease:
-                heapq.heappush(events, (plan.lease_ready, seq, _LEASE_READY, i, plan))
-                seq += 1
-            heapq.heappush(events, (plan.up_end, seq, _UPLOADED, i, plan))
-            heapq.heappush(events, (plan.done, seq + 1, _CLOUD_DONE, i, plan))
-            seq += 2
+                push(plan.lease_ready, _LEASE_READY, i, plan)
+            push(plan.up_end, _UPLOADED, i, plan)
+            push(plan.done, _CLOUD_DONE, i, plan)
+            if now + decision.hedge_after_s < plan.done:
+                push(now + decision.hedge_after_s, _HEDGE, i, plan)
             completion.append(plan.done - now)
             cloud.append(True)
         else:
             _, end = world.plan_local(i, now)
             world.commit_local(i, end)
-            heapq.heappush(events, (end, seq, _LOCAL_DONE, i, None))
-            seq += 1
+            push(end, _LOCAL_DONE, i, None)
             completion.append(end - now)
             cloud.append(False)
+    deliver(float("inf"))  # hedges due after the last arrival still change completion times
     return Outcome("agent", completion, cloud)
 
 

@@ -1,0 +1,208 @@
+"""Hedging in the dispatcher: an overdue cloud task also runs on the gateway, and its row gets one result.
+
+In process, on real SQLite, with a cloud client stand-in whose submission hangs (an upload caught in a fade)
+until the test lets it answer, and a pool stand-in that runs heavy tasks when the test opens its gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from agent.cloud import CloudClient
+from agent.cloud._client import CloudResult, LeaseSnapshot
+from agent.config import DecisionSettings
+from agent.decision import Policy
+from agent.dispatch import Dispatcher
+from agent.egress import Publisher
+from agent.executor import LocalExecutor
+from agent.store import Committed, NewTask, Store
+from agent.tasks import default_registry
+
+NOISE = "noise.spectrum"
+SENSOR = "sensor.stats"
+# Priors under which the cloud looks far faster than this gateway: the model offloads every task.
+FAST_CLOUD = {"local_fixed_s": 0.3, "local_per_byte_s": 1e-6, "cloud_fixed_s": 0.001, "cloud_per_byte_s": 1e-9,
+              "out_bytes": 300}
+
+
+class StalledCloud:
+    """Answers a submission only when ``answer`` is set; records submissions and cancellations."""
+
+    def __init__(self) -> None:
+        self.answer = asyncio.Event()
+        self.submitted: list[str] = []
+        self.cancelled: list[str] = []
+
+    def circuit_open(self, now: float) -> bool:
+        return False
+
+    def prewarm(self) -> None:
+        pass
+
+    def lease_status(self) -> LeaseSnapshot:
+        return LeaseSnapshot(ready=True, slots=4, provisioning=False)
+
+    async def submit(self, task_id: str, kind: str, payload: bytes,
+                     options: Mapping[str, Any] | None = None) -> CloudResult:
+        self.submitted.append(task_id)
+        try:
+            await self.answer.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(task_id)
+            raise
+        result, exec_s = LocalExecutor.run_inline(default_registry().get(kind), payload, options or {})
+        return CloudResult(task_id, kind, result, exec_s, exec_s + 0.05, 0.01, 1, "lease-1")
+
+
+class GatedPool:
+    """The worker pool, except that a heavy task runs only once ``gate`` is open."""
+
+    workers = 1
+    run_inline = staticmethod(LocalExecutor.run_inline)
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.started = 0
+
+    async def run_in_pool(self, kind: str, payload: bytes, options: Mapping[str, Any]) -> tuple[dict[str, Any], float]:
+        self.started += 1
+        await self.gate.wait()
+        return LocalExecutor.run_inline(default_registry().get(kind), payload, options)
+
+
+def new_task(task_id: str, kind: str) -> NewTask:
+    if kind == NOISE:
+        body = np.random.default_rng(1).normal(0, 3000, 16_000).astype("<i2").tobytes()
+        topic = "city/a/noise/mic1/pcm"
+    else:
+        body = json.dumps({"speed": 40}).encode()
+        topic = "city/a/traffic/1/data"
+    return NewTask(task_id, topic, kind, "auto", {"topic": topic}, body, len(body), 1000.0, None, None)
+
+
+class Rig:
+    def __init__(self, tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+        decision = DecisionSettings(kinds={NOISE: FAST_CLOUD, SENSOR: FAST_CLOUD},  # type: ignore[dict-item]
+                                    uplink_mbps=1000, provisioning_s=0, probe_interval_s=0)
+        self.policy = Policy(decision, local_workers=1, inline_kinds=[SENSOR])
+        self.policy.observe_lease(True)
+        self.cloud = StalledCloud()
+        self.pool = GatedPool()
+        self.store = Store(tmp_path, max_tasks=1000, max_bytes=10_000_000)
+        self.published: list[dict[str, Any]] = []
+        mids = iter(range(1, 1_000_000))
+
+        def send(messages: list[tuple[str, bytes, int | None]]) -> list[int]:
+            sent = []
+            for _, payload, _ in messages:
+                self.published.append(json.loads(payload))
+                sent.append(next(mids))
+            loop.call_soon(self.publisher.acked, sent)  # the broker's PUBACKs
+            return sent
+
+        self.dispatcher = Dispatcher(agent_id="gw", registry=default_registry(),
+                                     executor=cast(LocalExecutor, self.pool), store=self.store, policy=self.policy,
+                                     cloud=cast(CloudClient, self.cloud))
+        self.publisher = Publisher(self.store, send, window=7, memory_cap=100)
+
+        def deliver(committed: Committed) -> None:
+            self.dispatcher.accept(committed.tasks, committed.number)
+            self.publisher.accept(committed.outbox, committed.number)
+
+        self.store.start(lambda c: loop.call_soon_threadsafe(deliver, c))
+        self.dispatcher.start(loop)
+        self.publisher.start(loop)
+
+    async def until(self, condition: Any, timeout_s: float = 10.0) -> None:
+        for _ in range(int(timeout_s / 0.01)):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    def bookkeeping_settled(self) -> None:
+        snapshot = self.policy.snapshot(asyncio.get_running_loop().time())
+        assert snapshot["local_tasks"] == snapshot["inline_tasks"] == snapshot["cloud_tasks"] == 0
+        assert snapshot["uplink_queued_bytes"] == 0
+
+
+async def gateway_copy_wins(tmp_path: Path, kind: str) -> tuple[Rig, float]:
+    rig = Rig(tmp_path, asyncio.get_running_loop())
+    rig.pool.gate.set()
+    rig.store.ingest([new_task("t-1", kind)], [])
+    await rig.until(lambda: rig.cloud.submitted == ["t-1"])
+    started = asyncio.get_running_loop().time()
+    await rig.until(lambda: len(rig.published) == 1)
+    waited = asyncio.get_running_loop().time() - started
+    await rig.until(lambda: rig.cloud.cancelled == ["t-1"])
+    rig.cloud.answer.set()  # a late answer would come now: there is no request left to give it
+    await asyncio.sleep(0.3)
+    rig.bookkeeping_settled()
+    return rig, waited
+
+
+def check_gateway_result(rig: Rig, waited: float) -> None:
+    assert len(rig.published) == 1, rig.published
+    result = rig.published[0]
+    assert result["task_id"] == "t-1"
+    assert result["placement"] == "local"
+    assert result["decision"]["reason"] == "model" and result["decision"]["hedged"] is True
+    assert "fallback" not in result["decision"]
+    assert 0.5 < waited < 5.0  # overdue after the predicted time plus the slack, not at once and not never
+    assert rig.dispatcher.hedges == rig.dispatcher.hedges_won == 1
+    rig.store.stop()
+
+
+def test_a_stalled_heavy_cloud_task_is_hedged_and_the_gateway_result_is_the_only_one(tmp_path: Path) -> None:
+    rig, waited = asyncio.run(gateway_copy_wins(tmp_path, NOISE))
+    check_gateway_result(rig, waited)
+
+
+def test_a_stalled_light_cloud_task_is_hedged_too(tmp_path: Path) -> None:
+    rig, waited = asyncio.run(gateway_copy_wins(tmp_path, SENSOR))
+    check_gateway_result(rig, waited)
+
+
+def test_when_the_cloud_answers_first_the_running_gateway_copy_is_ignored(tmp_path: Path) -> None:
+    async def scenario() -> Rig:
+        rig = Rig(tmp_path, asyncio.get_running_loop())
+        rig.store.ingest([new_task("t-1", NOISE)], [])
+        await rig.until(lambda: rig.pool.started == 1)  # hedged: the gateway copy is in the pool, gated
+        rig.cloud.answer.set()
+        await rig.until(lambda: len(rig.published) == 1)
+        rig.pool.gate.set()  # the gateway copy finishes now: second, so not published
+        await asyncio.sleep(0.3)
+        rig.bookkeeping_settled()
+        return rig
+
+    rig = asyncio.run(scenario())
+    assert len(rig.published) == 1
+    result = rig.published[0]
+    assert result["task_id"] == "t-1" and result["placement"] == "cloud"
+    assert result["decision"]["hedged"] is True
+    assert rig.cloud.cancelled == []
+    assert rig.dispatcher.hedges == 1 and rig.dispatcher.hedges_won == 0
+    rig.store.stop()
+
+
+def test_a_cloud_task_answered_in_time_is_not_hedged(tmp_path: Path) -> None:
+    async def scenario() -> Rig:
+        rig = Rig(tmp_path, asyncio.get_running_loop())
+        rig.cloud.answer.set()
+        rig.store.ingest([new_task("t-1", NOISE)], [])
+        await rig.until(lambda: len(rig.published) == 1)
+        await asyncio.sleep(1.5)  # past the time it would have been hedged
+        rig.bookkeeping_settled()
+        return rig
+
+    rig = asyncio.run(scenario())
+    assert [m["placement"] for m in rig.published] == ["cloud"]
+    assert "hedged" not in rig.published[0]["decision"]
+    assert rig.dispatcher.hedges == 0 and rig.pool.started == 0
+    rig.store.stop()
