@@ -78,7 +78,7 @@ class Dispatcher:
         cloud: CloudClient | None = None,
         clock: Callable[[], float] = time.monotonic,
         memory_cap_bytes: int = 16 * 1024 * 1024,
-        memory_cap_tasks: int = 5_000,
+        memory_cap_tasks: int = 3_000,
     ) -> None:
         self._agent_id = agent_id
         self._registry = registry
