@@ -29,14 +29,10 @@ def dead_letter_topic(agent_id: str, topic: str) -> str:
     return f"edge/{agent_id}/dead-letter/{topic}"
 
 
-def encode(obj: dict[str, Any]) -> bytes:
-    return codec.dumps(obj)
-
-
 def dead_letter(agent_id: str, topic: str, reason: str, detail: str, size: int,
                 received_at: float) -> tuple[str, bytes]:
     body = {"topic": topic, "reason": reason, "detail": detail, "size": size, "received_at": received_at}
-    return dead_letter_topic(agent_id, topic), encode(body)
+    return dead_letter_topic(agent_id, topic), codec.dumps(body)
 
 
 def result_message(agent_id: str, *, task_id: str, kind: str, topic: str, placement: str,
@@ -51,7 +47,7 @@ def result_message(agent_id: str, *, task_id: str, kind: str, topic: str, placem
         "timings": timings,
         "result": result,
     }
-    return results_topic(agent_id, topic), encode(body)
+    return results_topic(agent_id, topic), codec.dumps(body)
 
 
 class Publisher:
