@@ -95,6 +95,7 @@ class Daemon:
             unsubscribe=[f for f in previous if f not in {r.topic for r in s.routes}],
         )
         self.publisher = Publisher(store, self.link.send, window=s.mqtt.publish_window)
+        self.publisher.on_room = self.dispatcher.connect_publisher(self.publisher.offer, self.publisher.room)
         self.metrics: MetricsServer | None = None
         if s.metrics.port:
             self.metrics = MetricsServer(s.metrics.port, self._collector(), healthy=self._healthy,
@@ -271,6 +272,9 @@ class Daemon:
         # Give them a chance to reach the broker; whatever is left stays in the outbox for the next start.
         while not self.publisher.idle() and self.link.connected.is_set() and time.monotonic() < deadline - 0.5:
             await asyncio.sleep(0.02)
+        unconfirmed = self.publisher.take_unconfirmed()
+        if unconfirmed:  # to the outbox: the next start publishes these results again rather than new ones
+            self.store.complete(unconfirmed)
         await self.link.stop(timeout_s=max(0.5, deadline - time.monotonic()))
         self.executor.shutdown()
         self.store.stop()

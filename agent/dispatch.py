@@ -102,6 +102,13 @@ class Dispatcher:
         self._heavy_limit = executor.workers * 2  # keep the pool's queue fed without hoarding tasks
         self._scheduled = False
         self._done: list[tuple[int, int, str, bytes]] = []  # results of this loop turn, for the store
+        self._direct: list[tuple[int, int, str, bytes]] = []  # … of light tasks, offered to the publisher first
+        # Set by the daemon (connect_publisher): publishes results without the outbox where it can, returns the
+        # rest; and how many it takes now.
+        self.publish_direct: Callable[[list[tuple[int, int, str, bytes]]], list[tuple[int, int, str, bytes]]] | None
+        self.publish_direct = None
+        self._publish_room: Callable[[], int] | None = None
+        self._held = False  # light tasks wait: the publisher has as many results as it takes
         self.closing = False
         self.completed = 0
         self.dead_lettered = 0
@@ -154,6 +161,22 @@ class Dispatcher:
             self._readback.hand_off(False, tasks[-1].id)
             self._store.stop_hand_off("tasks", commit)  # read back from the store from now on
         self._schedule()
+
+    def connect_publisher(
+        self,
+        offer: Callable[[list[tuple[int, int, str, bytes]]], list[tuple[int, int, str, bytes]]],
+        room: Callable[[], int],
+    ) -> Callable[[], None]:
+        """Send light tasks' results to ``offer`` instead of the outbox, and run light tasks only while ``room()``
+        says it takes them: a broker slower than the gateway then holds inputs in the store (written once)
+        rather than results on disk (written and read back). Returns the callback for when it has room again."""
+        self.publish_direct, self._publish_room = offer, room
+        return self._publisher_ready
+
+    def _publisher_ready(self) -> None:
+        if self._held:
+            self._held = False
+            self._schedule()
 
     def _admit(self, ref: TaskRef, now: float) -> None:
         """Decide where the task runs and queue it there."""
@@ -228,7 +251,13 @@ class Dispatcher:
             if payload is not None:
                 self._running[item.ref.id] = asyncio.ensure_future(self._run_heavy(item, payload))
         light = self._light
-        for _ in range(min(len(light), INLINE_BUDGET)):
+        budget = min(len(light), INLINE_BUDGET)
+        if self._publish_room is not None and light:
+            budget = min(budget, self._publish_room() - len(self._direct))
+            if budget <= 0:
+                self._held = True  # until the publisher calls _publisher_ready
+                budget = 0
+        for _ in range(budget):
             item = light.popleft()
             self._queued_bytes -= item.ref.size
             if item.hedge and self._hedge_lost(item):
@@ -236,9 +265,11 @@ class Dispatcher:
             payload = self._payload(item)
             if payload is not None:
                 self._run_light(item, payload)
-        if light:
+        if light and not self._held:
             self._schedule()
-        elif self._readback.spilled and self.backlog < self._cap_tasks // 2:
+        # The next page is asked for while half of the cap is still queued, so the loop has work while the
+        # writer reads it (a read waits behind the commits queued before it).
+        if self._readback.spilled and self.backlog <= self._cap_tasks // 2:
             self._load_more()
 
     def _payload(self, item: Admitted, target: str = "local") -> bytes | None:
@@ -259,7 +290,7 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - any task error becomes a dead letter
             self._fail(item, exc)
         else:
-            self._complete(item, result, service_s, started)
+            self._complete(item, result, service_s, started, light=True)
 
     async def _run_heavy(self, item: Admitted, payload: bytes) -> None:
         ref = item.ref
@@ -365,7 +396,7 @@ class Dispatcher:
             self.policy.task_finished("cloud" if target == "cloud" else "local", item.task, self._clock())
 
     def _complete(self, item: Admitted, result: dict[str, Any], service_s: float, started: float,
-                  placement: str = "local") -> None:
+                  placement: str = "local", light: bool = False) -> None:
         ref = item.ref
         if item.hedge and ref.id in self._settled:
             # The losing gateway copy of a row the cloud answered: its time is still a measurement.
@@ -401,7 +432,9 @@ class Dispatcher:
             histogram = self.durations[key] = Histogram()
         histogram.observe(service_s)
         self.completed += 1
-        self._finish_row(ref, topic, body)
+        # A light task is cheap to run again after a crash, so its result may skip the outbox; the result of
+        # a heavy or cloud task is committed before it is published, so a crash does not repeat the work.
+        self._finish_row(ref, topic, body, direct=light)
 
     def _settle_hedge(self, item: Admitted, placement: str, now: float) -> None:
         """The first copy of a hedged row finished (its result is being committed): stop the other copy."""
@@ -442,17 +475,22 @@ class Dispatcher:
         topic, body = dead_letter(self._agent_id, ref.topic, reason, detail, ref.size, ref.received_at)
         self._finish_row(ref, topic, body)
 
-    def _finish_row(self, ref: TaskRef, topic: str, body: bytes) -> None:
-        """Hand a result or dead letter to the store: all of one loop turn's in one write."""
-        done = self._done
-        if not done:
+    def _finish_row(self, ref: TaskRef, topic: str, body: bytes, direct: bool = False) -> None:
+        """Hand a result or dead letter on: all of one loop turn's in one write (or one publish)."""
+        if not self._done and not self._direct:
             assert self._loop is not None
             self._loop.call_soon(self._flush_done)
-        done.append((ref.id, ref.size, topic, body))
+        (self._direct if direct and self.publish_direct is not None else self._done).append(
+            (ref.id, ref.size, topic, body))
 
     def _flush_done(self) -> None:
         done, self._done = self._done, []
-        self._store.complete(done)
+        if self._direct:
+            assert self.publish_direct is not None
+            direct, self._direct = self._direct, []
+            done += self.publish_direct(direct)
+        if done:
+            self._store.complete(done)
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop starting tasks and wait for the running ones; True when all finished in time.
@@ -468,7 +506,7 @@ class Dispatcher:
             for task in pending:
                 if task in self._cloud_running.values():
                     task.cancel()
-        if self._done:
+        if self._done or self._direct:
             self._flush_done()  # the results of the last turn reach the store before its final barrier
         return not pending
 

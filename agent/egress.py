@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent import codec
 from agent.store import OutboxEntry, ReadBack, Store
@@ -19,6 +19,9 @@ from agent.telemetry import get_logger
 log = get_logger(__name__)
 
 RETRY_REFUSED_S = 0.5
+# Results offered without the outbox that may wait for the window. The dispatcher stops running light tasks
+# while this is full (their inputs wait in the store, already durable) rather than write results to disk.
+FRESH_CAP = 1_000
 
 
 def results_topic(agent_id: str, topic: str) -> str:
@@ -50,12 +53,29 @@ def result_message(agent_id: str, *, task_id: str, kind: str, topic: str, placem
     return results_topic(agent_id, topic), codec.dumps(body)
 
 
-class Publisher:
-    """Publishes outbox rows in commit order, at most ``window`` unacknowledged at once.
+class Sent(NamedTuple):
+    """A result published and not yet acknowledged by the broker."""
 
-    Rows arrive from the store after each commit. Beyond ``memory_cap`` queued rows it stops holding them in
-    memory ("spilled") and reads them back from the store once the queue drains, so an outage with a long
-    backlog costs disk, not memory.
+    id: int  # its row in the store
+    topic: str
+    payload: bytes
+    release: int  # bytes of the row the store frees once the broker has it
+    direct: bool  # published straight from the dispatcher: not in the outbox, its row still holds the input
+
+
+class Publisher:
+    """Publishes results, at most ``window`` unacknowledged at once.
+
+    Outbox rows arrive from the store after each commit, in commit order. Beyond ``memory_cap`` queued rows it
+    stops holding them in memory ("spilled") and reads them back from the store once the queue drains, so an
+    outage with a long backlog costs disk, not memory.
+
+    Results of light tasks may skip the outbox (:meth:`offer`): up to ``fresh_cap`` of them wait in memory and go
+    out once the outbox is empty and the window has room; only their acknowledgement is written (the row becomes
+    a tombstone).
+    Their input row stays pending until then, so a crash before the PUBACK is recorded runs the task again
+    under the same task_id (at least once, as with an outbox row); the result itself never reaches the disk,
+    which saves the store a write of every result and the SD card its wear.
     """
 
     def __init__(
@@ -71,7 +91,10 @@ class Publisher:
         self.window = window
         self._memory_cap = memory_cap
         self._queue: deque[OutboxEntry] = deque()
-        self._inflight: dict[int, OutboxEntry] = {}  # mid → the row it carries
+        self._fresh: deque[tuple[int, int, str, bytes]] = deque()  # offered results waiting for the window
+        self.fresh_cap = FRESH_CAP
+        self.on_room: Callable[[], None] = lambda: None  # called when offered results fell below half the cap
+        self._inflight: dict[int, Sent] = {}  # mid → the result it carries
         self._readback = ReadBack()
         self._retry: asyncio.TimerHandle | None = None
         self._settled: list[tuple[int, int]] = []  # acknowledged since the last hand-over to the store
@@ -89,10 +112,11 @@ class Publisher:
 
     @property
     def backlog(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._fresh)
 
     def idle(self) -> bool:
-        return not self._queue and not self._inflight and not self._settled and self._readback.settled
+        return (not self._queue and not self._fresh and not self._inflight and not self._settled
+                and self._readback.settled)
 
     # ------------------------------------------------------------------ event loop
 
@@ -122,7 +146,7 @@ class Publisher:
         if not settled:
             assert self._loop is not None
             self._loop.call_soon(self._settle)
-        settled.append((entry.id, len(entry.payload)))
+        settled.append((entry.id, entry.release))
 
     def _settle(self) -> None:
         done, self._settled = self._settled, []
@@ -140,13 +164,58 @@ class Publisher:
             mids = self._send([(entry.topic, entry.payload, None) for entry in batch])
             if not mids:  # disconnected: again after the next CONNACK, or shortly
                 queue.extendleft(reversed(batch))
-                assert self._loop is not None
-                self._retry = self._loop.call_later(RETRY_REFUSED_S, self._retry_now)
+                self._refused()
                 return
-            inflight.update(zip(mids, batch, strict=True))
+            inflight.update(zip(mids, [Sent(e.id, e.topic, e.payload, len(e.payload), False) for e in batch],
+                                strict=True))
             self.published += len(mids)
-        if not queue and self._readback.spilled:
+        if queue:
+            return
+        if self._readback.spilled:
             self._load_more()
+            return
+        # The outbox is empty: results not written to it go next.
+        fresh = self._fresh
+        room = min(len(fresh), self.window - len(inflight))
+        if room > 0:
+            direct = [fresh.popleft() for _ in range(room)]
+            mids = self._send([(topic, payload, None) for _, _, topic, payload in direct])
+            if not mids:
+                fresh.extendleft(reversed(direct))
+                self._refused()
+                return
+            inflight.update(zip(mids, [Sent(row, topic, payload, size, True) for row, size, topic, payload in direct],
+                                strict=True))
+            self.published += len(mids)
+            if len(fresh) <= self.fresh_cap // 2:
+                self.on_room()
+
+    def room(self) -> int:
+        """How many more results :meth:`offer` takes now."""
+        return self.fresh_cap - len(self._fresh)
+
+    def _refused(self) -> None:
+        assert self._loop is not None
+        self._retry = self._loop.call_later(RETRY_REFUSED_S, self._retry_now)
+
+    def offer(self, results: list[tuple[int, int, str, bytes]]) -> list[tuple[int, int, str, bytes]]:
+        """Results to publish without the outbox: (row id, input size, topic, payload) each. Up to ``fresh_cap``
+        wait in memory for the window; returns those not taken, for the caller to commit to the outbox."""
+        room = self.fresh_cap - len(self._fresh)
+        take = results if room >= len(results) else results[:max(room, 0)]
+        if take:
+            self._fresh.extend(take)
+            self.pump()
+        return results[len(take):]
+
+    def take_unconfirmed(self) -> list[tuple[int, int, str, bytes]]:
+        """At shutdown: the results not in the outbox and not acknowledged, for the outbox (the next start publishes the
+        same result again rather than computing a new one)."""
+        direct = [(e.id, e.release, e.topic, e.payload) for e in self._inflight.values() if e.direct]
+        self._inflight = {mid: e for mid, e in self._inflight.items() if not e.direct}
+        direct += self._fresh
+        self._fresh.clear()
+        return direct
 
     def reconnected(self, window: int) -> None:
         """After each CONNACK, with the window the broker allows: what the last connection left unacknowledged

@@ -7,6 +7,9 @@ A row is one task through its life::
     state 2 PUBLISHED  tombstone: keeps the inbound (mid, topic, crc) → task_id so a redelivered message that
                        was already committed keeps its task_id instead of becoming a second task
 
+A light task's result usually skips state 1: published straight away, its row goes from 0 to 2 when the broker
+acknowledges it (see ``egress.Publisher.offer``).
+
 Every write goes through :meth:`Store.submit` to the writer thread, which drains whatever has queued up,
 applies it in one transaction and only then runs the post-commit actions (acknowledgements, hand-offs).
 Under load the groups grow by themselves; when idle a single message commits alone, so latency stays low.
@@ -15,6 +18,7 @@ Under load the groups grow by themselves; when idle a single message commits alo
 from __future__ import annotations
 
 import functools
+import operator
 import queue
 import sqlite3
 import threading
@@ -117,6 +121,19 @@ CommitHook = Callable[[Committed], None]
 
 
 _BARRIERS = frozenset({"load_pending", "load_outbox", "call"})
+
+# Read-backs (see Store._read_page). Payloads travel as hex: JSON cannot hold arbitrary bytes.
+_PENDING_PAGE = (
+    "SELECT json_group_array(json_array(id, task_id, topic, kind, placement, json(coalesce(options, 'null')), size, "
+    "received_at, CASE WHEN size <= ? THEN hex(payload) END)) "
+    "FROM (SELECT * FROM tasks WHERE id > ? AND state=0 ORDER BY id LIMIT ?)"
+)
+_OUTBOX_PAGE = (
+    "SELECT json_group_array(json_array(id, out_topic, hex(out_payload), out_seq)) "
+    "FROM (SELECT id, out_topic, out_payload, out_seq FROM tasks WHERE state=1 AND out_seq > ? ORDER BY out_seq "
+    "LIMIT ?)"
+)
+
 
 
 class _Op(NamedTuple):
@@ -276,7 +293,8 @@ class Store:
         self._queue.put(_Op("complete", (results,)))
 
     def published(self, row_ids: Iterable[tuple[int, int]]) -> None:
-        """Rows whose result the broker acknowledged: (row id, size of the result payload)."""
+        """Rows whose result the broker acknowledged: (row id, bytes the row held: its result payload, or its
+        input when the result was published without the outbox)."""
         self._queue.put(_Op("published", (list(row_ids),)))
 
     def load_pending(self, after_id: int, limit: int, reply: Callable[[list[TaskRef]], None]) -> None:
@@ -440,26 +458,21 @@ class Store:
         try:
             if op.kind == "load_pending":
                 after_id, limit, reply = op.args
-                rows = self._db.execute(
-                    "SELECT id, task_id, topic, kind, placement, options, size, received_at, "
-                    "CASE WHEN size <= ? THEN payload END FROM tasks WHERE id > ? AND state=0 ORDER BY id LIMIT ?",
-                    (INLINE_READ_BYTES, after_id, limit),
-                ).fetchall()
-                if len(rows) < limit:
+                refs = [TaskRef(r[0], r[1], r[2], r[3], r[4], r[5] or {}, None if r[8] is None else bytes.fromhex(r[8]),
+                                r[6], r[7])
+                        for r in self._read_page(_PENDING_PAGE, (INLINE_READ_BYTES, after_id, limit))]
+                if len(refs) < limit:
                     self._hand_tasks = True
                     self._caught_up["tasks"] = self.commits
-                reply([TaskRef(r[0], r[1], r[2], r[3], r[4], orjson.loads(r[5]) if r[5] else {}, r[8], r[6], r[7])
-                       for r in rows])
+                reply(refs)
             elif op.kind == "load_outbox":
                 after_seq, limit, reply = op.args
-                rows = self._db.execute(
-                    "SELECT id, out_topic, out_payload, out_seq FROM tasks WHERE state=1 AND out_seq > ? "
-                    "ORDER BY out_seq LIMIT ?", (after_seq, limit)
-                ).fetchall()
-                if len(rows) < limit:
+                entries = [OutboxEntry(r[0], r[1], bytes.fromhex(r[2]), r[3])
+                           for r in self._read_page(_OUTBOX_PAGE, (after_seq, limit), order=3)]
+                if len(entries) < limit:
                     self._hand_outbox = True
                     self._caught_up["outbox"] = self.commits
-                reply([OutboxEntry(r[0], r[1], r[2], r[3]) for r in rows])
+                reply(entries)
             else:
                 op.args[0]()
         except sqlite3.Error as exc:
@@ -467,6 +480,15 @@ class Store:
             log.error("store_read_failed", operation=op.kind, error=str(exc), retry_in_s=1.0)
             time.sleep(1.0)
             self._queue.put(op)
+
+    def _read_page(self, sql: str, params: tuple[Any, ...], order: int = 0) -> list[list[Any]]:
+        """A page of rows as one JSON array built by SQLite: one step of the statement, not one per row (each
+        step lets go of the GIL, and while the event loop is busy each hand-back waits for its switch
+        interval). Sorted here, since SQL does not promise the order in which an aggregate sees its rows."""
+        (page,) = self._db.execute(sql, params).fetchone()
+        rows: list[list[Any]] = orjson.loads(page)
+        rows.sort(key=operator.itemgetter(order))
+        return rows
 
     def _take_seq(self) -> int:
         seq = self._next_seq
@@ -533,20 +555,27 @@ class ReadBack:
             self.spilled = False
 
 
-CHUNKS = (256, 64, 16, 4, 1)
+CHUNKS = (8, 64, 512)  # rows per statement: the three shapes of each statement
 
 
 def _chunks(values: list[Any], width: int) -> Iterable[tuple[int, list[Any]]]:
-    """A flat parameter list of ``width`` values a row, in runs of the few row counts in CHUNKS.
+    """A flat parameter list of ``width`` values a row, as statements of CHUNKS rows, the last one padded with
+    NULL rows (which the statements skip).
 
-    Few sizes, so few distinct statements: sqlite3 keeps every statement it prepared in its cache, and one
-    prepared for each group size that ever occurred would hold tens of megabytes.
+    Few statements per group: sqlite3 lets go of the GIL for every one, and while the event loop is busy each
+    hand-back waits up to the interpreter's switch interval. Few shapes: sqlite3 keeps every statement it
+    prepared in its cache.
     """
-    start, total = 0, len(values) // width
-    for size in CHUNKS:
-        while total - start >= size:
-            yield size, values[start * width:(start + size) * width]
-            start += size
+    total = len(values) // width
+    big = CHUNKS[-1]
+    start = 0
+    while total - start >= big:
+        yield big, values[start * width:(start + big) * width]
+        start += big
+    rest = total - start
+    if rest:
+        size = next(size for size in CHUNKS if size >= rest)
+        yield size, values[start * width:] + [None] * ((size - rest) * width)
 
 
 # Only "?" placeholders are formatted into these statements; every value is bound (hence the S608 waivers).
@@ -554,7 +583,8 @@ def _chunks(values: list[Any], width: int) -> Iterable[tuple[int, list[Any]]]:
 def _insert_sql(rows: int) -> str:
     values = ",".join(["(" + ",".join("?" * 15) + ")"] * rows)
     return ("INSERT INTO tasks (id, task_id, topic, kind, placement, options, payload, size, received_at, "  # noqa: S608
-            f"mid, crc, state, out_topic, out_payload, out_seq) VALUES {values}")
+            f"mid, crc, state, out_topic, out_payload, out_seq) SELECT * FROM (VALUES {values}) "
+            "WHERE column1 IS NOT NULL")
 
 
 @functools.cache
@@ -566,7 +596,10 @@ def _complete_sql(rows: int) -> str:
 
 @functools.cache
 def _published_sql(rows: int) -> str:
-    return f"UPDATE tasks SET state=2, out_payload=NULL WHERE state=1 AND id IN ({','.join('?' * rows)})"  # noqa: S608
+    # state 0 too: a result published without the outbox (egress.Publisher.offer) turns its pending row into
+    # the tombstone directly.
+    return (f"UPDATE tasks SET state=2, payload=NULL, out_payload=NULL WHERE state<2 "  # noqa: S608
+            f"AND id IN ({','.join('?' * rows)})")
 
 
 def stored_size(row: NewTask) -> int:

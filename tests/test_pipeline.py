@@ -23,9 +23,13 @@ def task(i: int) -> NewTask:
                    body, len(body), 1000.0, None, None)
 
 
-async def run_pipeline(tmp_path: Path, n: int, *, publish_cap: int, dispatch_cap: int,
-                       preload: bool) -> tuple[list[dict[str, Any]], Store]:
-    """Tasks through dispatcher and publisher with a broker stand-in that acknowledges every publish."""
+async def run_pipeline(tmp_path: Path, n: int, *, publish_cap: int, dispatch_cap: int, preload: bool,
+                       direct_cap: int | None = None,
+                       outbox_rows: list[int] | None = None) -> tuple[list[dict[str, Any]], Store]:
+    """Tasks through dispatcher and publisher with a broker stand-in that acknowledges every publish.
+
+    ``direct_cap``: results of light tasks skip the outbox, at most that many waiting for the window (as the
+    daemon wires it); ``outbox_rows`` collects how many rows each write to the outbox carried."""
     loop = asyncio.get_running_loop()
     store = Store(tmp_path, max_tasks=100_000, max_bytes=100_000_000)
     published: list[dict[str, Any]] = []
@@ -46,6 +50,9 @@ async def run_pipeline(tmp_path: Path, n: int, *, publish_cap: int, dispatch_cap
                             memory_cap_tasks=dispatch_cap)
     publisher = Publisher(store, send, window=7, memory_cap=publish_cap)
     boxes["publisher"] = publisher
+    if direct_cap is not None:
+        publisher.fresh_cap = direct_cap
+        publisher.on_room = dispatcher.connect_publisher(publisher.offer, publisher.room)
 
     def deliver(committed: Committed) -> None:
         dispatcher.accept(committed.tasks, committed.number)
@@ -61,6 +68,9 @@ async def run_pipeline(tmp_path: Path, n: int, *, publish_cap: int, dispatch_cap
         store = Store(tmp_path, max_tasks=100_000, max_bytes=100_000_000)
         dispatcher._store = store
         publisher._store = store
+    if outbox_rows is not None:
+        complete = store.complete
+        store.complete = lambda results: (outbox_rows.append(len(results)), complete(results))[1]  # type: ignore[method-assign]
     store.start(lambda c: loop.call_soon_threadsafe(deliver, c))
     dispatcher.start(loop)
     publisher.start(loop)
@@ -86,6 +96,20 @@ def test_spilled_tasks_and_results_come_back_once_and_in_order(tmp_path: Path) -
     assert len(seqs) == 3000  # nothing twice
     assert store.outstanding_rows == 0
     assert store.counts()["published"] == 3000
+    store.stop()
+
+
+def test_light_results_skip_the_outbox_and_tasks_wait_for_the_publisher(tmp_path: Path) -> None:
+    # A publisher taking 20 results at a time and a window of 7: the dispatcher must hold its light tasks
+    # rather than overflow results into the outbox, and every pending row becomes a tombstone directly.
+    outbox_rows: list[int] = []
+    published, store = asyncio.run(run_pipeline(tmp_path, 3000, publish_cap=50, dispatch_cap=400, preload=False,
+                                                direct_cap=20, outbox_rows=outbox_rows))
+    seqs = [m["result"]["fields"]["seq"]["value"] for m in published]
+    assert seqs == list(range(3000))  # once each, in commit order
+    assert sum(outbox_rows) == 0
+    assert store.outstanding_rows == 0 and store.outstanding_bytes == 0
+    assert store.counts() == {"pending": 0, "outbox": 0, "published": 3000}
     store.stop()
 
 

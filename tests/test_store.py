@@ -98,6 +98,47 @@ def test_task_lifecycle_and_byte_accounting(store: Store) -> None:
     assert store.recent_deliveries(10) == [(1, "city/a/traffic/0/data", 0, "t0")]
 
 
+def test_a_result_published_without_the_outbox_turns_the_pending_row_into_a_tombstone(store: Store) -> None:
+    hook = Hooked()
+    store.start(hook)
+    store.ingest([new_task(0, size=100)], [(1, 1)])
+    (ref,) = hook.gather(1, "tasks")
+    assert isinstance(ref, TaskRef)
+    store.published([(ref.id, ref.size)])  # the row's bytes are its input: never was there a result in it
+    released = 0
+    deadline = time.monotonic() + 5
+    while released < 1 and time.monotonic() < deadline:
+        released += hook.commits.get(timeout=1).released
+    assert store.outstanding_rows == 0 and store.outstanding_bytes == 0
+    assert store.counts() == {"pending": 0, "outbox": 0, "published": 1}
+    assert store.load_payload(ref.id) is None  # the input is gone with it
+    assert store.recent_deliveries(10) == [(1, "city/a/traffic/0/data", 0, "t0")]
+
+
+def test_read_backs_carry_any_bytes_in_order(tmp_path: Path) -> None:
+    # Pages are built by SQLite as JSON: inputs and results that are not UTF-8 must come back byte for byte.
+    store = Store(tmp_path, max_tasks=1000, max_bytes=10_000_000)
+    hook = Hooked()
+    store.start(hook)
+    blobs = [bytes([i, 0xFF, 0x00, 0xC3, 0x28]) + b'"\\n' * i for i in range(40)]
+    store.ingest([new_task(i)._replace(payload=blob, size=len(blob)) for i, blob in enumerate(blobs)], [])
+    refs = hook.gather(40, "tasks")
+    for ref in reversed(refs[:10]):  # completed out of order: the outbox is read back in completion order
+        assert isinstance(ref, TaskRef)
+        store.complete([(ref.id, ref.size, "edge/gw/results/x", b"\xfe\x00" + blobs[ref.id - 1])])
+    hook.gather(10, "outbox")
+    got: queue.SimpleQueue[object] = queue.SimpleQueue()
+    store.load_pending(0, 100, got.put)
+    store.load_outbox(0, 100, got.put)
+    pending = got.get(timeout=5)
+    outbox = got.get(timeout=5)
+    assert [r.payload for r in pending] == blobs[10:]  # type: ignore[attr-defined]
+    assert [r.options for r in pending] == [{"topic": "x", "window": 5}] * 30  # type: ignore[attr-defined]
+    assert [r.received_at for r in pending] == [1000.0 + i for i in range(10, 40)]  # type: ignore[attr-defined]
+    assert [e.payload for e in outbox] == [b"\xfe\x00" + blobs[i] for i in reversed(range(10))]  # type: ignore[attr-defined]
+    store.stop()
+
+
 def test_dead_letter_rows_go_straight_to_the_outbox(store: Store) -> None:
     hook = Hooked()
     store.start(hook)
