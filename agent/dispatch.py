@@ -26,7 +26,7 @@ from agent.egress import dead_letter, result_message
 from agent.errors import PayloadError, UnknownTask
 from agent.executor import LocalExecutor, WorkerDied
 from agent.metrics import Histogram
-from agent.store import ReadBack, Store, TaskRef
+from agent.store import Finished, ReadBack, Store, TaskRef
 from agent.tasks import TaskRegistry
 from agent.telemetry import get_logger
 
@@ -101,12 +101,11 @@ class Dispatcher:
         self._attempts: dict[int, int] = {}
         self._heavy_limit = executor.workers * 2  # keep the pool's queue fed without hoarding tasks
         self._scheduled = False
-        self._done: list[tuple[int, int, str, bytes]] = []  # results of this loop turn, for the store
-        self._direct: list[tuple[int, int, str, bytes]] = []  # … of light tasks, offered to the publisher first
-        # Set by the daemon (connect_publisher): publishes results without the outbox where it can, returns the
-        # rest; and how many it takes now.
-        self.publish_direct: Callable[[list[tuple[int, int, str, bytes]]], list[tuple[int, int, str, bytes]]] | None
-        self.publish_direct = None
+        self._done: list[Finished] = []  # results of this loop turn, for the store
+        self._direct: list[Finished] = []  # … of light tasks, offered to the publisher first
+        # Set by connect_publisher: publishes results without the outbox where it can and returns the rest; and
+        # how many it takes now.
+        self._publish_direct: Callable[[list[Finished]], list[Finished]] | None = None
         self._publish_room: Callable[[], int] | None = None
         self._held = False  # light tasks wait: the publisher has as many results as it takes
         self.closing = False
@@ -164,13 +163,13 @@ class Dispatcher:
 
     def connect_publisher(
         self,
-        offer: Callable[[list[tuple[int, int, str, bytes]]], list[tuple[int, int, str, bytes]]],
+        offer: Callable[[list[Finished]], list[Finished]],
         room: Callable[[], int],
     ) -> Callable[[], None]:
         """Send light tasks' results to ``offer`` instead of the outbox, and run light tasks only while ``room()``
         says it takes them: a broker slower than the gateway then holds inputs in the store (written once)
         rather than results on disk (written and read back). Returns the callback for when it has room again."""
-        self.publish_direct, self._publish_room = offer, room
+        self._publish_direct, self._publish_room = offer, room
         return self._publisher_ready
 
     def _publisher_ready(self) -> None:
@@ -480,15 +479,15 @@ class Dispatcher:
         if not self._done and not self._direct:
             assert self._loop is not None
             self._loop.call_soon(self._flush_done)
-        (self._direct if direct and self.publish_direct is not None else self._done).append(
+        (self._direct if direct and self._publish_direct is not None else self._done).append(
             (ref.id, ref.size, topic, body))
 
     def _flush_done(self) -> None:
         done, self._done = self._done, []
         if self._direct:
-            assert self.publish_direct is not None
+            assert self._publish_direct is not None
             direct, self._direct = self._direct, []
-            done += self.publish_direct(direct)
+            done += self._publish_direct(direct)
         if done:
             self._store.complete(done)
 

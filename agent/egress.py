@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from agent import codec
-from agent.store import OutboxEntry, ReadBack, Store
+from agent.store import Finished, OutboxEntry, ReadBack, Store
 from agent.telemetry import get_logger
 
 log = get_logger(__name__)
@@ -91,7 +91,7 @@ class Publisher:
         self.window = window
         self._memory_cap = memory_cap
         self._queue: deque[OutboxEntry] = deque()
-        self._fresh: deque[tuple[int, int, str, bytes]] = deque()  # offered results waiting for the window
+        self._fresh: deque[Finished] = deque()  # offered results waiting for the window
         self.fresh_cap = FRESH_CAP
         self.on_room: Callable[[], None] = lambda: None  # called when offered results fell below half the cap
         self._inflight: dict[int, Sent] = {}  # mid → the result it carries
@@ -198,7 +198,7 @@ class Publisher:
         assert self._loop is not None
         self._retry = self._loop.call_later(RETRY_REFUSED_S, self._retry_now)
 
-    def offer(self, results: list[tuple[int, int, str, bytes]]) -> list[tuple[int, int, str, bytes]]:
+    def offer(self, results: list[Finished]) -> list[Finished]:
         """Results to publish without the outbox: (row id, input size, topic, payload) each. Up to ``fresh_cap``
         wait in memory for the window; returns those not taken, for the caller to commit to the outbox."""
         room = self.fresh_cap - len(self._fresh)
@@ -208,7 +208,7 @@ class Publisher:
             self.pump()
         return results[len(take):]
 
-    def take_unconfirmed(self) -> list[tuple[int, int, str, bytes]]:
+    def take_unconfirmed(self) -> list[Finished]:
         """At shutdown: the results not in the outbox and not acknowledged, for the outbox (the next start publishes the
         same result again rather than computing a new one)."""
         direct = [(e.id, e.release, e.topic, e.payload) for e in self._inflight.values() if e.direct]

@@ -119,6 +119,9 @@ class Committed:
 
 CommitHook = Callable[[Committed], None]
 
+# A finished task's output: (row id, input size, result or dead-letter topic, its payload).
+Finished = tuple[int, int, str, bytes]
+
 
 _BARRIERS = frozenset({"load_pending", "load_outbox", "call"})
 
@@ -288,7 +291,7 @@ class Store:
             self.admit(row)
         self.submit(rows, acks)
 
-    def complete(self, results: Sequence[tuple[int, int, str, bytes]]) -> None:
+    def complete(self, results: Sequence[Finished]) -> None:
         """Tasks done: (row id, input size, result topic, result payload) each, committed as one group."""
         self._queue.put(_Op("complete", (results,)))
 

@@ -113,6 +113,48 @@ def test_light_results_skip_the_outbox_and_tasks_wait_for_the_publisher(tmp_path
     store.stop()
 
 
+def test_unacknowledged_direct_results_go_to_the_outbox_at_a_stop(tmp_path: Path) -> None:
+    # A broker that takes results and never acknowledges them: at a stop the results sent and those waiting
+    # for the window are handed back for the outbox, and the next start publishes those same bytes.
+    async def scenario() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        store = Store(tmp_path, max_tasks=100, max_bytes=1_000_000)
+        hooked: list[Committed] = []
+        store.start(lambda c: loop.call_soon_threadsafe(hooked.append, c))
+        store.ingest([task(i) for i in range(5)], [])
+        while sum(len(c.tasks) for c in hooked) < 5:
+            await asyncio.sleep(0.01)
+        refs = [ref for c in hooked for ref in c.tasks]
+        sent: list[bytes] = []
+        mids = iter(range(1, 100))
+
+        def send(messages: list[tuple[str, bytes, int | None]]) -> list[int]:
+            sent.extend(payload for _, payload, _ in messages)
+            return [next(mids) for _ in messages]
+
+        publisher = Publisher(store, send, window=2)
+        publisher.start(loop)
+        await asyncio.sleep(0.05)  # the (empty) outbox read-back
+        results = [(ref.id, ref.size, "edge/gw/results/x", f"r{ref.task_id}".encode()) for ref in refs]
+        assert publisher.offer(results) == []
+        assert sent == [b"rt0", b"rt1"]  # the window
+        unconfirmed = publisher.take_unconfirmed()
+        assert sorted(r[3] for r in unconfirmed) == [f"rt{i}".encode() for i in range(5)]
+        assert publisher.idle()
+        store.complete(unconfirmed)
+        store.stop()
+        again = Store(tmp_path, max_tasks=100, max_bytes=1_000_000)
+        got: asyncio.Future[list[bytes]] = loop.create_future()
+        again.start(lambda c: None)
+        again.load_outbox(0, 100, lambda rows: loop.call_soon_threadsafe(got.set_result, [r.payload for r in rows]))
+        payloads = await got
+        assert again.counts()["pending"] == 0
+        again.stop()
+        return payloads
+
+    assert sorted(asyncio.run(scenario())) == [f"rt{i}".encode() for i in range(5)]
+
+
 def test_restart_resumes_pending_tasks(tmp_path: Path) -> None:
     published, store = asyncio.run(run_pipeline(tmp_path, 2500, publish_cap=100, dispatch_cap=300, preload=True))
     assert sorted(m["result"]["fields"]["seq"]["value"] for m in published) == list(range(2500))
