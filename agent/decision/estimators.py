@@ -76,7 +76,7 @@ class NetworkEstimate:
     by latency, not capacity) count for little.
     """
 
-    __slots__ = ("_clip", "_long", "_prior", "_rate", "_short")
+    __slots__ = ("_clip", "_long", "_memo", "_prior", "_rate", "_short")
 
     def __init__(
         self,
@@ -97,6 +97,8 @@ class NetworkEstimate:
         self._long = DecayingMean(baseline_half_life_s, prior_weight)
         self._clip = clip
         self._rate = rate
+        # The last estimate and its time: the daemon decides a whole commit's tasks at one ``now``.
+        self._memo = (math.nan, 0.0)
 
     def observe(self, value: float, weight: float, now: float) -> None:
         if not (value > 0.0 and math.isfinite(value) and weight > 0.0 and math.isfinite(weight)):
@@ -107,9 +109,15 @@ class NetworkEstimate:
             weight *= value / clipped
         self._short.observe(clipped, weight, now)
         self._long.observe(clipped, weight, now)
+        self._memo = (math.nan, 0.0)
 
     def estimate(self, now: float) -> float:
-        return self._short.estimate(self._long.estimate(self._prior, now), now)
+        memo_t, value = self._memo
+        if now == memo_t:
+            return value
+        value = self._short.estimate(self._long.estimate(self._prior, now), now)
+        self._memo = (now, value)
+        return value
 
     def baseline(self, now: float) -> float:
         """The long-term value the short-term estimate returns to when not refreshed."""
