@@ -90,8 +90,8 @@ class Publisher:
         self._send = send
         self.window = window
         self._memory_cap = memory_cap
-        self._queue: deque[OutboxEntry] = deque()
-        self._fresh: deque[Finished] = deque()  # offered results waiting for the window
+        self._queue: deque[Sent] = deque()  # outbox rows, in commit order
+        self._fresh: deque[Sent] = deque()  # offered results waiting for the window
         self.fresh_cap = FRESH_CAP
         self.on_room: Callable[[], None] = lambda: None  # called when offered results fell below half the cap
         self._inflight: dict[int, Sent] = {}  # mid → the result it carries
@@ -125,7 +125,7 @@ class Publisher:
         room = self._memory_cap - len(self._queue)
         take = entries if room >= len(entries) else entries[:max(room, 0)]
         if take and self._readback.hand_off(True, take[-1].seq):
-            self._queue.extend(take)
+            self._queue.extend(Sent(e.id, e.topic, e.payload, len(e.payload), False) for e in take)
         else:
             take = []
         if len(take) < len(entries):
@@ -157,46 +157,36 @@ class Publisher:
     def pump(self) -> None:
         if self._retry is not None:
             return
-        queue, inflight = self._queue, self._inflight
-        room = min(len(queue), self.window - len(inflight))
-        if room > 0:
-            batch = [queue.popleft() for _ in range(room)]
-            mids = self._send([(entry.topic, entry.payload, None) for entry in batch])
-            if not mids:  # disconnected: again after the next CONNACK, or shortly
-                queue.extendleft(reversed(batch))
-                self._refused()
-                return
-            inflight.update(zip(mids, [Sent(e.id, e.topic, e.payload, len(e.payload), False) for e in batch],
-                                strict=True))
-            self.published += len(mids)
-        if queue:
+        if not self._send_from(self._queue) or self._queue:
             return
         if self._readback.spilled:
             self._load_more()
             return
         # The outbox is empty: results not written to it go next.
         fresh = self._fresh
-        room = min(len(fresh), self.window - len(inflight))
-        if room > 0:
-            direct = [fresh.popleft() for _ in range(room)]
-            mids = self._send([(topic, payload, None) for _, _, topic, payload in direct])
-            if not mids:
-                fresh.extendleft(reversed(direct))
-                self._refused()
-                return
-            inflight.update(zip(mids, [Sent(row, topic, payload, size, True) for row, size, topic, payload in direct],
-                                strict=True))
-            self.published += len(mids)
-            if len(fresh) <= self.fresh_cap // 2:
-                self.on_room()
+        if fresh and self._send_from(fresh) and len(fresh) <= self.fresh_cap // 2:
+            self.on_room()
+
+    def _send_from(self, queue: deque[Sent]) -> bool:
+        """Send what the window allows from ``queue``; False when the link refused them (disconnected: again
+        after the next CONNACK, or shortly)."""
+        room = min(len(queue), self.window - len(self._inflight))
+        if room <= 0:
+            return True
+        batch = [queue.popleft() for _ in range(room)]
+        mids = self._send([(sent.topic, sent.payload, None) for sent in batch])
+        if not mids:
+            queue.extendleft(reversed(batch))
+            assert self._loop is not None
+            self._retry = self._loop.call_later(RETRY_REFUSED_S, self._retry_now)
+            return False
+        self._inflight.update(zip(mids, batch, strict=True))
+        self.published += len(mids)
+        return True
 
     def room(self) -> int:
         """How many more results :meth:`offer` takes now."""
         return self.fresh_cap - len(self._fresh)
-
-    def _refused(self) -> None:
-        assert self._loop is not None
-        self._retry = self._loop.call_later(RETRY_REFUSED_S, self._retry_now)
 
     def offer(self, results: list[Finished]) -> list[Finished]:
         """Results to publish without the outbox: (row id, input size, topic, payload) each. Up to ``fresh_cap``
@@ -204,18 +194,17 @@ class Publisher:
         room = self.fresh_cap - len(self._fresh)
         take = results if room >= len(results) else results[:max(room, 0)]
         if take:
-            self._fresh.extend(take)
+            self._fresh.extend(Sent(row, topic, payload, size, True) for row, size, topic, payload in take)
             self.pump()
         return results[len(take):]
 
     def take_unconfirmed(self) -> list[Finished]:
-        """At shutdown: the results not in the outbox and not acknowledged, for the outbox (the next start publishes the
-        same result again rather than computing a new one)."""
-        direct = [(e.id, e.release, e.topic, e.payload) for e in self._inflight.values() if e.direct]
+        """At shutdown: the results not in the outbox and not acknowledged, for the outbox (the next start
+        publishes the same result again rather than computing a new one)."""
+        direct = [e for e in self._inflight.values() if e.direct] + list(self._fresh)
         self._inflight = {mid: e for mid, e in self._inflight.items() if not e.direct}
-        direct += self._fresh
         self._fresh.clear()
-        return direct
+        return [(e.id, e.release, e.topic, e.payload) for e in direct]
 
     def reconnected(self, window: int) -> None:
         """After each CONNACK, with the window the broker allows: what the last connection left unacknowledged
@@ -247,6 +236,6 @@ class Publisher:
         inflight_ids = {entry.id for entry in self._inflight.values()}
         for row in rows:
             if row.id not in inflight_ids:
-                self._queue.append(row)
+                self._queue.append(Sent(row.id, row.topic, row.payload, len(row.payload), False))
         self._readback.read(len(rows), limit, rows[-1].seq if rows else None)
         self.pump()

@@ -31,6 +31,12 @@ class Hooked:
     def __call__(self, committed: Committed) -> None:
         self.commits.put(committed)
 
+    def wait_released(self, rows: int, timeout: float = 5) -> None:
+        released = 0
+        deadline = time.monotonic() + timeout
+        while released < rows and time.monotonic() < deadline:
+            released += self.commits.get(timeout=1).released
+
     def gather(self, until: int, attr: str, timeout: float = 5) -> list[object]:
         got: list[object] = []
         deadline = time.monotonic() + timeout
@@ -88,10 +94,7 @@ def test_task_lifecycle_and_byte_accounting(store: Store) -> None:
     assert isinstance(entry, OutboxEntry) and entry.payload == b"r" * 30
     assert store.outstanding_bytes == 30
     store.published([(entry.id, 30)])
-    released = 0
-    deadline = time.monotonic() + 5
-    while released < 1 and time.monotonic() < deadline:
-        released += hook.commits.get(timeout=1).released
+    hook.wait_released(1)
     assert store.outstanding_rows == 0 and store.outstanding_bytes == 0
     assert store.counts() == {"pending": 0, "outbox": 0, "published": 1}
     # The tombstone remembers the delivery, for redelivery after a crash.
@@ -105,10 +108,7 @@ def test_a_result_published_without_the_outbox_turns_the_pending_row_into_a_tomb
     (ref,) = hook.gather(1, "tasks")
     assert isinstance(ref, TaskRef)
     store.published([(ref.id, ref.size)])  # the row's bytes are its input: never was there a result in it
-    released = 0
-    deadline = time.monotonic() + 5
-    while released < 1 and time.monotonic() < deadline:
-        released += hook.commits.get(timeout=1).released
+    hook.wait_released(1)
     assert store.outstanding_rows == 0 and store.outstanding_bytes == 0
     assert store.counts() == {"pending": 0, "outbox": 0, "published": 1}
     assert store.load_payload(ref.id) is None  # the input is gone with it
