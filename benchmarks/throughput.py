@@ -134,16 +134,21 @@ class Drain:
 class Sub:
     """``mosquitto_sub`` on a persistent session, writing each message's arrival time (and payload) to a file."""
 
-    def __init__(self, work: Path, port: int, client_id: str, topic: str, expected: int, payloads: bool = False):
+    def __init__(self, work: Path, port: int, client_id: str, topic: str, expected: int, payloads: bool = False,
+                 topics: bool = False):
+        """``payloads``: keep each payload; ``topics``: note each message's topic too (in ``self.topics``)."""
         exe = shutil.which("mosquitto_sub")
         if exe is None:
             raise SystemExit("mosquitto_sub is needed (Debian: apt-get install mosquitto-clients)")
         self.expected = expected
+        self.topics: list[str] = []
+        self._with_topics = topics
         self.path = work / f"{client_id}.out"
         self._out = self.path.open("wb")
+        fmt = "%U" + (" %t" if topics else "") + (" %p" if payloads else "")
         self.proc = subprocess.Popen(
             [exe, "-h", "127.0.0.1", "-p", str(port), "-i", client_id, "-c", "-q", "1", "-t", topic,
-             "-C", str(expected), "-F", "%U %p" if payloads else "%U"], stdout=self._out)
+             "-C", str(expected), "-F", fmt], stdout=self._out)
 
     def wait(self, timeout: float) -> list[tuple[float, bytes]]:
         try:
@@ -154,6 +159,9 @@ class Sub:
         rows = []
         for line in self.path.read_bytes().splitlines():
             stamp, _, payload = line.partition(b" ")
+            if self._with_topics:
+                topic, _, payload = payload.partition(b" ")
+                self.topics.append(topic.decode())
             rows.append((float(stamp), payload))
         if len(rows) < self.expected:
             raise RuntimeError(f"only {len(rows)} of {self.expected} messages arrived")
