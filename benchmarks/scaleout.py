@@ -5,8 +5,9 @@
 For each agent count k, on a fresh real Mosquitto (started here on a free port, ``max_inflight_messages 1000``
 as in ``throughput.py``):
 
-1. a consumer's (``mosquitto_sub``) persistent session subscribes to ``edge/+/results/#``; k agents (real processes, default
-   settings: fsync per group commit, ``sensor.stats`` inline) start with ``EDGE_AGENT_MQTT__SHARED_GROUP=bench``,
+1. a consumer's (``mosquitto_sub``) persistent session subscribes to ``edge/+/results/#``; k agents (real
+   processes, default settings: fsync per group commit, ``sensor.stats`` inline) start with
+   ``EDGE_AGENT_MQTT__SHARED_GROUP=bench``,
    each with its own store and client id, connect and subscribe ``$share/bench/city/+/traffic/+/data``;
 2. once they are up, every agent is paused (SIGSTOP to its process group) and N QoS 1 messages (200-byte
    CityPulse-like JSON, unique ``seq``) are published and acknowledged by the broker;
