@@ -319,6 +319,27 @@ def test_bad_window_option_is_a_value_error(window: Any) -> None:
         run(SensorStats(), {"x": 1}, window=window)
 
 
+def test_ignored_fields_are_not_readings() -> None:
+    stats = SensorStats()
+    options = {"topic": "t", "ignore": ["seq", "REPORT_ID"]}
+    for seq in range(5):
+        out = stats(f'{{"seq": {seq * 1000}, "REPORT_ID": 158324, "avgSpeed": {50 + seq}}}'.encode(), options)
+    assert list(out["fields"]) == ["avgSpeed"]
+    pack = b'[{"bn": "dev/", "n": "seq", "v": 9, "t": 2}, {"n": "temp", "v": 21.5, "t": 1}]'
+    assert list(stats(pack, {"topic": "s", "ignore": ["dev/seq"]})["fields"]) == ["dev/temp"]
+    with pytest.raises(InvalidPayload, match="besides the fields the route ignores"):
+        stats(b'{"seq": 1}', options)
+
+
+@pytest.mark.parametrize("ignore", ["seq", [1], {"seq": True}, ["x"] * 257])
+def test_bad_ignore_option_is_a_value_error(ignore: Any) -> None:
+    with pytest.raises(ValueError, match="route option 'ignore'"):
+        check_options({"ignore": ignore})
+    if type(ignore) is not list:
+        with pytest.raises(ValueError, match="route option 'ignore'"):
+            SensorStats()(b'{"x": 1}', {"ignore": ignore})
+
+
 def test_topic_option_is_optional() -> None:
     stats = SensorStats()
     stats(b'{"x": 1}', {})

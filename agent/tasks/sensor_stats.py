@@ -43,8 +43,20 @@ def window_option(options: Mapping[str, Any]) -> int:
     return window
 
 
+MAX_IGNORED = 256
+
+
+def ignore_option(options: Mapping[str, Any]) -> None:
+    """Check the route's ``ignore`` option: names of fields that are not readings (ids, sequence numbers)."""
+    ignore = options.get("ignore", [])
+    if type(ignore) is not list or len(ignore) > MAX_IGNORED or not all(type(name) is str for name in ignore):
+        raise ValueError(f"route option 'ignore' must be a list of at most {MAX_IGNORED} field names, "
+                         f"got {ignore!r}"[:300])
+
+
 def check_options(options: Mapping[str, Any]) -> None:
     window_option(options)
+    ignore_option(options)
 
 
 def _describe(value: object) -> str:
@@ -359,6 +371,16 @@ class SensorStats:
             window_option(options)  # raises the operator's message
         topic = options.get("topic", "")
         readings, order = parse_readings(payload)  # validates everything before any window changes
+        ignore = options.get("ignore")
+        if ignore is not None and type(ignore) is not list:
+            ignore_option(options)  # raises the operator's message
+        if ignore:
+            # Ids and counters are numbers too, but their jumps are not anomalies.
+            readings = [reading for reading in readings if reading[0] not in ignore]
+            if not readings:
+                raise InvalidPayload("the message has no numeric reading besides the fields the route ignores")
+            if order is not None:
+                order = [name for name in order if name not in ignore]
         key = (topic if type(topic) is str else str(topic), window)
         topics = self._topics
         fields = topics.get(key)
