@@ -72,10 +72,9 @@ class Publisher:
 
     Results of light tasks may skip the outbox (:meth:`offer`): up to ``fresh_cap`` of them wait in memory and go
     out once the outbox is empty and the window has room; only their acknowledgement is written (the row becomes
-    a tombstone).
-    Their input row stays pending until then, so a crash before the PUBACK is recorded runs the task again
-    under the same task_id (at least once, as with an outbox row); the result itself never reaches the disk,
-    which saves the store a write of every result and the SD card its wear.
+    a tombstone). Their input row stays pending until then, so a crash before the PUBACK is recorded runs the
+    task again under the same task_id (at least once, as with an outbox row); the result itself never reaches
+    the disk, which saves the store a write of every result and the SD card its wear.
     """
 
     def __init__(
@@ -191,7 +190,7 @@ class Publisher:
     def offer(self, results: list[Finished]) -> list[Finished]:
         """Results to publish without the outbox: (row id, input size, topic, payload) each. Up to ``fresh_cap``
         wait in memory for the window; returns those not taken, for the caller to commit to the outbox."""
-        room = self.fresh_cap - len(self._fresh)
+        room = self.room()
         take = results if room >= len(results) else results[:max(room, 0)]
         if take:
             self._fresh.extend(Sent(row, topic, payload, size, True) for row, size, topic, payload in take)
