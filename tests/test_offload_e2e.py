@@ -59,9 +59,16 @@ def publish_burst(port: int, start: int, count: int, seconds: float) -> None:
     device.disconnect()
 
 
+# Priors for a resource API on this host, as an operator would set them for theirs: with the defaults (3 s to
+# provision, a 2 Mbit/s uplink) a 60-clip burst queues barely long enough for the model to offload at all, so
+# whether any task went to the cloud depended on how fast this machine drained it (1-10 of 60 did).
+LAN_PRIORS = {"EDGE_AGENT_DECISION__PROVISIONING_S": "0.5", "EDGE_AGENT_DECISION__UPLINK_MBPS": "50"}
+
+
 def test_a_burst_splits_between_gateway_and_cloud_and_survives_a_killed_cloud(
         broker: Mosquitto, devcloud: DevCloud, tmp_path: Path) -> None:
-    agent = Agent(tmp_path / "agent", broker.port, routes=[NOISE_ROUTE], extra_env=cloud_env(devcloud))
+    agent = Agent(tmp_path / "agent", broker.port, routes=[NOISE_ROUTE],
+                  extra_env={**cloud_env(devcloud), **LAN_PRIORS})
     collector = Collector(broker.port, f"edge/{agent.agent_id}/#")
     try:
         agent.start()
@@ -70,8 +77,8 @@ def test_a_burst_splits_between_gateway_and_cloud_and_survives_a_killed_cloud(
         placements = [m["placement"] for m in spectra(collector, agent).values()]
         assert "cloud" in placements, "nothing was offloaded"
         assert "local" in placements, "nothing ran on the gateway"
-        # Whether the model itself offloads depends on how fast this machine drains the burst locally; the
-        # policy unit tests and the replay cover that. Here: cloud results arrive and are whole.
+        # How many go where is the model's business (the policy unit tests and the replay cover it). Here: the
+        # burst splits, and cloud results arrive and are whole.
         cloud_result = next(m for m in spectra(collector, agent).values() if m["placement"] == "cloud")
         assert cloud_result["decision"]["reason"] == "model"
         assert cloud_result["result"]["samples"] == 320_000
