@@ -14,6 +14,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from agent import codec
 from agent.config import Route
 from agent.egress import dead_letter
 from agent.mqtt import InboundMessage
@@ -54,8 +55,10 @@ class Router:
         self._cache: dict[str, Route | None] = {}
         # Each route's task options, built once (pydantic builds a new dict on every access).
         self.options: dict[str, dict[str, object]] = {}
+        self.stored_options: dict[str, str | None] = {}  # as the store keeps them: JSON, None when empty
         for route in reversed(self.routes):
-            self.options[route.topic] = route.options
+            self.options[route.topic] = options = route.options
+            self.stored_options[route.topic] = codec.dumps(options).decode() if options else None
 
     def match(self, topic: str) -> Route | None:
         try:
@@ -186,7 +189,8 @@ class Ingress:
         else:
             options = {**self.router.options[route.topic], "topic": msg.topic}
             row = NewTask(task_id, msg.topic, route.task, route.placement, options, payload, size,
-                          msg.received_at, mid if qos else None, crc if qos else None)
+                          msg.received_at, mid if qos else None, crc if qos else None,
+                          route_options=self.router.stored_options[route.topic])
             counters.accepted += 1
             counters.by_route[route.topic] = counters.by_route.get(route.topic, 0) + 1
         store.admit(row)

@@ -30,7 +30,6 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from agent import codec
 from agent.errors import ConfigError, StoreError
 from agent.telemetry import get_logger
 
@@ -82,6 +81,9 @@ class NewTask(NamedTuple):
     crc: int | None
     out_topic: str | None = None
     out_payload: bytes | None = None
+    # The route's options as JSON, without the topic (the row has it), built once per route: what the row
+    # keeps of ``options``, so the writer does not serialise a dict for every message.
+    route_options: str | None = None
 
 
 class TaskRef(NamedTuple):
@@ -424,7 +426,7 @@ class Store:
                         assert row.kind is not None and row.placement is not None
                         options = row.options or {}
                         inserts.extend((row_id, row.task_id, row.topic, row.kind, row.placement,
-                                        codec.dumps(options) if options else None, row.payload, row.size,
+                                        row.route_options, row.payload, row.size,
                                         row.received_at, row.mid, row.crc, PENDING, None, None, None))
                         if self._hand_tasks:
                             tasks.append(TaskRef(row_id, row.task_id, row.topic, row.kind, row.placement, options,
@@ -461,8 +463,8 @@ class Store:
         try:
             if op.kind == "load_pending":
                 after_id, limit, reply = op.args
-                refs = [TaskRef(r[0], r[1], r[2], r[3], r[4], r[5] or {}, None if r[8] is None else bytes.fromhex(r[8]),
-                                r[6], r[7])
+                refs = [TaskRef(r[0], r[1], r[2], r[3], r[4], {**r[5], "topic": r[2]} if r[5] else {"topic": r[2]},
+                                None if r[8] is None else bytes.fromhex(r[8]), r[6], r[7])
                         for r in self._read_page(_PENDING_PAGE, (INLINE_READ_BYTES, after_id, limit))]
                 if len(refs) < limit:
                     self._hand_tasks = True

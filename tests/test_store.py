@@ -16,9 +16,11 @@ from agent.store import Committed, NewTask, OutboxEntry, Store, TaskRef
 def new_task(i: int, size: int = 10, dead: bool = False) -> NewTask:
     return NewTask(
         task_id=f"t{i}", topic=f"city/a/traffic/{i}/data", kind=None if dead else "sensor.stats",
-        placement=None if dead else "auto", options=None if dead else {"topic": "x", "window": 5},
+        placement=None if dead else "auto",
+        options=None if dead else {"topic": f"city/a/traffic/{i}/data", "window": 5},
         payload=None if dead else b"x" * size, size=size, received_at=1000.0 + i, mid=i + 1, crc=i,
         out_topic="edge/gw/dead-letter/x" if dead else None, out_payload=b"{}" if dead else None,
+        route_options=None if dead else '{"window":5}',
     )
 
 
@@ -87,7 +89,7 @@ def test_task_lifecycle_and_byte_accounting(store: Store) -> None:
     store.ingest([new_task(0, size=100)], [(1, 1)])
     (ref,) = hook.gather(1, "tasks")
     assert isinstance(ref, TaskRef) and ref.payload == b"x" * 100
-    assert ref.options == {"topic": "x", "window": 5}
+    assert ref.options == {"topic": "city/a/traffic/0/data", "window": 5}
     assert store.outstanding_bytes == 100
     store.complete([(ref.id, ref.size, "edge/gw/results/x", b"r" * 30)])
     (entry,) = hook.gather(1, "outbox")
@@ -133,7 +135,8 @@ def test_read_backs_carry_any_bytes_in_order(tmp_path: Path) -> None:
     pending = got.get(timeout=5)
     outbox = got.get(timeout=5)
     assert [r.payload for r in pending] == blobs[10:]  # type: ignore[attr-defined]
-    assert [r.options for r in pending] == [{"topic": "x", "window": 5}] * 30  # type: ignore[attr-defined]
+    # The row keeps the route's options; the topic is the row's own.
+    assert [r.options for r in pending] == [{"window": 5, "topic": f"city/a/traffic/{i}/data"} for i in range(10, 40)]  # type: ignore[attr-defined]
     assert [r.received_at for r in pending] == [1000.0 + i for i in range(10, 40)]  # type: ignore[attr-defined]
     assert [e.payload for e in outbox] == [b"\xfe\x00" + blobs[i] for i in reversed(range(10))]  # type: ignore[attr-defined]
     store.stop()

@@ -45,6 +45,8 @@ def test_router_first_match_wins_and_caches() -> None:
     assert other is not None and other.task == "sensor.stats" and other.options == {"window": 10}
     assert router.match("elsewhere/x") is None
     assert router.match("city/a/noise/1/pcm") is noise
+    # What a stored row keeps of its route's options: JSON built once per route, None when there are none.
+    assert router.stored_options == {"city/+/noise/+/pcm": None, "city/#": '{"window":10}'}
 
 
 def test_shared_subscription_filter() -> None:
