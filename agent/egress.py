@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from agent import codec
@@ -80,7 +80,7 @@ class Publisher:
     def __init__(
         self,
         store: Store,
-        send: Callable[[list[tuple[str, bytes, int | None]]], list[int]],
+        send: Callable[[Sequence[Sent], Sequence[int] | None], list[int]],
         *,
         window: int,
         memory_cap: int = 2_000,
@@ -173,7 +173,7 @@ class Publisher:
         if room <= 0:
             return True
         batch = [queue.popleft() for _ in range(room)]
-        mids = self._send([(sent.topic, sent.payload, None) for sent in batch])
+        mids = self._send(batch, None)
         if not mids:
             queue.extendleft(reversed(batch))
             assert self._loop is not None
@@ -213,7 +213,7 @@ class Publisher:
             self._retry.cancel()
             self._retry = None
         if self._inflight:
-            self._send([(entry.topic, entry.payload, mid) for mid, entry in self._inflight.items()])
+            self._send(list(self._inflight.values()), list(self._inflight))
         self.pump()
 
     def _retry_now(self) -> None:

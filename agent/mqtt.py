@@ -18,9 +18,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -49,6 +49,16 @@ class InboundMessage(NamedTuple):
     mid: int
     dup: bool
     received_at: float  # wall clock, for dead letters and the latency figures
+
+
+class Outgoing(Protocol):
+    """A result to publish: the publisher's own records are passed as they are, with no tuple per message."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def payload(self) -> bytes: ...
 
 
 def backoff_delay(attempt: int, minimum: float, maximum: float, rng: random.Random) -> float:
@@ -295,17 +305,19 @@ class _Client(paho.Client):
                 out.appendleft(taken[0])
         return super()._packet_write()
 
-    def send_qos1(self, messages: Iterable[tuple[bytes, bytes, int | None]]) -> list[int]:
-        """Queue QoS 1 PUBLISHes as one write: (topic, payload, mid) each, where a mid means a resend (DUP)
-        after a reconnect and None a new packet id. Returns the packet ids in order."""
+    def send_qos1(self, messages: Sequence[Outgoing], mids: Sequence[int] | None = None) -> list[int]:
+        """Queue QoS 1 PUBLISHes as one write. Without ``mids`` they get new packet ids; with them they are
+        resends (DUP) under those ids after a reconnect. Returns the packet ids in order."""
         extra, properties = (5, b"\x00") if self._protocol == paho.MQTTv5 else (4, b"")
+        if mids is None:
+            mids, command = [self._mid_generate() for _ in messages], b"\x32"
+        else:
+            mids, command = list(mids), b"\x3a"
         parts: list[bytes] = []
-        mids: list[int] = []
-        for topic, payload, given in messages:
-            mid = self._mid_generate() if given is None else given
-            parts += (b"\x32" if given is None else b"\x3a", _varint(len(topic) + len(payload) + extra),
-                      len(topic).to_bytes(2, "big"), topic, mid.to_bytes(2, "big"), properties, payload)
-            mids.append(mid)
+        for message, mid in zip(messages, mids, strict=True):
+            topic, payload = message.topic.encode(), message.payload
+            parts += (command, _varint(len(topic) + len(payload) + extra), len(topic).to_bytes(2, "big"), topic,
+                      mid.to_bytes(2, "big"), properties, payload)
         if parts:
             self._packet_queue(paho.PUBLISH, b"".join(parts), mids[0], 1)
         return mids
@@ -451,17 +463,17 @@ class MqttLink:
             if qos == 2:
                 self._client.ack(mid, qos)
 
-    def send(self, messages: Sequence[tuple[str, bytes, int | None]]) -> list[int]:
-        """Queue results at QoS 1: (topic, payload, None) for a new one, (…, mid) to resend one under its
-        packet id after a reconnect (DUP), as MQTT asks. Returns their packet ids; none while disconnected
-        (the caller keeps them for later).
+    def send(self, messages: Sequence[Outgoing], mids: Sequence[int] | None = None) -> list[int]:
+        """Queue results at QoS 1, under new packet ids, or with ``mids`` as resends under the ids they had
+        before a reconnect (DUP), as MQTT asks. Returns their packet ids; none while disconnected (the caller
+        keeps them for later).
 
         paho does not track these: their PUBACKs reach ``on_puback``, and the caller resends what a lost
         connection left unacknowledged.
         """
         if not self.connected.is_set():
             return []
-        return self._client.send_qos1([(topic.encode(), payload, mid) for topic, payload, mid in messages])
+        return self._client.send_qos1(messages, mids)
 
     async def _supervise(self) -> None:
         """Connect, keep alive, reconnect with backoff; one pass per tick or when something changes."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,7 +19,7 @@ from agent.cloud._client import CloudResult, LeaseSnapshot
 from agent.config import DecisionSettings
 from agent.decision import Policy
 from agent.dispatch import Dispatcher
-from agent.egress import Publisher
+from agent.egress import Publisher, Sent
 from agent.executor import LocalExecutor
 from agent.store import Committed, NewTask, Store
 from agent.tasks import default_registry
@@ -98,11 +98,11 @@ class Rig:
         self.published: list[dict[str, Any]] = []
         mids = iter(range(1, 1_000_000))
 
-        def send(messages: list[tuple[str, bytes, int | None]]) -> list[int]:
+        def send(messages: Sequence[Sent], resend: Sequence[int] | None = None) -> list[int]:
             sent = []
-            for _, payload, _ in messages:
-                self.published.append(json.loads(payload))
-                sent.append(next(mids))
+            for i, message in enumerate(messages):
+                self.published.append(json.loads(message.payload))
+                sent.append(next(mids) if resend is None else resend[i])
             loop.call_soon(self.publisher.acked, sent)  # the broker's PUBACKs
             return sent
 

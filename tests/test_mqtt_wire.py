@@ -6,13 +6,18 @@ packets at chosen places, and that split is what the buffered reads must survive
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.mqtt import _Client, _varint
+
+
+class Result(NamedTuple):
+    topic: str
+    payload: bytes
 
 
 class ChunkedSocket:
@@ -98,12 +103,12 @@ def test_result_packets_are_well_formed_for_both_protocols(protocol: int, header
     c, _, _ = client(protocol)
     queued: list[bytes] = []
     c._packet_queue = lambda command, packet, mid, qos, info=None: queued.append(bytes(packet))  # type: ignore[method-assign]
-    (mid,) = c.send_qos1([(b"edge/gw/results/a", b"{}", None)])
-    assert c.send_qos1([(b"edge/gw/results/a", b"{}", mid)]) == [mid]  # the resend after a reconnect
+    (mid,) = c.send_qos1([Result("edge/gw/results/a", b"{}")])
+    assert c.send_qos1([Result("edge/gw/results/a", b"{}")], [mid]) == [mid]  # the resend after a reconnect
     body = (17).to_bytes(2, "big") + b"edge/gw/results/a" + mid.to_bytes(2, "big") + header + b"{}"
     assert queued == [bytes([0x32, len(body)]) + body, bytes([0x3A, len(body)]) + body]
     queued.clear()
-    first, second = c.send_qos1([(b"edge/gw/results/a", b"{}", None), (b"edge/gw/results/b", b"[]", None)])
+    first, second = c.send_qos1([Result("edge/gw/results/a", b"{}"), Result("edge/gw/results/b", b"[]")])
     assert second == first + 1 and len(queued) == 1  # a batch is one queued write
 
 
@@ -129,7 +134,7 @@ def test_queued_packets_go_out_together_and_whole(chunk: int) -> None:
     for mid in range(1, 6):
         c._send_puback(mid)
         expected += bytes([0x40, 2, 0, mid])
-        (sent,) = c.send_qos1([(b"edge/gw/results/a", b"{}", None)])
+        (sent,) = c.send_qos1([Result("edge/gw/results/a", b"{}")])
         expected += bytes([0x32, 24]) + (17).to_bytes(2, "big") + b"edge/gw/results/a" + sent.to_bytes(2, "big")
         expected += b"\x00{}"
     for _ in range(100):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from agent.config import Settings
 from agent.decision import Policy
 from agent.dispatch import Dispatcher
-from agent.egress import Publisher
+from agent.egress import Publisher, Sent
 from agent.executor import LocalExecutor
 from agent.mqtt import InboundMessage, MqttLink
 from agent.store import Committed, NewTask, Store
@@ -36,11 +37,11 @@ async def run_pipeline(tmp_path: Path, n: int, *, publish_cap: int, dispatch_cap
     mids = iter(range(1, 1_000_000))
     boxes: dict[str, Any] = {}
 
-    def send(messages: list[tuple[str, bytes, int | None]]) -> list[int]:
+    def send(messages: Sequence[Sent], resend: Sequence[int] | None = None) -> list[int]:
         sent = []
-        for _, payload, _ in messages:
-            published.append(json.loads(payload))
-            sent.append(next(mids))
+        for i, message in enumerate(messages):
+            published.append(json.loads(message.payload))
+            sent.append(next(mids) if resend is None else resend[i])
         loop.call_soon(boxes["publisher"].acked, sent)  # the broker's PUBACKs
         return sent
 
@@ -128,9 +129,9 @@ def test_unacknowledged_direct_results_go_to_the_outbox_at_a_stop(tmp_path: Path
         sent: list[bytes] = []
         mids = iter(range(1, 100))
 
-        def send(messages: list[tuple[str, bytes, int | None]]) -> list[int]:
-            sent.extend(payload for _, payload, _ in messages)
-            return [next(mids) for _ in messages]
+        def send(messages: Sequence[Sent], resend: Sequence[int] | None = None) -> list[int]:
+            sent.extend(message.payload for message in messages)
+            return [next(mids) for _ in messages] if resend is None else list(resend)
 
         publisher = Publisher(store, send, window=2)
         publisher.start(loop)
