@@ -220,6 +220,9 @@ def _robust(values: array[float], value: float) -> tuple[float, float, float]:
     return mean, std, z
 
 
+# Updates between exact recomputations of a window's sums, at least (see _Window).
+RESUM_MIN = 256
+
 # Below this, sums of squares may have lost readings to underflow (|x| < ~1e-140): compute with scaling.
 _TINY = 1e-280
 
@@ -230,10 +233,12 @@ class _Window:
     The shift is the window's mean at the last exact recomputation, which keeps the cancellation in
     ``E[d²] - E[d]²`` small for fields with a large offset (ids, timestamps); for a constant window it is the
     constant itself, so the sums are exactly zero. The sums are recomputed with ``math.fsum`` every
-    ``capacity`` updates (O(1) amortised), and sooner whenever their rounding error could matter.
+    ``period`` updates (the capacity, at least ``RESUM_MIN``; O(1) amortised), and sooner whenever their
+    rounding error could matter.
     """
 
-    __slots__ = ("capacity", "constant", "peak", "pos", "s1", "s2", "shift", "tolerance", "until_resum", "values")
+    __slots__ = ("capacity", "constant", "peak", "period", "pos", "s1", "s2", "shift", "tolerance", "until_resum",
+                 "values")
 
     def __init__(self, capacity: int) -> None:
         self.values: array[float] = array("d")  # 8 bytes a reading; a deque of float objects costs ~4× that
@@ -243,11 +248,14 @@ class _Window:
         self.s1 = 0.0
         self.s2 = 0.0
         # The largest s2 since the last recomputation. The running sums' rounding error is at most about
-        # 6·k·ε·peak after k ≤ capacity updates (a big reading that has left the window still counts), so
+        # 6·k·ε·peak after k ≤ period updates (a big reading that has left the window still counts), so
         # they are trusted only while the centred sum n·var is 10⁶ times that: ``tolerance`` · peak.
+        # A short window is not recomputed after every ``capacity`` updates: for the default of 60 that cost
+        # as much as a tenth of the task, and the tolerance check catches the cases where it matters.
+        self.period = max(capacity, RESUM_MIN)
         self.peak = 0.0
-        self.tolerance = capacity * 1e-9
-        self.until_resum = capacity
+        self.tolerance = self.period * 1e-9
+        self.until_resum = self.period
         # Every reading stored since the last recomputation equals the shift (ids, flags): exactly, not by
         # a zero sum of squares, which also happens when squares of tiny readings underflow.
         self.constant = True
@@ -307,7 +315,7 @@ class _Window:
 
     def _resum(self) -> None:
         values = self.values
-        self.until_resum = self.capacity
+        self.until_resum = self.period
         low = min(values)
         self.constant = low == max(values)
         try:
