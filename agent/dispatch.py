@@ -193,9 +193,9 @@ class Dispatcher:
             self.decisions[key] = self.decisions.get(key, 0) + 1
             self.last_terms[ref.kind] = decision.terms  # each decision has its own; no copy per task
             self.policy.task_started(decision.target, task, now)
-            # The queued task keeps what its result reports, not the terms (most of a decision's memory).
-            decision = Decision(decision.target, decision.t_local_s, decision.t_cloud_s, decision.reason, _NO_TERMS,
-                                decision.probe, decision.prewarm, decision.hedge_after_s)
+            # The queued task keeps what its result reports, not the terms (most of a decision's memory); each
+            # decision is a new object, so dropping them here takes nothing from last_terms.
+            decision.terms = _NO_TERMS
         item = Admitted(ref, task, decision, decided_at=now)
         if decision is not None and decision.target == "cloud":
             self._cloud.append(item)

@@ -60,7 +60,9 @@ HEDGE_LOCAL_RATIO = 1.0
 _CANCELLED_WEIGHT = 0.3
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, three times the cost of a plain
+# one, and the daemon builds a Task and a Decision for every message. Treat both as values all the same.
+@dataclass(slots=True)
 class Task:
     """What the model needs to know about a task: its kind and its input size in bytes."""
 
@@ -68,7 +70,7 @@ class Task:
     in_bytes: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """Where a task runs, both predicted totals, why, and every term of both totals (seconds)."""
 
