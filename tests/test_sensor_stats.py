@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import InvalidJson, InvalidPayload
-from agent.tasks.sensor_stats import MAX_READINGS, SensorStats, check_options
+from agent.tasks.sensor_stats import MAX_READINGS, SensorStats, check_options, readings_of_object
 
 CITYPULSE = Path("/work/shared/data/citypulse-aarhus/AarhusTrafficData158324.csv")
 TOPIC = "city/aarhus/traffic/158324/data"
@@ -105,6 +105,20 @@ def test_numeric_strings_count_and_other_values_are_ignored() -> None:
     assert fields["a"]["value"] == 74.0
     assert fields["b"]["value"] == 3.5
     assert fields["k"]["value"] == -1000.0
+
+
+@given(st.text(max_size=12))
+def test_a_string_is_a_reading_exactly_when_float_takes_it(raw: str) -> None:
+    # Labels are skipped by their first character before float() is tried: that shortcut must never drop
+    # a number (" 7", "٣", "Infinity"… are float()'s business) nor keep a label.
+    try:
+        number: float | None = float(raw)
+    except ValueError:
+        number = None
+    if number is not None and not math.isfinite(number):
+        number = None
+    readings = readings_of_object({"f": raw})
+    assert readings == ([] if number is None else [("f", number, number)])
 
 
 def test_senml_pack_with_base_name_and_base_time() -> None:

@@ -9,6 +9,7 @@ per-call overhead would exceed the whole budget of ~20 µs per row).
 from __future__ import annotations
 
 import math
+import string
 from array import array
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -85,6 +86,11 @@ def decode(payload: bytes) -> Any:
         raise InvalidJson(f"the payload is not valid JSON: {exc}") from None
 
 
+# First characters of strings float() refuses whatever follows: ASCII letters other than those of "nan",
+# "inf" and "infinity", and punctuation other than signs and the decimal point ("OK", "ON", "#2").
+_LABEL_START = frozenset(string.ascii_letters + string.punctuation) - frozenset("nNiI+-.")
+
+
 def readings_of_object(obj: dict[str, Any]) -> list[Reading]:
     readings: list[Reading] = []
     append = readings.append
@@ -100,7 +106,10 @@ def readings_of_object(obj: dict[str, Any]) -> list[Reading]:
             except OverflowError:
                 raise InvalidPayload(f"field {name!r} is an integer too large for a 64-bit float") from None
         elif kind is str:
-            # Devices that forward CSV send numbers as strings ("74"); other strings are labels.
+            # Devices that forward CSV send numbers as strings ("74"); other strings are labels. A label that
+            # starts with a character no number can start with is skipped without float()'s exception.
+            if raw[:1] in _LABEL_START:
+                continue
             try:
                 number = float(raw)
             except ValueError:
