@@ -170,6 +170,7 @@ class _Client(paho.Client):
     _rsock: object = None
     inbound: Callable[[bytes, bytes, int, int, bool], None] | None = None  # topic, payload, qos, mid, dup
     settled: Callable[[int], None] | None = None  # mid of a result the broker acknowledged
+    hold_reads = False  # the link paused reading: stop between packets
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf) or self._rsock is not self._sock:
@@ -190,6 +191,20 @@ class _Client(paho.Client):
         if self._rsock is sock and self._rpos < len(self._rbuf):
             return True
         return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+
+    def read_burst(self, budget: int) -> bool:
+        """Up to ``budget`` packets: ``loop_read``'s work without a call of it per packet. True when bytes
+        are still buffered here (select() cannot see them), so reading should go on after other work."""
+        for _ in range(budget):
+            if self.hold_reads or self._sock is None:
+                return False
+            rc = self._packet_read()
+            if rc > 0:
+                self._loop_rc_handle(rc)
+                return False
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN or not self.buffered():
+                return False
+        return True
 
     def _packet_read(self) -> MQTTErrorCode:
         """A packet already whole in the buffer is cut out of it directly: PUBLISH and a plain PUBACK go to
@@ -576,7 +591,7 @@ class MqttLink:
 
     def pause_reading(self, paused: bool) -> None:
         """Stop (or resume) reading from the broker; TCP then holds back its messages."""
-        self._reading_paused = paused
+        self._reading_paused = self._client.hold_reads = paused
         assert self._loop is not None
         if not paused and self._reader_fd < 0:
             sock = self._client.socket()
@@ -664,11 +679,8 @@ class MqttLink:
     def _readable(self) -> None:
         client = self._client
         try:
-            for _ in range(READ_BUDGET):
-                if self._reading_paused or client.socket() is None:
-                    return
-                if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or not client.buffered():
-                    return
+            if not client.read_burst(READ_BUDGET):
+                return
         except Exception as exc:  # noqa: BLE001 - paho raises on some socket errors; the loop must go on
             log.warning("mqtt_loop_error", error=repr(exc))
             if client.socket() is not None:
