@@ -154,3 +154,38 @@ def test_service_model_ages_back_to_the_prior_when_unused() -> None:
         model.observe(1000, 0.1, now=float(i))
     assert model.predict(1000, 50.0) == pytest.approx(0.1, rel=0.2)
     assert model.predict(1000, 50.0 + 100.0 * 20) == pytest.approx(0.5, rel=0.01)
+
+
+def _two_memories() -> NetworkEstimate:
+    return NetworkEstimate(1_000_000.0, half_life_s=5.0, baseline_half_life_s=600.0, prior_weight=0.5, rate=True,
+                           fast_half_life_s=1.0)
+
+
+def test_bandwidth_switches_to_the_fast_memory_on_a_link_that_changes_within_seconds() -> None:
+    bw, fixed = _two_memories(), _bandwidth(prior_bps=1_000_000.0)
+    now = 0.0
+    for step in range(61):  # capacity alternates between 4 MB/s and 250 kB/s every 3 s, a transfer a second
+        rate = 4_000_000.0 if (step // 3) % 2 == 0 else 250_000.0
+        for _ in range(3 if step < 60 else 1):
+            now += 1.0
+            bw.observe(rate, 0.5, now)
+            fixed.observe(rate, 0.5, now)
+    assert bw.memory_s() == 1.0
+    # One fast transfer after a slow stretch: the fast memory already expects a much faster link.
+    assert bw.estimate(now) > 1.25 * fixed.estimate(now)
+
+
+def test_bandwidth_keeps_the_configured_memory_on_a_noisy_steady_link() -> None:
+    bw = _two_memories()
+    now = 0.0
+    for step in range(200):  # i.i.d. noise around 1 MB/s: averaging over a longer memory predicts better
+        now += 1.0
+        bw.observe(1_000_000.0 * (2.0 if step % 2 else 0.5), 0.5, now)
+    assert bw.memory_s() == 5.0
+    assert bw.estimate(now) == pytest.approx(1_250_000.0, rel=0.1)  # equal durations: the mean of the rates
+
+
+def test_a_single_memory_is_the_default() -> None:
+    bw = _bandwidth()
+    bw.observe(1_000_000.0, 1.0, 1.0)
+    assert bw.memory_s() == 5.0

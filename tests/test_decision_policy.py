@@ -431,3 +431,8 @@ def test_cancelling_a_task_still_queued_behind_another_upload_learns_nothing() -
     policy.cloud_cancelled(queued, 0.5)
     assert policy.snapshot(0.5)["uplink_queued_bytes"] == 100_000
     assert policy.snapshot(0.5)["uplink_mbps"] == pytest.approx(before)
+
+
+def test_the_uplink_memory_in_use_is_reported() -> None:
+    policy = Policy(quiet(network_half_life_s=5.0))
+    assert policy.snapshot(0.0)["uplink_memory_s"] == 5.0

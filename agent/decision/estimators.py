@@ -13,6 +13,8 @@ import math
 # Half-lives are in seconds of the injected clock; a reading older than ~50 half-lives carries no weight.
 _NEGLIGIBLE = 1e-15
 _LN2 = math.log(2.0)
+# A bandwidth memory replaces the one in use only once its recent squared prediction errors are this much lower.
+_SWITCH_RATIO = 1.0
 
 
 def decay_factor(half_life_s: float, elapsed_s: float) -> float:
@@ -41,6 +43,10 @@ class DecayingMean:
         self._sum = 0.0
         self._weight = 0.0
         self._t = 0.0
+
+    @property
+    def half_life_s(self) -> float:
+        return self._half_life_s
 
     def observe(self, value: float, weight: float, now: float) -> None:
         f = decay_factor(self._half_life_s, now - self._t)
@@ -74,9 +80,28 @@ class NetworkEstimate:
     samples. Bandwidth samples are weighted by their duration, which makes the mean of rates equal to
     Σ bytes / Σ seconds: the estimate that predicts transfer *time*, and one in which tiny transfers (dominated
     by latency, not capacity) count for little.
+
+    How short the short memory should be depends on the link. On a steady one a long memory averages noise
+    away; on one whose capacity decorrelates within a second or two (LTE while driving) samples a few seconds
+    old describe a link that is gone, and duration weighting lets the long, slow transfers of a fade outweigh
+    the short, fast ones that show the recovery. ``fast_half_life_s`` adds a second, shorter memory fed the
+    same samples. Each sample first scores both memories by the squared log error of their prediction of it
+    (scores forgotten with ``selection_half_life_s``), and the estimate comes from the memory that has
+    predicted this link better lately: the choice follows the kind of network from its own measurements.
     """
 
-    __slots__ = ("_clip", "_long", "_memo", "_prior", "_rate", "_short")
+    __slots__ = (
+        "_best",
+        "_clip",
+        "_errors",
+        "_errors_t",
+        "_long",
+        "_memo",
+        "_prior",
+        "_rate",
+        "_selection_half_life_s",
+        "_short",
+    )
 
     def __init__(
         self,
@@ -87,13 +112,23 @@ class NetworkEstimate:
         prior_weight: float,
         clip: float = 8.0,
         rate: bool = False,
+        fast_half_life_s: float | None = None,
+        selection_half_life_s: float = 60.0,
     ) -> None:
         """``rate``: samples are rates weighted by duration; a clipped sample then keeps its byte count (its
-        weight becomes bytes / clipped rate), so clipping a stall does not inflate its weight."""
+        weight becomes bytes / clipped rate), so clipping a stall does not inflate its weight.
+        ``fast_half_life_s``: a shorter alternative to ``half_life_s``, used while it predicts better."""
         if prior <= 0.0 or not math.isfinite(prior):
             raise ValueError("the prior must be a positive finite number")
+        if selection_half_life_s <= 0.0:
+            raise ValueError("selection_half_life_s must be positive")
         self._prior = prior
-        self._short = DecayingMean(half_life_s, prior_weight)
+        memories = [half_life_s] if fast_half_life_s is None else [half_life_s, fast_half_life_s]
+        self._short = tuple(DecayingMean(h, prior_weight) for h in memories)
+        self._errors = [0.0] * len(memories)  # decayed sums of squared log prediction errors
+        self._errors_t = 0.0
+        self._selection_half_life_s = selection_half_life_s
+        self._best = 0  # the memory in use: the configured one until another has predicted better
         self._long = DecayingMean(baseline_half_life_s, prior_weight)
         self._clip = clip
         self._rate = rate
@@ -107,7 +142,10 @@ class NetworkEstimate:
         clipped = min(max(value, current / self._clip), current * self._clip)
         if self._rate:
             weight *= value / clipped
-        self._short.observe(clipped, weight, now)
+        if len(self._short) > 1:
+            self._score(clipped, now)
+        for memory in self._short:
+            memory.observe(clipped, weight, now)
         self._long.observe(clipped, weight, now)
         self._memo = (math.nan, 0.0)
 
@@ -115,9 +153,28 @@ class NetworkEstimate:
         memo_t, value = self._memo
         if now == memo_t:
             return value
-        value = self._short.estimate(self._long.estimate(self._prior, now), now)
+        value = self._short[self._best].estimate(self._long.estimate(self._prior, now), now)
         self._memo = (now, value)
         return value
+
+    def memory_s(self) -> float:
+        """Half-life of the short-term memory in use: the configured one, or the fast one while it predicts
+        better."""
+        return self._short[self._best].half_life_s
+
+    def _score(self, sample: float, now: float) -> None:
+        # Each memory's prediction of this sample, made before the sample is folded in: the error of a decision
+        # taken just before the transfer. Log errors count ×2 and ÷2 alike.
+        prior = self._long.estimate(self._prior, now)
+        f = decay_factor(self._selection_half_life_s, now - self._errors_t)
+        self._errors_t = max(self._errors_t, now)
+        errors = self._errors
+        for i, memory in enumerate(self._short):
+            errors[i] = errors[i] * f + math.log(sample / memory.estimate(prior, now)) ** 2
+        # Switch only on a clear difference, so that memories predicting alike do not flap.
+        best = min(range(len(errors)), key=errors.__getitem__)
+        if errors[best] < _SWITCH_RATIO * errors[self._best]:
+            self._best = best
 
     def baseline(self, now: float) -> float:
         """The long-term value the short-term estimate returns to when not refreshed."""

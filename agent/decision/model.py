@@ -43,6 +43,12 @@ _MIN_RATE = 1.0  # bytes/s: keeps every term finite even after a total outage wa
 # this many samples (RTT, provisioning, output size). Small, so the first real measurements dominate.
 _PRIOR_SECONDS = 0.5
 _PRIOR_SAMPLES = 1.0
+# Bandwidth estimates also keep a memory this share of ``network_half_life_s`` long and use it while it predicts
+# the link's transfers better (see NetworkEstimate): on links whose capacity decorrelates within a second or two,
+# as LTE while driving, a 1 s memory notices a fade or a recovery after one transfer; on steadier links the
+# configured memory keeps averaging. Which one predicted better is judged over about a minute of transfers.
+_FAST_MEMORY = 0.2
+_SELECTION_HALF_LIFE_S = 60.0
 # Hedging (see Decision.hedge_after_s): a cloud task counts as overdue once it has taken HEDGE_SLACK_S longer
 # than its predicted total, HEDGE_RATIO times that total, and HEDGE_LOCAL_RATIO times what the gateway was
 # expected to need for it, whichever is latest. The slack and the ratio absorb ordinary prediction error (upload
@@ -223,8 +229,11 @@ class Policy:
         if self._cloud_slots < 1:
             raise ValueError("cloud_slots must be at least 1")
         def network(prior: float, weight: float, rate: bool) -> NetworkEstimate:
-            return NetworkEstimate(prior, half_life_s=settings.network_half_life_s, rate=rate, prior_weight=weight,
-                                   baseline_half_life_s=settings.baseline_half_life_s)
+            half_life = settings.network_half_life_s
+            return NetworkEstimate(prior, half_life_s=half_life, rate=rate, prior_weight=weight,
+                                   baseline_half_life_s=settings.baseline_half_life_s,
+                                   fast_half_life_s=half_life * _FAST_MEMORY if rate else None,
+                                   selection_half_life_s=_SELECTION_HALF_LIFE_S)
 
         self._up = network(settings.uplink_mbps * 1e6 / _BITS, _PRIOR_SECONDS, True)
         self._down = network(settings.downlink_mbps * 1e6 / _BITS, _PRIOR_SECONDS, True)
@@ -505,6 +514,7 @@ class Policy:
         return {
             "uplink_mbps": self._up.estimate(now) * _BITS / 1e6,
             "uplink_baseline_mbps": self._up.baseline(now) * _BITS / 1e6,
+            "uplink_memory_s": self._up.memory_s(),
             "downlink_mbps": self._down.estimate(now) * _BITS / 1e6,
             "rtt_s": self._rtt.estimate(now),
             "provisioning_s": self._provisioning.estimate(self._settings.provisioning_s, now),
