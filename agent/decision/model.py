@@ -188,13 +188,14 @@ class _FifoPool:
     def wait(self, now: float) -> float:
         if len(self.running) < self.servers:
             return 0.0
+        if self.servers == 1:  # the event loop: one running task, the rest in line behind it
+            end = self.running[0][0]
+            return (end if end > now else now) + self.waiting_s - now
         # Overdue tasks are taken to finish now: the prediction was short, but they are still running.
         ends = sorted(end if end > now else now for end, _, _ in self.running)
         waiting = self.waiting
         if not waiting:
             return ends[0] - now
-        if self.servers == 1:
-            return ends[0] + self.waiting_s - now
         if len(waiting) > self.EXACT_UP_TO:
             return max(ends[0] - now, (sum(ends) - self.servers * now + self.waiting_s) / self.servers)
         heapq.heapify(ends)
@@ -307,21 +308,24 @@ class Policy:
         if n_uploaded >= self._cloud_slots:
             work = self._cloud_work(self._active_cloud, now) * n_uploaded / self._cloud_n
             cloud_wait = _queue_wait(n_uploaded, work, self._cloud_slots)
-        out_bytes = kind.out.estimate(kind.out_prior, now)
+        provisioning = self._provisioning_wait(now)
+        rtt = self._rtt.estimate(now)
+        uplink_queue = self._up_queued / up
+        upload = size / up
+        download = kind.out.estimate(kind.out_prior, now) / down
         terms = {
             "local_wait_s": local_wait,
             "local_service_s": local_service,
-            "provisioning_s": self._provisioning_wait(now),
-            "rtt_s": self._rtt.estimate(now),
-            "uplink_queue_s": self._up_queued / up,
-            "upload_s": size / up,
+            "provisioning_s": provisioning,
+            "rtt_s": rtt,
+            "uplink_queue_s": uplink_queue,
+            "upload_s": upload,
             "cloud_wait_s": cloud_wait,
             "cloud_service_s": cloud_service,
-            "download_s": out_bytes / down,
+            "download_s": download,
         }
         t_local = local_wait + local_service
-        t_cloud = (terms["provisioning_s"] + terms["rtt_s"] + terms["uplink_queue_s"] + terms["upload_s"]
-                   + cloud_wait + cloud_service + terms["download_s"])
+        t_cloud = provisioning + rtt + uplink_queue + upload + cloud_wait + cloud_service + download
 
         margin = max(settings.margin_s, settings.margin_ratio * t_local)
         target: Target = "cloud" if t_cloud < t_local - margin else "local"
@@ -340,7 +344,7 @@ class Policy:
             and not circuit_open
             and settings.probe_interval_s > 0
             and now - self._last_cloud_seen >= self._probe_interval
-            and t_cloud - terms["provisioning_s"] - t_local <= settings.probe_budget_s
+            and t_cloud - provisioning - t_local <= settings.probe_budget_s
         ):
             # Estimates of a side that is never used cannot correct themselves; one bounded-cost task refreshes
             # them. The timer restarts now, and it doubles (up to 16×) until the model offloads on its own: on a
@@ -357,8 +361,8 @@ class Policy:
             and cloud_available
             and not circuit_open
             and self._provision_started is None
-            and terms["provisioning_s"] > 0.0
-            and t_cloud - terms["provisioning_s"] < t_local - margin
+            and provisioning > 0.0
+            and t_cloud - provisioning < t_local - margin
         )
         if prewarm:
             self._provision_started = now  # the caller requests a lease; count its provisioning down from now

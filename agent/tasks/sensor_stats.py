@@ -107,8 +107,9 @@ def readings_of_object(obj: dict[str, Any]) -> list[Reading]:
                 raise InvalidPayload(f"field {name!r} is an integer too large for a 64-bit float") from None
         elif kind is str:
             # Devices that forward CSV send numbers as strings ("74"); other strings are labels. A label that
-            # starts with a character no number can start with is skipped without float()'s exception.
-            if raw[:1] in _LABEL_START:
+            # starts with a character no number can start with, or holds a time's or date's separator, is
+            # skipped without float()'s exception.
+            if raw[:1] in _LABEL_START or ":" in raw or "/" in raw:
                 continue
             try:
                 number = float(raw)
