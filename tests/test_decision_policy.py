@@ -166,6 +166,20 @@ def test_an_overdue_upload_lowers_the_uplink_estimate_before_it_ends() -> None:
     assert stalled.terms["upload_s"] > 10 * on_time.terms["upload_s"]
 
 
+def test_a_pending_upload_bounds_the_uplink_only_once_it_can_have_started() -> None:
+    # A probe of a few hundred bytes sent while no lease is warm: provisioning takes longer than expected.
+    policy = Policy(quiet(provisioning_s=3.0, rtt_s=0.08))
+    big = Task(NOISE, 200_000)
+    policy.task_started("cloud", Task(SENSOR, 300), 0.0)
+    normal = policy.decide(big, 0.0).terms["upload_s"]
+    late = policy.decide(big, 3.1)  # the lease is overdue: the probe has not started uploading
+    assert late.terms["upload_s"] == pytest.approx(normal)
+    policy.observe_provisioning(4.0, now=4.0)
+    # Pending for less than a round trip: its time is latency, not a measure of the link.
+    assert policy.decide(big, 4.05).terms["upload_s"] == pytest.approx(normal)
+    assert policy.decide(big, 6.0).terms["upload_s"] > 10 * normal  # 2 s for 300 bytes: the link is down
+
+
 def test_provisioning_is_counted_until_a_lease_is_warm_and_after_it_idles() -> None:
     policy = Policy(quiet(provisioning_s=3.0), lease_idle_s=60.0)
     task = Task(NOISE, 100_000)

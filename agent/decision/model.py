@@ -294,11 +294,14 @@ class Policy:
         local_wait = (self._loop if kind.inline else self._pool).wait(now)
 
         up = max(self._up.estimate(now), _MIN_RATE)
+        rtt = self._rtt.estimate(now)
         since = self._up_head_since
-        if since is not None and now > since:
-            # An upload still pending after E seconds proves the link slower than its size / E: a censored
-            # sample, so an outage shows in the very next decision instead of when the upload ends.
-            up = max(min(up, self._up_pending[0] / (now - since)), _MIN_RATE)
+        if since is not None and self._provision_started is None and now - since > rtt:
+            # An upload still pending after E seconds proves the link slower than its size / (E − RTT): a censored
+            # sample, so an outage shows in the very next decision instead of when the upload ends. Not before
+            # a round trip has passed (a small upload's time is all latency), nor while the lease is still being
+            # provisioned (the upload has not started; the wait for the lease is counted in provisioning_s).
+            up = max(min(up, self._up_pending[0] / (now - since - rtt)), _MIN_RATE)
         down = max(self._down.estimate(now), _MIN_RATE)
         ca, cb = kind.cloud.coefficients(now)
         cloud_service = ca + cb * size
@@ -309,7 +312,6 @@ class Policy:
             work = self._cloud_work(self._active_cloud, now) * n_uploaded / self._cloud_n
             cloud_wait = _queue_wait(n_uploaded, work, self._cloud_slots)
         provisioning = self._provisioning_wait(now)
-        rtt = self._rtt.estimate(now)
         uplink_queue = self._up_queued / up
         upload = size / up
         download = kind.out.estimate(kind.out_prior, now) / down
