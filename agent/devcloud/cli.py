@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -16,6 +17,11 @@ from agent.devcloud.knobs import Knobs
 
 TOKEN_ENV = "EDGE_AGENT_DEVCLOUD_TOKEN"  # noqa: S105 - the variable's name, not a token
 OPENAPI_PATH = Path("deploy/openapi/resource-api.json")
+# The bandwidth cap is applied as the app reads a task's body, but the kernel acknowledges whatever it buffers
+# for the app, and Linux grows a connection's receive buffer to megabytes: a client would see the cloud
+# acknowledge its whole upload long before the cap let it through. With a small buffer the acknowledgements
+# follow the capped reading, as on a real link, whose bottleneck lies before the server.
+RECEIVE_BUFFER_BYTES = 16 * 1024
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -108,7 +114,16 @@ def run(args: argparse.Namespace) -> int:
                             lifespan="on", timeout_graceful_shutdown=5,
                             ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
                             ssl_keyfile=str(args.tls_key) if args.tls_key else None)
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            # Connections inherit the listening socket's buffer size (set before any client connects).
+            for listener in self.servers:
+                for sock in listener.sockets:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
+
+    server = Server(config)
     server.run()
     # uvicorn returns normally also when it could not bind or start the app; it says why in the log.
     return 0 if server.started else 1
