@@ -6,6 +6,7 @@ Everything the devcloud can do for real (leases, 401, 429, outages, bandwidth) i
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,7 @@ from agent.cloud import (
     compute_backoff,
     parse_retry_after,
 )
+from agent.cloud import _uplink as uplink
 from agent.config import CloudSettings
 
 # ---------------------------------------------------------------------------------------------- backoff
@@ -469,3 +471,85 @@ def test_aclose_releases_the_leases_and_refuses_later_submissions() -> None:
     asyncio.run(main())
     assert cloud.count("DELETE") == 1
     assert cloud.calls[-1].url.path == "/api/v1/resources/lease-1"
+
+
+# ---------------------------------------------------------------------------------------------- upload ends
+
+
+@pytest.mark.skipif(not uplink.supported(), reason="the kernel send queue is read with Linux's SIOCOUTQ")
+def test_upload_watch_charges_concurrent_uploads_their_inter_completion_times() -> None:
+    """Two uploads sharing the link from t=0 and t=1, ending at t=3 and t=5: charged 3 − RTT (its busy period
+    began idle) and 2 (from the previous end), which add up to the link's busy time less the last ACK's RTT."""
+    clock = [0.0]
+    ended: list[tuple[str, float, float]] = []
+    # AF_UNIX: the sender's queue holds what the peer has not read, so reading "ends" an upload on cue.
+    pairs = [socket.socketpair() for _ in range(2)]
+
+    async def main() -> None:
+        watch = uplink.UploadWatch(lambda: clock[0], lambda: 0.1,
+                                   lambda upload, s, now: ended.append((str(upload.key), s, now)))
+        uploads = []
+        for i, (mine, _) in enumerate(pairs):
+            clock[0] = float(i)
+            upload, token = watch.begin(1000, f"u{i}")
+            uplink._CURRENT.reset(token)  # as after the request, which here does not run
+            upload.sock = mine
+            await upload.trace("http11.send_request_body.started", {})
+            mine.send(b"x" * 1000)
+            await upload.trace("http11.send_request_body.complete", {})
+            uploads.append(upload)
+        assert not ended  # both still queued in the kernel
+        for end, (_, peer) in ((3.0, pairs[0]), (5.0, pairs[1])):
+            clock[0] = end
+            peer.recv(4096)
+            for _ in range(200):
+                if len(ended) == int(end) // 2:
+                    break
+                await asyncio.sleep(uplink.POLL_S)
+        await watch.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+    assert ended == [("u0", pytest.approx(2.9), 3.0), ("u1", pytest.approx(2.0), 5.0)]
+
+
+def test_without_a_watched_connection_the_upload_is_estimated_from_the_answer() -> None:
+    """A transport of its own (here a mock) gives no socket: the upload is reported with the answer, as request
+    time − exec_ms − RTT."""
+    seen: list[tuple[Any, ...]] = []
+
+    class Observer:
+        def observe_transfer(self, direction: str, n_bytes: int, seconds: float, now: float) -> None:
+            seen.append(("up", n_bytes))
+
+        def observe_rtt(self, seconds: float, now: float) -> None:
+            pass
+
+        def observe_cloud(self, kind: str, in_bytes: int, service_s: float, now: float) -> None:
+            seen.append(("cloud", in_bytes))
+
+        def observe_provisioning(self, seconds: float, now: float) -> None:
+            pass
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/tasks"):
+            return httpx.Response(200, json={"task_id": "t", "result": {}, "exec_ms": 1})
+        return httpx.Response(201, json={"id": "r1", "type": "compute", "quantity": 1, "location": "x",
+                                         "status": "ready",
+                                         "expires_at": (datetime.now(UTC) + timedelta(hours=1)).isoformat()})
+
+    async def main() -> Any:
+        client = CloudClient(CloudSettings(url="http://cloud.test"), Observer(),
+                             transport=httpx.MockTransport(handler))
+        try:
+            return await client.submit("t", "noise.spectrum", b"\0" * 100)
+        finally:
+            await client.aclose()
+
+    result = asyncio.run(main())
+    assert not result.upload_seen
+    assert seen == [("cloud", 100), ("up", 100)]

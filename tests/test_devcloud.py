@@ -17,7 +17,9 @@ import pytest
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
+import agent.cloud._uplink
 from agent.cloud import CircuitOpen, CircuitState, CloudClient, CloudResult, PermanentCloudError, TransientCloudError
+from agent.decision import Policy, Task
 from agent.devcloud.cli import OPENAPI_PATH, openapi_text
 
 from support import PROVISIONING_S, ROOT, DevCloud, wait_for
@@ -415,6 +417,81 @@ def test_the_bandwidth_cap_slows_an_upload_measurably(devcloud: DevCloud) -> Non
     assert free.upload_s < 0.2
     assert 0.5 < capped.upload_s < 1.5
     assert capped.request_s - free.request_s > 0.4
+
+
+class TimedPolicy(Policy):
+    """A Policy that also keeps when each upload and each cloud result were reported, and what the policy
+    counted as still waiting for the uplink right after the upload was reported."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uploads: list[tuple[int, float, float, int]] = []  # bytes, seconds, when, queued bytes after
+        self.results: list[tuple[float, float]] = []  # exec seconds, when
+
+    def observe_transfer(self, direction: Any, n_bytes: int, seconds: float, now: float) -> None:
+        super().observe_transfer(direction, n_bytes, seconds, now)
+        if direction == "up":
+            self.uploads.append((n_bytes, seconds, now, self.snapshot(now)["uplink_queued_bytes"]))
+
+    def observe_cloud(self, kind: str, in_bytes: int, service_s: float, now: float) -> None:
+        super().observe_cloud(kind, in_bytes, service_s, now)
+        self.results.append((service_s, now))
+
+
+# 4 MB of PCM at 2 MB/s: a 2 s upload, and a noise spectrum the cloud takes 0.1-0.3 s to compute.
+BIG = np.resize(np.frombuffer(CLIP, dtype="<i2"), 2_000_000).tobytes()
+CAP = 2_000_000
+
+
+def _capped_submit(devcloud: DevCloud) -> tuple[TimedPolicy, CloudResult, float]:
+    policy = TimedPolicy()
+
+    async def main() -> tuple[CloudResult, float]:
+        client = CloudClient(devcloud.settings(read_timeout_s=30.0), policy)
+        try:
+            await client.submit("warm", "noise.spectrum", CLIP[:3200])
+            policy.uploads.clear()
+            policy.results.clear()
+            devcloud.knobs(bandwidth_bytes_per_s=CAP)
+            policy.task_started("cloud", Task("noise.spectrum", len(BIG)), time.monotonic())
+            result = await client.submit("big", "noise.spectrum", BIG)
+            return result, time.monotonic()
+        finally:
+            await client.aclose()
+
+    result, answered = asyncio.run(main())
+    return policy, result, answered
+
+
+def test_an_upload_is_reported_when_it_ends_not_when_the_answer_comes(devcloud: DevCloud) -> None:
+    policy, result, answered = _capped_submit(devcloud)
+    expected = len(BIG) / CAP
+    [(n_bytes, seconds, reported_at, queued_after)] = policy.uploads
+    [(exec_s, result_at)] = policy.results
+    assert n_bytes == len(BIG) and result.upload_seen and result.upload_s == seconds
+    # The cloud's execution and the answer came after the upload: it was reported before them, and from then on
+    # the policy no longer counted the task as waiting for the uplink.
+    assert exec_s > 0.02
+    assert reported_at < result_at <= answered
+    assert queued_after == 0
+    # The bytes over the cap, give or take what the server's buffers took in ahead of the cap (~100 kB here).
+    assert 0.75 * expected < seconds < 1.6 * expected, (seconds, expected)
+    print(f"upload {seconds:.3f} s for {expected:.3f} s expected, reported {result_at - reported_at:.3f} s "
+          f"before the answer (exec {exec_s:.3f} s)")
+
+
+def test_without_the_kernel_queue_the_upload_is_reported_with_the_answer(devcloud: DevCloud,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent.cloud._uplink, "_TIOCOUTQ", None)  # as on a system without SIOCOUTQ
+    policy, result, answered = _capped_submit(devcloud)
+    expected = len(BIG) / CAP
+    [(_, seconds, reported_at, _)] = policy.uploads
+    [(exec_s, result_at)] = policy.results
+    assert not result.upload_seen and result.upload_s == seconds
+    assert result_at <= reported_at <= answered  # with the answer
+    # Estimated from the answer: the request time less exec_ms and the RTT.
+    assert seconds == pytest.approx(result.request_s - exec_s, abs=0.05)
+    assert 0.75 * expected < seconds < 1.6 * expected, (seconds, expected)
 
 
 def test_a_killed_devcloud_fails_fast_and_opens_the_circuit(tmp_path: Path) -> None:

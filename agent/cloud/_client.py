@@ -24,6 +24,7 @@ from agent.cloud._backoff import compute_backoff, parse_retry_after
 from agent.cloud._circuit import CircuitBreaker, CircuitState
 from agent.cloud._errors import CircuitOpen, CloudError, PermanentCloudError, TransientCloudError
 from agent.cloud._leases import Lease, choose_lease
+from agent.cloud._uplink import Upload, UploadWatch, watched_transport
 from agent.config import CloudSettings
 from agent.errors import ConfigError
 from agent.telemetry import get_logger
@@ -65,9 +66,9 @@ class CloudResult:
     """A task's result from the cloud and what its submission measured.
 
     ``exec_s``: the server's ``exec_ms`` / 1000, its own run time. ``request_s``: the last attempt, from sending
-    the request to having the whole answer. ``upload_s``: the estimate reported as the upload time, ``request_s``
-    less ``exec_s`` and the client's RTT estimate (see :meth:`CloudClient.submit`). ``attempts`` counts HTTP
-    attempts on the lease that answered.
+    the request to having the whole answer. ``upload_s``: what was reported as the upload time (see
+    :meth:`CloudClient.submit`); ``upload_seen`` is True when it was measured at the upload's end on the socket,
+    False when it was estimated from the answer. ``attempts`` counts HTTP attempts on the lease that answered.
     """
 
     task_id: str
@@ -78,6 +79,7 @@ class CloudResult:
     upload_s: float
     attempts: int
     lease_id: str
+    upload_seen: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,18 @@ class _Answer:
     response: httpx.Response
     seconds: float  # the last attempt, request sent to answer read
     attempts: int
+
+
+class _Submission:
+    """One task's submission across its attempts: its upload is reported once, by the first that measures it."""
+
+    __slots__ = ("n_bytes", "reported", "seen", "upload_s")
+
+    def __init__(self, n_bytes: int) -> None:
+        self.n_bytes = n_bytes
+        self.reported = False
+        self.seen = False  # measured at the upload's end, not estimated from the answer
+        self.upload_s = 0.0
 
 
 class _LeaseGone(PermanentCloudError):
@@ -191,6 +205,12 @@ class CloudClient:
         verify: ssl.SSLContext | bool = True
         if settings.ca_file is not None:
             verify = ssl.create_default_context(cafile=str(settings.ca_file))
+        self._rtts: collections.deque[float] = collections.deque(maxlen=RTT_WINDOW)
+        self._watch: UploadWatch | None = None
+        if transport is None:
+            transport = watched_transport(settings.url, verify)
+            if transport is not None:
+                self._watch = UploadWatch(clock, lambda: min(self._rtts, default=0.0), self._upload_ended)
         self._http = httpx.AsyncClient(
             base_url=settings.url,
             headers=headers,
@@ -202,7 +222,6 @@ class CloudClient:
         )
         self._breaker = CircuitBreaker(settings.circuit_failures, settings.circuit_cooldown_s)
         self._leases: list[Lease] = []
-        self._rtts: collections.deque[float] = collections.deque(maxlen=RTT_WINDOW)
         self._rtt_at = -math.inf
         self._reported: set[str] = set()
         self._maintenance: asyncio.Task[None] | None = None
@@ -251,11 +270,19 @@ class CloudClient:
         What is measured and reported to the observer, honestly:
 
         - ``observe_cloud``: the server's ``exec_ms`` — its own run time of the task, without its queueing.
-        - ``observe_transfer("up", len(payload), s)``: ``s`` = the last attempt's request time less ``exec_ms``
-          and the smallest of the last five RTT samples. It therefore also contains the server's request
-          parsing and any wait for a worker there, the small answer's download and, with concurrent uploads,
-          the sharing of the uplink (each upload sees its share); floored at 0.1 ms. No download rate is
-          reported: answers are a few hundred bytes, whose time is all RTT.
+        - ``observe_transfer("up", len(payload), s, now)``, once per task, when the upload ends: the cloud
+          answers only after running the task, so the client watches the connection's kernel send queue once
+          the body is handed to it, and the upload has ended when the cloud has acknowledged every byte (see
+          ``agent.cloud._uplink``; within about 5 ms). ``s`` runs from the later of the moment the body started
+          to be sent (after any wait for a lease or a slot) and the previous upload's end: concurrent uploads
+          share the link, and these inter-completion times add up to the time the link was busy, as the
+          replay's FIFO uplink reports them. When the link was idle before, the round trip that the last
+          acknowledgement takes is netted out (the smallest of the last five RTT samples). Reported by the first
+          attempt whose end is seen; a retry's upload is not reported again. Floored at 0.1 ms.
+          Where the end cannot be seen (not Linux, a proxy, a custom transport), it is reported when the answer
+          comes, with ``s`` = the last attempt's request time less ``exec_ms`` and that RTT: this also contains
+          the server's request parsing and any wait for a worker there, and the small answer's download.
+          No download rate is reported: answers are a few hundred bytes, whose time is all RTT.
         - ``observe_rtt``: the time of each lease call (request, polls, and a GET every ~10 s while offloading),
           small requests whose time is a round trip plus the server's bookkeeping (and a TCP/TLS handshake
           when a new connection was needed).
@@ -299,6 +326,8 @@ class CloudClient:
         self._leases = []
         await asyncio.gather(*(self._release(lease, "shutdown") for lease in leases if lease.id is not None),
                              *self._releases, return_exceptions=True)
+        if self._watch is not None:
+            await self._watch.aclose()
         await self._http.aclose()
 
     # ------------------------------------------------------------------ submission
@@ -308,12 +337,13 @@ class CloudClient:
         headers = {"X-Task-Kind": kind, "Idempotency-Key": task_id, "Content-Type": "application/octet-stream"}
         if options:
             headers["X-Task-Options"] = orjson.dumps(dict(options)).decode()
+        submission = _Submission(len(payload))
         for replacing in (False, True):
             lease = await self._reserve()
             try:
                 assert lease.slots is not None and lease.id is not None  # set before the lease is ready
                 async with lease.slots:
-                    return await self._send(lease.id, task_id, kind, payload, headers)
+                    return await self._send(lease.id, task_id, kind, payload, headers, submission)
             except _LeaseGone as exc:
                 self._forget(lease)
                 self._report_once(f"gone:{lease.id}", "cloud_lease_gone", level="info", lease=lease.id,
@@ -327,11 +357,11 @@ class CloudClient:
         raise AssertionError("unreachable: the loop returns or raises")
 
     async def _send(self, lease_id: str, task_id: str, kind: str, payload: bytes,
-                    headers: Mapping[str, str]) -> CloudResult:
+                    headers: Mapping[str, str], submission: _Submission) -> CloudResult:
         what = f"task {task_id}"
         try:
             answer = await self._call("POST", f"{RESOURCES}/{lease_id}/tasks", what=what, content=payload,
-                                      headers=headers)
+                                      headers=headers, upload=submission)
         except PermanentCloudError as exc:
             if exc.status == 404:
                 raise _LeaseGone(str(exc), status=404, code=exc.code) from exc
@@ -355,21 +385,34 @@ class CloudClient:
                                       status=answer.response.status_code)
         now = self._clock()
         exec_s = float(exec_ms) / 1000.0
-        upload_s = max(MIN_TRANSFER_S, answer.seconds - exec_s - min(self._rtts, default=0.0))
         self._observe("observe_cloud", kind, len(payload), exec_s, now)
-        self._observe("observe_transfer", "up", len(payload), upload_s, now)
-        return CloudResult(task_id, kind, result, exec_s, answer.seconds, upload_s, answer.attempts, lease_id)
+        if not submission.reported:  # its end was not seen: estimated from the answer
+            self._report_upload(submission, answer.seconds - exec_s - min(self._rtts, default=0.0), now)
+        return CloudResult(task_id, kind, result, exec_s, answer.seconds, submission.upload_s, answer.attempts,
+                           lease_id, submission.seen)
+
+    def _upload_ended(self, upload: Upload, seconds: float, now: float) -> None:
+        submission = upload.key
+        if isinstance(submission, _Submission) and not submission.reported:
+            submission.seen = True
+            self._report_upload(submission, seconds, now)
+
+    def _report_upload(self, submission: _Submission, seconds: float, now: float) -> None:
+        submission.reported = True
+        submission.upload_s = max(MIN_TRANSFER_S, seconds)
+        self._observe("observe_transfer", "up", submission.n_bytes, submission.upload_s, now)
 
     # ------------------------------------------------------------------ HTTP with retries
 
     async def _call(self, method: str, path: str, *, what: str, content: bytes | None = None,
                     json: Any = None, params: Mapping[str, str] | None = None,
-                    headers: Mapping[str, str] | None = None) -> _Answer:
+                    headers: Mapping[str, str] | None = None, upload: _Submission | None = None) -> _Answer:
         """One API call under the retry policy: a 2xx answer, or the classified error once retries are spent.
 
         Transient failures are retried up to ``max_retries`` times, after the server's ``Retry-After`` when it
         gave one, else after the backoff. A ``Retry-After`` longer than ``retry_max_s`` ends the retries (the
         task is better run locally than parked), and so does a circuit that other calls opened meanwhile.
+        ``upload``: the call sends a task's input, whose end the upload watch looks for in each attempt.
         """
         settings = self._settings
         attempt = 0
@@ -379,9 +422,14 @@ class CloudClient:
             attempt += 1
             started = self._clock()
             error: CloudError
+            watch = self._watch if upload is not None else None
+            watched = watch.begin(len(content or b""), upload) if watch is not None else None
+            answered = False
             try:
-                response = await self._http.request(method, path, content=content, json=json, params=params,
-                                                     headers=headers)
+                response = await self._http.request(
+                    method, path, content=content, json=json, params=params, headers=headers,
+                    extensions={"trace": watched[0].trace} if watched is not None else None)
+                answered = True
             except httpx.TransportError as exc:
                 error = TransientCloudError(f"{what}: {_describe(exc)}")
                 error.__cause__ = exc
@@ -389,6 +437,9 @@ class CloudClient:
                 if response.is_success:
                     return _Answer(response, self._clock() - started, attempt)
                 error = self._classify(response, what)
+            finally:
+                if watch is not None and watched is not None:
+                    watch.end(*watched, answered)
             if not isinstance(error, TransientCloudError) or attempt > settings.max_retries:
                 raise error
             if self._breaker.is_open(self._clock()):
