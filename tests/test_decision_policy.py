@@ -156,6 +156,30 @@ def test_uplink_queue_counts_bytes_until_their_upload_is_observed() -> None:
     assert policy.snapshot(1.0)["cloud_tasks"] == 0
 
 
+def test_finishing_a_task_leaves_a_same_size_upload_queued() -> None:
+    # Fixed-size inputs (camera frames): the first task's answer must not take the second's upload off the link.
+    policy = Policy(quiet())
+    policy.observe_lease(True)
+    first, second = Task(NOISE, 80_000), Task(NOISE, 80_000)
+    policy.task_started("cloud", first, 0.0)
+    policy.task_started("cloud", second, 0.0)
+    policy.observe_transfer("up", 80_000, 0.3, now=0.3)
+    policy.task_finished("cloud", first, 0.5)
+    assert policy.snapshot(0.5)["uplink_queued_bytes"] == 80_000
+    policy.observe_transfer("up", 80_000, 0.3, now=0.6)
+    policy.task_finished("cloud", second, 0.8)
+    assert policy.snapshot(0.8)["uplink_queued_bytes"] == 0
+
+
+def test_uploads_that_end_out_of_order_leave_the_right_bytes_queued() -> None:
+    policy = Policy(quiet())
+    policy.observe_lease(True)
+    policy.task_started("cloud", Task(NOISE, 300_000), 0.0)
+    policy.task_started("cloud", Task(NOISE, 20_000), 0.0)
+    policy.observe_transfer("up", 20_000, 0.1, now=0.1)  # the small one, sharing the link, ended first
+    assert policy.snapshot(0.1)["uplink_queued_bytes"] == 300_000
+
+
 def test_an_overdue_upload_lowers_the_uplink_estimate_before_it_ends() -> None:
     policy = Policy(quiet(), local_workers=1)
     policy.observe_lease(True)

@@ -250,6 +250,9 @@ class Policy:
         self._up_pending: deque[int] = deque()  # input sizes of cloud tasks not yet uploaded, in FIFO order
         self._up_queued = 0  # their sum: Q_up
         self._up_head_since: float | None = None  # when the oldest pending upload could start
+        # Sizes of cloud tasks whose upload was observed and that have not finished, so that finishing one does
+        # not also take a same-size task's upload (fixed-size frames) off the uplink queue.
+        self._up_done: dict[int, int] = {}
         self._last_cloud_done: float | None = None
         self._provision_started: float | None = None
         self._lease_ready: bool | None = None  # None: inferred from recent cloud activity
@@ -400,13 +403,26 @@ class Policy:
         self._clock = max(self._clock, now)
         if direction == "up":
             self._up.observe(n_bytes / seconds if seconds > 0 else 0.0, seconds, now)
-            if self._up_pending:
-                self._up_queued -= self._up_pending.popleft()
+            self._upload_ended(n_bytes)
             self._up_head_since = now if self._up_pending else None
         elif direction == "down":
             self._down.observe(n_bytes / seconds if seconds > 0 else 0.0, seconds, now)
         else:
             raise ValueError(f"direction must be 'up' or 'down', not {direction!r}")
+
+    def _upload_ended(self, n_bytes: int) -> None:
+        """A pending upload left the uplink: the oldest of that size (uploads may end out of order when they
+        share the link), else the oldest."""
+        pending = self._up_pending
+        if not pending:
+            return
+        if pending[0] == n_bytes or n_bytes not in pending:
+            size = pending.popleft()
+        else:
+            pending.remove(n_bytes)
+            size = n_bytes
+        self._up_queued -= size
+        self._up_done[size] = self._up_done.get(size, 0) + 1
 
     def observe_rtt(self, seconds: float, now: float) -> None:
         self._clock = max(self._clock, now)
@@ -473,12 +489,21 @@ class Policy:
             kind.cloud_n -= 1
             kind.cloud_bytes = max(0, kind.cloud_bytes - task.in_bytes)
             self._cloud_n -= 1
-            if task.in_bytes in self._up_pending:
+            done = self._up_done.get(task.in_bytes, 0)
+            if done:
+                self._up_done[task.in_bytes] = done - 1  # its upload was already taken off the uplink
+            elif task.in_bytes in self._up_pending:
                 # Finished (failed) without an observed upload: it no longer occupies the uplink.
                 self._up_pending.remove(task.in_bytes)
                 self._up_queued -= task.in_bytes
                 if not self._up_pending:
                     self._up_head_since = None
+            if self._cloud_n == 0 and (self._up_pending or self._up_done):
+                # Nothing is in the cloud: whatever the bookkeeping still holds is drift, not uploads.
+                self._up_pending.clear()
+                self._up_done.clear()
+                self._up_queued = 0
+                self._up_head_since = None
         if kind.cloud_n == 0:
             self._active_cloud.pop(task.kind, None)
         self._last_cloud_done = now if self._last_cloud_done is None else max(self._last_cloud_done, now)
@@ -499,7 +524,7 @@ class Policy:
         if pending and pending[0] == task.in_bytes and since is not None and now > since:
             elapsed = now - since
             self._up.observe(task.in_bytes / elapsed, _CANCELLED_WEIGHT * elapsed, now)
-            self._up_queued -= pending.popleft()
+            self._upload_ended(task.in_bytes)  # what task_finished below then settles
             self._up_head_since = now if pending else None
         self.task_finished("cloud", task, now)
 
