@@ -40,7 +40,7 @@ SCHEMA_VERSION = 1
 MAX_GROUP = 4000  # operations per transaction: bounds the time acknowledgements wait behind one commit
 INLINE_READ_BYTES = 4096  # read-backs carry inputs up to this size; larger ones are read when they run
 TOMBSTONES_KEPT = 70_000  # > 65,535 packet ids, so any id the broker may still redeliver is remembered
-PRUNE_EVERY = 1_000  # ingested rows between prunes, each dropping at most twice as many old tombstones
+PRUNE_EVERY = 100  # ingested rows between prunes, each dropping at most twice as many old tombstones
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -367,6 +367,9 @@ class Store:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 released_rows, released_bytes = self._apply(batch, committed)
+                prune = self._since_prune + committed.ingested >= PRUNE_EVERY
+                if prune:
+                    self._prune()  # in the group's transaction: no fsync of its own
                 self._db.execute("COMMIT")
                 break
             except sqlite3.Error as exc:
@@ -387,10 +390,7 @@ class Store:
             self._hook(committed)
         except Exception:
             log.exception("store_post_commit_failed")
-        self._since_prune += committed.ingested
-        if self._since_prune >= PRUNE_EVERY:
-            self._since_prune = 0
-            self._prune()
+        self._since_prune = 0 if prune else self._since_prune + committed.ingested
 
     def _apply(self, batch: list[_Op], committed: Committed) -> tuple[int, int]:
         """Write a group as a few multi-row statements; returns the rows and bytes it released.
@@ -518,7 +518,9 @@ class Store:
         """Drop old tombstones; keep enough to recognise any packet id the broker could still redeliver.
 
         A bounded number per call, often: one big DELETE after a long backlog held the writer, and with it
-        every acknowledgement and result, for hundreds of milliseconds.
+        every acknowledgement and result, for hundreds of milliseconds. Run inside a group's transaction every
+        ``PRUNE_EVERY`` ingested rows: a prune of 2,000 rows with its own commit took 4 – 13 ms, which the
+        commits behind it waited for; 200 rows take a tenth of that and share the group's fsync.
         """
         try:
             self._db.execute(
