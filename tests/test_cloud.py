@@ -491,7 +491,7 @@ def test_upload_watch_charges_concurrent_uploads_their_inter_completion_times() 
         uploads = []
         for i, (mine, _) in enumerate(pairs):
             clock[0] = float(i)
-            upload, token = watch.begin(1000, f"u{i}")
+            upload, token = watch.begin(f"u{i}")
             uplink._CURRENT.reset(token)  # as after the request, which here does not run
             upload.sock = mine
             await upload.trace("http11.send_request_body.started", {})

@@ -423,7 +423,7 @@ class CloudClient:
             started = self._clock()
             error: CloudError
             watch = self._watch if upload is not None else None
-            watched = watch.begin(len(content or b""), upload) if watch is not None else None
+            watched = watch.begin(upload) if watch is not None else None
             answered = False
             try:
                 response = await self._http.request(

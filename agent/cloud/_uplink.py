@@ -79,23 +79,19 @@ def supported() -> bool:
 
 
 class Upload:
-    """One request's body on its way out: when it started, when the kernel had all of it, when it ended.
-
-    ``ended`` is the first poll that found the send queue empty; ``busy_at`` the last one that did not. Times
-    are the client's clock.
+    """One request's body on its way out: when it started, when the kernel had all of it, and ``busy_at``, the
+    last poll that still found bytes in the send queue. Times are the client's clock.
     """
 
-    __slots__ = ("busy_at", "ended", "key", "n_bytes", "sent", "sock", "started", "watch")
+    __slots__ = ("busy_at", "key", "sent", "sock", "started", "watch")
 
-    def __init__(self, watch: UploadWatch, n_bytes: int, key: object) -> None:
+    def __init__(self, watch: UploadWatch, key: object) -> None:
         self.watch = watch
-        self.n_bytes = n_bytes
         self.key = key  # what the client reports against (its submission)
         self.sock: _Socket | None = None
         self.started: float | None = None
         self.sent: float | None = None
         self.busy_at: float | None = None
-        self.ended: float | None = None
 
     async def trace(self, event: str, info: dict[str, Any]) -> None:
         """httpcore's ``trace`` extension for this request."""
@@ -126,10 +122,10 @@ class UploadWatch:
         self._last_end = float("-inf")
         self._poller: asyncio.Task[None] | None = None
 
-    def begin(self, n_bytes: int, key: object) -> tuple[Upload, contextvars.Token[Upload | None]]:
-        """An upload of ``n_bytes`` about to be sent in the current task: pass ``upload.trace`` as the request's
+    def begin(self, key: object) -> tuple[Upload, contextvars.Token[Upload | None]]:
+        """An upload about to be sent in the current task: pass ``upload.trace`` as the request's
         ``trace`` extension, and :meth:`end` both after the request."""
-        upload = Upload(self, n_bytes, key)
+        upload = Upload(self, key)
         return upload, _CURRENT.set(upload)
 
     def end(self, upload: Upload, token: contextvars.Token[Upload | None], answered: bool) -> None:
@@ -202,7 +198,6 @@ class UploadWatch:
         netted out; later intervals run from acknowledgement to acknowledgement."""
         busy_since = min(u.started for u in self._active if u.started is not None)
         self._active.discard(upload)
-        upload.ended = at
         idle_before = self._last_end < busy_since
         seconds = at - busy_since - self._rtt() if idle_before else at - self._last_end
         self._last_end = max(self._last_end, at)
