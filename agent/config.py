@@ -305,9 +305,10 @@ class DecisionSettings(_Frozen):
     # A kind not executed on one side for a while ages back toward its prior with this half-life (seconds).
     service_half_life_s: float = Field(default=3600.0, gt=0, le=864_000)
     # When no cloud result has arrived for this long, one task is sent to the cloud as a probe if, provisioning
-    # aside, it is expected to take at most PROBE_BUDGET_S longer there (in practice a small task): it warms a
-    # lease and refreshes RTT and bandwidth, so a cloud the estimates wrote off (or never measured) gets another
-    # chance. The interval doubles (up to 16×) while probes never lead to offloading. 0 turns probing off.
+    # aside, it is expected to take at most PROBE_BUDGET_S longer there (in practice a small task): it refreshes
+    # RTT and bandwidth, so a cloud the estimates wrote off (or never measured) gets another chance. With no warm
+    # lease, a lease is requested first and the probe waits for it, so no task waits out provisioning. The
+    # interval doubles (up to 16×) while probes never lead to offloading. 0 turns probing off.
     probe_interval_s: float = Field(default=120.0, ge=0, le=86_400)
     probe_budget_s: float = Field(default=0.2, ge=0, le=3600)
 

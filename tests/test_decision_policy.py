@@ -242,6 +242,7 @@ def test_unknown_kinds_use_the_fallback_prior() -> None:
 
 def test_a_probe_refreshes_a_side_the_model_has_written_off() -> None:
     policy = Policy(DecisionSettings(probe_interval_s=100.0, probe_budget_s=0.2))
+    policy.observe_lease(True)
     small = Task(SENSOR, 200)
     first = policy.decide(small, 0.0)
     assert first.target == "cloud" and first.probe and first.reason == "model"
@@ -253,6 +254,19 @@ def test_a_probe_refreshes_a_side_the_model_has_written_off() -> None:
     assert policy.decide(small, 300.0).probe
     # A big task is never a probe: the budget bounds what a probe may cost.
     assert not Policy(DecisionSettings()).decide(Task(NOISE, 300_000), 0.0).probe
+
+
+def test_a_due_probe_waits_for_a_warm_lease_instead_of_paying_its_provisioning() -> None:
+    policy = Policy(DecisionSettings(probe_interval_s=100.0, probe_budget_s=0.2, provisioning_s=3.0))
+    small = Task(SENSOR, 200)
+    first = policy.decide(small, 0.0)
+    assert first.target == "local" and not first.probe and first.prewarm  # the lease is requested instead
+    policy.task_started(first.target, small, 0.0)
+    waiting = policy.decide(small, 1.0)
+    assert waiting.target == "local" and not waiting.probe and not waiting.prewarm  # requested once
+    policy.observe_provisioning(2.5, 2.5)  # the lease is ready
+    probe = policy.decide(small, 2.6)
+    assert probe.target == "cloud" and probe.probe and probe.terms["provisioning_s"] == 0.0
 
 
 def test_no_probe_without_a_cloud_or_with_an_open_circuit() -> None:

@@ -64,6 +64,10 @@ HEDGE_LOCAL_RATIO = 1.0
 # counting it at all let the agent keep offloading into a dead link (each task then paying the hedge delay);
 # counting it fully made the agent too timid after every fade on LTE.
 _CANCELLED_WEIGHT = 0.3
+# A probe questions estimates that may be stale, so it must keep to its budget even if the uplink turns out
+# ten times slower than estimated (cellular links swing that much): a probe is a small task, never a big one
+# whose upload merely looks cheap on old estimates.
+_PROBE_LINK_DOUBT = 9.0
 
 
 # Not frozen: a frozen dataclass sets each field through object.__setattr__, three times the cost of a plain
@@ -336,6 +340,7 @@ class Policy:
         target: Target = "cloud" if t_cloud < t_local - margin else "local"
         reason: Reason = "model"
         probe = False
+        probe_lease = False
         if placement != "auto":
             target, reason = placement, "placement"
         if target == "cloud":
@@ -349,18 +354,23 @@ class Policy:
             and not circuit_open
             and settings.probe_interval_s > 0
             and now - self._last_cloud_seen >= self._probe_interval
-            and t_cloud - provisioning - t_local <= settings.probe_budget_s
+            and t_cloud + _PROBE_LINK_DOUBT * upload - provisioning - t_local <= settings.probe_budget_s
         ):
-            # Estimates of a side that is never used cannot correct themselves; one bounded-cost task refreshes
-            # them. The timer restarts now, and it doubles (up to 16×) until the model offloads on its own: on a
-            # link that stays bad, probes become rare.
-            target, probe = "cloud", True
-            if self._last_cloud_seen > -math.inf:
-                self._probe_interval = min(self._probe_interval * 2.0, settings.probe_interval_s * 16.0)
-            self._last_cloud_seen = now
+            if provisioning > 0.0:
+                # Estimates of a side that is never used cannot correct themselves, but a task sent while no
+                # lease is warm would wait out the provisioning (seconds) to refresh them. Request the lease
+                # instead; the probe goes with the first task of the budget once it is ready.
+                probe_lease = self._provision_started is None
+            else:
+                # One bounded-cost task refreshes them. The timer restarts now, and it doubles (up to 16×) until
+                # the model offloads on its own: on a link that stays bad, probes become rare.
+                target, probe = "cloud", True
+                if self._last_cloud_seen > -math.inf:
+                    self._probe_interval = min(self._probe_interval * 2.0, settings.probe_interval_s * 16.0)
+                self._last_cloud_seen = now
         if target == "cloud" and not probe:
             self._probe_interval = settings.probe_interval_s
-        prewarm = (
+        prewarm = probe_lease or (
             target == "local"
             and reason == "model"
             and cloud_available
