@@ -234,6 +234,9 @@ class StoreSettings(_Frozen):
     max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
     # "full" fsyncs every group commit (survives power cuts); "normal" survives process crashes only.
     synchronous: Literal["full", "normal"] = "full"
+    # Seconds between saves of the state tasks keep between messages (sensor.stats windows), besides the save
+    # at a clean stop; a power cut loses at most this much of it. 0: only at a clean stop.
+    state_interval_s: float = Field(default=300.0, ge=0, le=86_400)
 
 
 class LogSettings(_Frozen):

@@ -23,7 +23,7 @@ from agent.metrics import AgentCollector, Gauge, LabelledCounter, LabelledHistog
 from agent.mqtt import MqttLink
 from agent.store import Committed, Store, ensure_writable
 from agent.systemd import Notifier
-from agent.tasks import default_registry
+from agent.tasks import StatefulTask, default_registry
 from agent.telemetry import get_logger
 
 log = get_logger(__name__)
@@ -150,6 +150,7 @@ class Daemon:
                  routes=[r.topic for r in s.routes], resume_pending=counts["pending"],
                  resume_outbox=counts["outbox"], systemd=self.notifier.enabled, cloud=s.cloud.url or "off")
         self._build(loop)
+        self._restore_task_state()
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, name)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
@@ -185,7 +186,8 @@ class Daemon:
         ready = False
         interval = min(1.0, self.notifier.watchdog_s or 1.0)
         self.notifier.status(f"connecting to the broker at {self.settings.mqtt.host}:{self.settings.mqtt.port}")
-        last_status = last_stats = time.monotonic()
+        last_status = last_stats = last_state = time.monotonic()
+        state_every = self.settings.store.state_interval_s
         while True:
             now = time.monotonic()
             self.loop_tick = now  # this coroutine running is the proof that the event loop is not stuck
@@ -201,6 +203,9 @@ class Daemon:
             if now - last_stats >= STATS_EVERY_S:
                 self._log_stats()
                 last_stats = now
+            if state_every > 0 and now - last_state >= state_every:
+                self._save_task_state()
+                last_state = now
             await asyncio.sleep(interval)
 
     def _healthy(self) -> tuple[bool, str]:
@@ -275,6 +280,7 @@ class Daemon:
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         self.ingress.closing = True  # new messages stay unacknowledged: the broker keeps them for our next start
         finished = await self.dispatcher.drain(max(0.1, deadline - time.monotonic() - 1.0))
+        self._save_task_state()  # no task runs any more: the windows are final
         if self.cloud is not None:
             await self.cloud.aclose()  # releases the leases
         await self._store_barrier()  # results just computed are committed and handed to the publisher
@@ -293,6 +299,26 @@ class Daemon:
                  results_waiting=self.publisher.backlog, pending_tasks=self.dispatcher.backlog)
         self.notifier.close()
         return 0
+
+    def _stateful_tasks(self) -> list[tuple[str, StatefulTask]]:
+        tasks: list[tuple[str, StatefulTask]] = []
+        for spec in self.registry:
+            fn: object = spec.fn
+            if isinstance(fn, StatefulTask):
+                tasks.append((spec.name, fn))
+        return tasks
+
+    def _restore_task_state(self) -> None:
+        for kind, task in self._stateful_tasks():
+            entries = self.store.load_task_state(kind, task.state_limit)
+            if entries:
+                restored, skipped = task.load_state(entries)
+                log.info("task_state_restored", kind=kind, entries=restored, skipped=skipped)
+
+    def _save_task_state(self) -> None:
+        """Hand what stateful tasks changed since the last save to the writer (it commits it on its own)."""
+        for kind, task in self._stateful_tasks():
+            self.store.save_task_state(kind, task.dump_state(), keep=task.state_limit)
 
     async def _store_barrier(self) -> None:
         """Wait until the writer has committed everything queued so far and run its hand-offs."""

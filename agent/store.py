@@ -61,6 +61,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     out_seq     INTEGER
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- State a task keeps between messages (sensor.stats windows), saved now and then and at a clean stop.
+CREATE TABLE IF NOT EXISTS task_state (
+    kind     TEXT NOT NULL,
+    key      TEXT NOT NULL,
+    state    BLOB NOT NULL,
+    saved_at REAL NOT NULL,
+    PRIMARY KEY (kind, key)
+) WITHOUT ROWID;
 -- The publisher reads a backlog of results back in commit order.
 CREATE INDEX IF NOT EXISTS outbox_order ON tasks (out_seq) WHERE state = 1;
 """
@@ -227,6 +235,41 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def load_task_state(self, kind: str, limit: int) -> list[tuple[str, bytes]]:
+        """The newest ``limit`` entries :meth:`save_task_state` saved for ``kind``, oldest first."""
+        rows = self._db.execute(
+            "SELECT key, state FROM (SELECT key, state, saved_at FROM task_state WHERE kind=? "
+            "ORDER BY saved_at DESC LIMIT ?) ORDER BY saved_at", (kind, limit)
+        ).fetchall()
+        return [(str(key), bytes(state)) for key, state in rows]
+
+    def save_task_state(self, kind: str, entries: Sequence[tuple[str, bytes]], keep: int) -> None:
+        """Save ``(key, state)`` entries of ``kind`` on the writer thread, in one transaction of their own, and
+        drop all but the newest ``keep`` of that kind. Entries are saved in the order given (oldest first)."""
+        if not entries:
+            return
+        saved_at = time.time()
+        rows = [(kind, key, state, saved_at + i * 1e-6) for i, (key, state) in enumerate(entries)]
+
+        def save() -> None:
+            # Best effort, unlike the tasks: a failure (disk full) is logged and costs the history saved since
+            # the last save, not a retry that would hold up the commits queued behind it.
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("INSERT OR REPLACE INTO task_state VALUES (?, ?, ?, ?)", rows)
+                db.execute(
+                    "DELETE FROM task_state WHERE kind=? AND key NOT IN "
+                    "(SELECT key FROM task_state WHERE kind=? ORDER BY saved_at DESC LIMIT ?)", (kind, kind, keep)
+                )
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                log.warning("task_state_save_failed", kind=kind, entries=len(rows), error=str(exc))
+
+        self.call(save)
 
     def load_payload(self, row_id: int) -> bytes | None:
         """Read a spilled task's input from the event-loop thread (WAL readers do not block the writer)."""

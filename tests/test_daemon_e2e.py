@@ -354,3 +354,40 @@ def test_shared_group_splits_a_stream_between_agents(broker: Mosquitto, agents) 
     assert split[first.agent_id] and split[second.agent_id]
     assert first.terminate() == 0
     assert second.terminate() == 0
+
+
+def test_windows_carry_on_across_a_clean_restart_and_a_power_cut(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(broker, extra_env={"EDGE_AGENT_STORE__STATE_INTERVAL_S": "0.5"})
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    device = publisher(broker.port)
+    topic = TRAFFIC.format("w1")
+    sent: list[float] = []
+
+    def send(speeds: list[float]) -> dict[str, Any]:
+        """Publish readings in order; the last one's judgement, once every result is in."""
+        for speed in speeds:
+            device.publish(topic, json.dumps({"avgSpeed": speed, "seq": len(sent)}), qos=1)
+            sent.append(speed)
+        wait_for(lambda: len(results_by_seq(collector, agent)) == len(sent), 60, "every result")
+        return results_by_seq(collector, agent)[len(sent) - 1][0]["result"]["fields"]["avgSpeed"]
+
+    def judged_on(history: list[float]) -> tuple[float, float]:
+        mean = sum(history) / len(history)
+        return mean, math.sqrt(sum((x - mean) ** 2 for x in history) / len(history))
+
+    agent.start()
+    send([50.0 + i % 5 for i in range(30)])
+    assert agent.terminate() == 0  # a clean stop saves the windows
+    agent.start()
+    spike = send([90.0])
+    mean, std = judged_on(sent[:-1])
+    assert spike["mean"] == pytest.approx(mean) and spike["std"] == pytest.approx(std)
+    assert spike["anomaly"]  # without the saved window this first reading would have nothing to stand out from
+    send([52.0 + i % 3 for i in range(10)])
+    time.sleep(2.5)  # the periodic save (every 0.5 s, checked each second) has what these ten added
+    agent.kill()  # a power cut: no save at the stop
+    agent.start()
+    last = send([53.0])
+    mean, std = judged_on(sent[:-1])
+    assert last["mean"] == pytest.approx(mean) and last["std"] == pytest.approx(std)
+    assert agent.terminate() == 0

@@ -484,3 +484,60 @@ def test_readings_near_the_bottom_of_the_float_range(values: list[float]) -> Non
         previous = values[max(0, i - window):i]
         if len(previous) >= 2:
             assert got["mean"] == pytest.approx(math.fsum(previous) / len(previous), rel=1e-9, abs=2e-323)
+
+
+# --- saved windows (a restart does not start them from nothing) -------------------------------------------
+
+
+def _row(x: float) -> bytes:
+    return json.dumps({"avgSpeed": x, "vehicleCount": int(x) % 7}).encode()
+
+
+def test_restored_windows_judge_the_next_readings_as_the_originals_do() -> None:
+    rng = np.random.default_rng(3)
+    series = [float(x) for x in rng.normal(50.0, 5.0, 260)]
+    options = {"topic": "city/a/traffic/1/data", "window": 60}
+    short = {"topic": "city/a/traffic/1/data", "window": 7}  # same topic, another window: another key
+    original = SensorStats()
+    for x in series[:130]:
+        original(_row(x), options)
+        original(_row(x), short)
+    copy = SensorStats()
+    assert copy.load_state(original.dump_state()) == (2, 0)
+    for x in series[130:]:
+        for opts in (options, short):
+            a, b = original(_row(x), opts)["fields"], copy(_row(x), opts)["fields"]
+            assert a.keys() == b.keys()
+            for name in a:
+                assert b[name]["mean"] == pytest.approx(a[name]["mean"], rel=1e-12, abs=1e-12)
+                assert b[name]["std"] == pytest.approx(a[name]["std"], rel=1e-9, abs=1e-12)
+                assert b[name]["z"] == pytest.approx(a[name]["z"], rel=1e-9, abs=1e-9)
+                assert b[name]["anomaly"] == a[name]["anomaly"]
+
+
+def test_only_windows_changed_since_the_last_dump_are_dumped() -> None:
+    stats = SensorStats()
+    for i in range(3):
+        stats(_row(50.0 + i), {"topic": f"t/{i}"})
+    assert [json.loads(key)[0] for key, _ in stats.dump_state()] == ["t/0", "t/1", "t/2"]
+    assert stats.dump_state() == []
+    stats(_row(51.0), {"topic": "t/1"})
+    assert [json.loads(key)[0] for key, _ in stats.dump_state()] == ["t/1"]
+    assert len(stats.dump_state(everything=True)) == 3
+
+
+def test_damaged_saved_windows_are_skipped_and_the_caps_hold() -> None:
+    source = SensorStats()
+    for i in range(3):
+        source(_row(50.0 + i), {"topic": f"t/{i}"})
+    good = source.dump_state()
+    damaged = [("not json", b"{}"), ('["t/x", 1]', b'{"a": [1.0]}'), ('["t/x", 60]', b'{"a": []}'),
+               ('["t/x", 60]', b'{"a": ["1"]}'), ('["t/x", 60]', b"[1.0]"), ('["t/x", 60]', b"{")]
+    stats = SensorStats(max_topics=2)
+    assert stats.load_state(damaged + good) == (3, len(damaged))
+    # The cap keeps the most recently used: the entries come oldest first.
+    assert stats.topics == 2
+    assert [json.loads(key)[0] for key, _ in stats.dump_state(everything=True)] == ["t/1", "t/2"]
+    # A restored window holds the readings it was saved with, no more.
+    stats(_row(60.0), {"topic": "t/2"})
+    assert stats(_row(60.0), {"topic": "t/2"})["fields"]["avgSpeed"]["mean"] == pytest.approx((52 + 60) / 2)

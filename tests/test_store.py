@@ -280,3 +280,19 @@ def test_old_tombstones_are_pruned_a_bounded_number_at_a_time(tmp_path: Path,
     # A prune (at most 20 rows) after every 10 ingested rows keeps up: the newest 100 tombstones are left.
     assert counts["published"] == 100 < published
     assert counts["pending"] == 1
+
+
+def test_task_state_is_saved_by_the_writer_and_only_the_newest_kept(tmp_path: Path) -> None:
+    store = Store(tmp_path, max_tasks=100, max_bytes=10_000_000)
+    store.start(Hooked())
+    store.save_task_state("sensor.stats", [("a", b"1"), ("b", b"2"), ("c", b"3")], keep=2)
+    store.save_task_state("sensor.stats", [("a", b"4")], keep=2)
+    store.save_task_state("other", [], keep=2)  # nothing to save: no transaction at all
+    store.stop()
+    again = Store(tmp_path, max_tasks=100, max_bytes=10_000_000)
+    try:
+        assert again.load_task_state("sensor.stats", 10) == [("c", b"3"), ("a", b"4")]  # oldest first
+        assert again.load_task_state("sensor.stats", 1) == [("a", b"4")]
+        assert again.load_task_state("other", 10) == []
+    finally:
+        again.stop()

@@ -69,10 +69,16 @@ def plugin_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry:
 
 
 def test_public_names_are_exported() -> None:
-    expected = ["TaskFn", "TaskRegistry", "TaskSpec", "default_registry", "run_task"]
+    expected = ["StatefulTask", "TaskFn", "TaskRegistry", "TaskSpec", "default_registry", "run_task"]
     assert sorted(agent.tasks.__all__) == expected
     for name in agent.tasks.__all__:
         assert hasattr(agent.tasks, name)
+
+
+def test_sensor_stats_keeps_state_the_daemon_saves_and_plain_tasks_do_not(fresh_registry: None) -> None:
+    registry = default_registry()
+    assert isinstance(registry.get("sensor.stats").fn, agent.tasks.StatefulTask)
+    assert not isinstance(registry.get("noise.spectrum").fn, agent.tasks.StatefulTask)
 
 
 def test_builtins_are_registered(fresh_registry: None) -> None:

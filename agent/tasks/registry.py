@@ -7,7 +7,7 @@ import importlib.metadata
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from agent.config import Route
 from agent.errors import ConfigError, UnknownTask
@@ -18,6 +18,24 @@ ENTRY_POINT_GROUP = "edge_agent.tasks"
 
 TaskFn = Callable[[bytes, Mapping[str, Any]], dict[str, Any]]
 OptionsCheck = Callable[[Mapping[str, Any]], None]
+
+
+@runtime_checkable
+class StatefulTask(Protocol):
+    """A light task that keeps state between messages (``sensor.stats``: its windows) which the daemon saves
+    in the store now and then and at a clean stop, and restores at start, so a restart does not start it
+    from nothing. ``state_limit``: how many saved entries are worth keeping."""
+
+    @property
+    def state_limit(self) -> int: ...
+
+    def dump_state(self, everything: bool = False) -> list[tuple[str, bytes]]:
+        """(key, state) entries changed since the last call (or all), oldest first."""
+        ...
+
+    def load_state(self, entries: list[tuple[str, bytes]]) -> tuple[int, int]:
+        """Restore saved entries, oldest first; returns (restored, skipped)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

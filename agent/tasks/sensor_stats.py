@@ -340,6 +340,21 @@ class _Window:
             self.s1 = self.s2 = self.peak = math.inf
         self.shift = shift
 
+    def readings(self) -> list[float]:
+        """The stored readings, oldest first."""
+        values = self.values
+        pos = self.pos
+        return values[pos:].tolist() + values[:pos].tolist()
+
+    @classmethod
+    def restored(cls, capacity: int, readings: list[float]) -> _Window:
+        """A window holding ``readings`` (oldest first; the newest ``capacity`` of them), sums recomputed."""
+        window = cls(capacity)
+        window.values = array("d", readings[-capacity:])
+        if window.values:
+            window._resum()
+        return window
+
     def _exact(self, x: float) -> tuple[float, float, float]:
         self._resum()
         n = len(self.values)
@@ -374,6 +389,12 @@ class SensorStats:
         # Least recently used first; a topic moves to the end on every message.
         self._topics: OrderedDict[tuple[str, int], dict[str, _Window]] = OrderedDict()
         self._stored = 0  # readings the existing windows may hold (their capacities)
+        self._changed: set[tuple[str, int]] = set()  # windows updated since the last dump_state
+
+    @property
+    def state_limit(self) -> int:
+        """Saved entries worth keeping: one per topic, as many as may be held at once."""
+        return self.max_topics
 
     @property
     def topics(self) -> int:
@@ -408,6 +429,7 @@ class SensorStats:
             fields = topics[key] = {}
         else:
             topics.move_to_end(key)
+        self._changed.add(key)
         out: dict[str, dict[str, Any]] = {}
         for name, reported, value in readings:
             state = fields.get(name)
@@ -422,6 +444,53 @@ class SensorStats:
         if order is not None:
             out = {name: out[name] for name in order}
         return {"fields": out}
+
+    def dump_state(self, everything: bool = False) -> list[tuple[str, bytes]]:
+        """The windows updated since the last call (or all of them), least recently used first, as
+        ``(key, state)`` pairs for the store: the key is JSON ``[topic, window]``, the state JSON
+        ``{field: [readings, oldest first]}`` (floats round-trip exactly through orjson)."""
+        keys = list(self._topics) if everything else [key for key in self._topics if key in self._changed]
+        self._changed.clear()
+        out = []
+        for key in keys:
+            fields = self._topics[key]
+            out.append((orjson.dumps(list(key)).decode(),
+                        orjson.dumps({name: window.readings() for name, window in fields.items()})))
+        return out
+
+    def load_state(self, entries: list[tuple[str, bytes]]) -> tuple[int, int]:
+        """Restore windows saved by :meth:`dump_state`, given least recently used first (the caps apply as
+        if their topics had just been seen in that order). Returns (restored, skipped): an entry that does
+        not parse is skipped, so a damaged one costs its topic's history, not the start."""
+        restored = skipped = 0
+        for key_text, state in entries:
+            try:
+                topic, window = orjson.loads(key_text)
+                saved = orjson.loads(state)
+                if (type(topic) is not str or type(window) is not int or not 2 <= window <= MAX_WINDOW
+                        or type(saved) is not dict):
+                    raise ValueError("not a sensor.stats window")
+                fields: dict[str, _Window] = {}
+                for name, readings in saved.items():
+                    if (type(readings) is not list or not readings
+                            or not all(type(x) is float and math.isfinite(x) for x in readings)):
+                        raise ValueError(f"field {name!r} holds no readings")
+                    fields[name] = _Window.restored(window, readings)
+            except (ValueError, TypeError, orjson.JSONDecodeError):
+                skipped += 1
+                continue
+            key = (topic, window)
+            previous = self._topics.pop(key, None)
+            if previous is not None:
+                self._stored -= window * len(previous)
+            if len(self._topics) >= self.max_topics:
+                self._evict_oldest()
+            self._topics[key] = fields
+            self._stored += window * len(fields)
+            if self._stored > self.max_stored:
+                self._shrink(fields, window)
+            restored += 1
+        return restored, skipped
 
     def _evict_oldest(self) -> None:
         (_, window), fields = self._topics.popitem(last=False)
