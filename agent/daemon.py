@@ -30,6 +30,7 @@ log = get_logger(__name__)
 
 STATS_EVERY_S = 60.0
 STATUS_EVERY_S = 5.0
+STATE_BATCH = 500  # windows a save hands to the store at once: at most ~1.7 MB of readings at the defaults
 SUBSCRIPTIONS_KEY = "subscriptions"
 Reloader = Callable[[], Settings]
 
@@ -151,6 +152,8 @@ class Daemon:
                  resume_outbox=counts["outbox"], systemd=self.notifier.enabled, cloud=s.cloud.url or "off")
         self._build(loop)
         self._restore_task_state()
+        self._state_saved: asyncio.Future[None] = loop.create_future()  # the periodic save under way, if any
+        self._state_saved.set_result(None)
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, name)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
@@ -203,8 +206,8 @@ class Daemon:
             if now - last_stats >= STATS_EVERY_S:
                 self._log_stats()
                 last_stats = now
-            if state_every > 0 and now - last_state >= state_every:
-                self._save_task_state()
+            if state_every > 0 and now - last_state >= state_every and self._state_saved.done():
+                self._state_saved = asyncio.ensure_future(self._save_task_state())
                 last_state = now
             await asyncio.sleep(interval)
 
@@ -280,7 +283,8 @@ class Daemon:
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         self.ingress.closing = True  # new messages stay unacknowledged: the broker keeps them for our next start
         finished = await self.dispatcher.drain(max(0.1, deadline - time.monotonic() - 1.0))
-        self._save_task_state()  # no task runs any more: the windows are final
+        await self._state_saved  # a periodic save under way finishes first: it holds windows it took
+        await self._save_task_state()  # no task runs any more: the windows are final
         if self.cloud is not None:
             await self.cloud.aclose()  # releases the leases
         await self._store_barrier()  # results just computed are committed and handed to the publisher
@@ -315,10 +319,13 @@ class Daemon:
                 restored, skipped = task.load_state(entries)
                 log.info("task_state_restored", kind=kind, entries=restored, skipped=skipped)
 
-    def _save_task_state(self) -> None:
-        """Hand what stateful tasks changed since the last save to the writer (it commits it on its own)."""
+    async def _save_task_state(self) -> None:
+        """Hand what stateful tasks changed since the last save to the writer, a batch at a time, each one
+        committed before the next is built: saving 10,000 windows never holds them all twice in memory."""
         for kind, task in self._stateful_tasks():
-            self.store.save_task_state(kind, task.dump_state(), keep=task.state_limit)
+            while entries := task.dump_state(limit=STATE_BATCH):
+                self.store.save_task_state(kind, entries, keep=task.state_limit)
+                await self._store_barrier()
 
     async def _store_barrier(self) -> None:
         """Wait until the writer has committed everything queued so far and run its hand-offs."""

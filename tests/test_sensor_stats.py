@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import struct
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -522,8 +523,16 @@ def test_only_windows_changed_since_the_last_dump_are_dumped() -> None:
     assert [json.loads(key)[0] for key, _ in stats.dump_state()] == ["t/0", "t/1", "t/2"]
     assert stats.dump_state() == []
     stats(_row(51.0), {"topic": "t/1"})
-    assert [json.loads(key)[0] for key, _ in stats.dump_state()] == ["t/1"]
+    stats(_row(51.0), {"topic": "t/0"})
+    # At most ``limit`` at a time, least recently used first; the rest wait for the next call.
+    assert [json.loads(key)[0] for key, _ in stats.dump_state(limit=1)] == ["t/1"]
+    assert [json.loads(key)[0] for key, _ in stats.dump_state(limit=1)] == ["t/0"]
+    assert stats.dump_state() == []
     assert len(stats.dump_state(everything=True)) == 3
+    # Each reading takes 8 bytes after the header.
+    state = dict(stats.dump_state(everything=True))['["t/1",60]']  # two readings of each field
+    head, _, body = state.partition(b"\n")
+    assert json.loads(head) == [["avgSpeed", 2], ["vehicleCount", 2]] and len(body) == 4 * 8
 
 
 def test_damaged_saved_windows_are_skipped_and_the_caps_hold() -> None:
@@ -531,8 +540,17 @@ def test_damaged_saved_windows_are_skipped_and_the_caps_hold() -> None:
     for i in range(3):
         source(_row(50.0 + i), {"topic": f"t/{i}"})
     good = source.dump_state()
-    damaged = [("not json", b"{}"), ('["t/x", 1]', b'{"a": [1.0]}'), ('["t/x", 60]', b'{"a": []}'),
-               ('["t/x", 60]', b'{"a": ["1"]}'), ('["t/x", 60]', b"[1.0]"), ('["t/x", 60]', b"{")]
+    one = struct.pack("<d", 1.0)
+    damaged = [
+        ("not json", b'[["a",1]]\n' + one),
+        ('["t/x", 1]', b'[["a",1]]\n' + one),  # a window of one reading cannot exist
+        ('["t/x", 60]', b'[["a",0]]\n'),  # no readings
+        ('["t/x", 60]', b'[["a",2]]\n' + one),  # more readings named than saved
+        ('["t/x", 60]', b'[["a",1]]\n' + one + one),  # readings left over
+        ('["t/x", 60]', b'[["a",1]]\n' + struct.pack("<d", math.inf)),
+        ('["t/x", 60]', b'[["a",1]]\n' + one[:7]),  # cut short
+        ('["t/x", 60]', b"{" + one),
+    ]
     stats = SensorStats(max_topics=2)
     assert stats.load_state(damaged + good) == (3, len(damaged))
     # The cap keeps the most recently used: the entries come oldest first.

@@ -29,8 +29,8 @@ class StatefulTask(Protocol):
     @property
     def state_limit(self) -> int: ...
 
-    def dump_state(self, everything: bool = False) -> list[tuple[str, bytes]]:
-        """(key, state) entries changed since the last call (or all), oldest first."""
+    def dump_state(self, everything: bool = False, limit: int | None = None) -> list[tuple[str, bytes]]:
+        """(key, state) entries changed since they were last dumped (or all), oldest first, at most ``limit``."""
         ...
 
     def load_state(self, entries: list[tuple[str, bytes]]) -> tuple[int, int]:
