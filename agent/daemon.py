@@ -323,9 +323,12 @@ class Daemon:
         """Hand what stateful tasks changed since the last save to the writer, a batch at a time, each one
         committed before the next is built: saving 10,000 windows never holds them all twice in memory."""
         for kind, task in self._stateful_tasks():
-            while entries := task.dump_state(limit=STATE_BATCH):
-                self.store.save_task_state(kind, entries, keep=task.state_limit)
-                await self._store_barrier()
+            try:
+                while entries := task.dump_state(limit=STATE_BATCH):
+                    self.store.save_task_state(kind, entries, keep=task.state_limit)
+                    await self._store_barrier()
+            except Exception:  # a plugin's dump_state: its state is worth less than the stop or the loop
+                log.exception("task_state_save_failed", kind=kind)
 
     async def _store_barrier(self) -> None:
         """Wait until the writer has committed everything queued so far and run its hand-offs."""

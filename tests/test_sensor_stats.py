@@ -559,3 +559,11 @@ def test_damaged_saved_windows_are_skipped_and_the_caps_hold() -> None:
     # A restored window holds the readings it was saved with, no more.
     stats(_row(60.0), {"topic": "t/2"})
     assert stats(_row(60.0), {"topic": "t/2"})["fields"]["avgSpeed"]["mean"] == pytest.approx((52 + 60) / 2)
+
+
+def test_an_evicted_window_is_no_longer_waiting_to_be_saved() -> None:
+    stats = SensorStats(max_topics=2)
+    for i in range(5):
+        stats(_row(50.0), {"topic": f"t/{i}"})
+    assert [json.loads(key)[0] for key, _ in stats.dump_state()] == ["t/3", "t/4"]
+    assert not stats._changed  # the evicted ones left no trace

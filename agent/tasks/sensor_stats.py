@@ -514,8 +514,9 @@ class SensorStats:
         return restored, skipped
 
     def _evict_oldest(self) -> None:
-        (_, window), fields = self._topics.popitem(last=False)
-        self._stored -= window * len(fields)
+        key, fields = self._topics.popitem(last=False)
+        self._stored -= key[1] * len(fields)
+        self._changed.discard(key)  # nothing left to save; and the set stays as small as the windows
 
     def _shrink(self, current: dict[str, _Window], window: int) -> None:
         # Other topics go first (least recently used); the current one is last in the order.
