@@ -50,13 +50,21 @@ class Admitted(NamedTuple):
     hedge: bool = False  # the gateway copy of a cloud task that was overdue
 
 
+def _micro(seconds: float) -> float:
+    """``seconds`` to the microsecond: what ``round(seconds, 6)`` gives, at a third of its cost (five a result)."""
+    try:
+        return round(seconds * 1e6) / 1e6
+    except (OverflowError, ValueError):  # inf, nan: as they are (a result writes them as null)
+        return seconds
+
+
 def decision_fields(item: Admitted, hedged: bool = False) -> dict[str, Any]:
     """The ``decision`` object of a result message (DESIGN §4), plus ``fallback`` when the cloud failed it."""
     decision = item.decision
     if decision is None:
         return {"t_local_s": None, "t_cloud_s": None, "reason": "unknown_task"}
-    fields: dict[str, Any] = {"t_local_s": round(decision.t_local_s, 6),
-                              "t_cloud_s": round(decision.t_cloud_s, 6), "reason": decision.reason}
+    fields: dict[str, Any] = {"t_local_s": _micro(decision.t_local_s), "t_cloud_s": _micro(decision.t_cloud_s),
+                              "reason": decision.reason}
     if decision.probe:
         fields["probe"] = True
     if item.fallback is not None:
@@ -409,9 +417,8 @@ class Dispatcher:
             topic, body = result_message(
                 self._agent_id, task_id=ref.task_id, kind=ref.kind, topic=ref.topic, placement=placement,
                 decision=decision_fields(item, hedged),
-                timings={"queued_s": round(max(0.0, started - ref.received_at), 6),
-                         "exec_s": round(service_s, 6),
-                         "total_s": round(max(0.0, finished - ref.received_at), 6)},
+                timings={"queued_s": _micro(max(0.0, started - ref.received_at)), "exec_s": _micro(service_s),
+                         "total_s": _micro(max(0.0, finished - ref.received_at))},
                 result=result,
             )
         except TypeError as exc:  # orjson.JSONEncodeError: a value JSON cannot hold (bytes, sets, objects…)

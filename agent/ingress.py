@@ -83,7 +83,7 @@ class TaskIds:
         self._count = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
     def next(self) -> str:
-        return f"{self._prefix}{next(self._count) & 0xFFFFFFFFFFFFFFFF:016x}"
+        return self._prefix + (next(self._count) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big").hex()
 
 
 def fingerprint(topic: str, crc: int) -> int:

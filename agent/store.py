@@ -289,7 +289,9 @@ class Store:
         return self.admitted_bytes - self.released_bytes
 
     def has_room(self, size: int) -> bool:
-        return self.outstanding_rows < self.max_tasks and self.outstanding_bytes + size <= self.max_bytes
+        # The properties above spelt out: this runs for every inbound message.
+        return (self.admitted_rows - self.released_rows < self.max_tasks
+                and self.admitted_bytes - self.released_bytes + size <= self.max_bytes)
 
     def below_resume_mark(self) -> bool:
         # Resume at half the bound: every resume costs a reconnect (for the broker to redeliver what we held
@@ -441,8 +443,9 @@ class Store:
         One statement per kind rather than one per row: sqlite3 lets go of the GIL for every statement it
         steps, and each time this thread then waits for the event loop to hand the GIL back.
         """
-        # Flat parameter lists (15, 4 and 1 values a row), cut into statements by _chunks.
+        # Flat parameter lists (11, 15, 4 and 1 values a row), cut into statements by _chunks.
         inserts: list[Any] = []
+        dead: list[Any] = []
         completes: list[Any] = []
         published: list[int] = []
         released_rows = released_bytes = 0
@@ -464,9 +467,8 @@ class Store:
                     if row.out_topic is not None:  # a dead letter: straight to the outbox, no input kept
                         assert row.out_payload is not None
                         seq = self._take_seq()
-                        inserts.extend((row_id, row.task_id, row.topic, None, None, None, None, row.size,
-                                        row.received_at, row.mid, row.crc, OUTBOX, row.out_topic, row.out_payload,
-                                        seq))
+                        dead.extend((row_id, row.task_id, row.topic, None, None, None, None, row.size,
+                                     row.received_at, row.mid, row.crc, OUTBOX, row.out_topic, row.out_payload, seq))
                         if self._hand_outbox:
                             outbox.append(OutboxEntry(row_id, row.out_topic, row.out_payload, seq))
                     else:
@@ -474,7 +476,7 @@ class Store:
                         options = row.options or {}
                         inserts.extend((row_id, row.task_id, row.topic, row.kind, row.placement,
                                         row.route_options, row.payload, row.size,
-                                        row.received_at, row.mid, row.crc, PENDING, None, None, None))
+                                        row.received_at, row.mid, row.crc))
                         if self._hand_tasks:
                             tasks.append(TaskRef(row_id, row.task_id, row.topic, row.kind, row.placement, options,
                                                  row.payload, row.size, row.received_at))
@@ -498,8 +500,10 @@ class Store:
                 raise StoreError(f"unknown store operation {op.kind}")
         committed.released = released_rows
         db = self._db
-        for rows, chunk in _chunks(inserts, 15):
+        for rows, chunk in _chunks(inserts, 11):
             db.execute(_insert_sql(rows), chunk)
+        for rows, chunk in _chunks(dead, 15):
+            db.execute(_insert_dead_sql(rows), chunk)
         for rows, chunk in _chunks(completes, 4):
             db.execute(_complete_sql(rows), chunk)
         for rows, chunk in _chunks(published, 1):
@@ -642,9 +646,18 @@ def _chunks(values: list[Any], width: int) -> Iterable[tuple[int, list[Any]]]:
         yield size, values[start * width:] + [None] * ((size - rest) * width)
 
 
-# Only "?" placeholders are formatted into these statements; every value is bound (hence the S608 waivers).
+# Only "?" placeholders and the state constants are formatted into these statements (hence the S608 waivers).
 @functools.cache
 def _insert_sql(rows: int) -> str:
+    # Pending rows: the state and the empty result columns are written here, not bound (a bound value costs
+    # the writer the GIL; this runs for every message).
+    values = ",".join(["(" + ",".join("?" * 11) + ")"] * rows)
+    return ("INSERT INTO tasks (id, task_id, topic, kind, placement, options, payload, size, received_at, "  # noqa: S608
+            f"mid, crc, state) SELECT *, {PENDING} FROM (VALUES {values}) WHERE column1 IS NOT NULL")
+
+
+@functools.cache
+def _insert_dead_sql(rows: int) -> str:
     values = ",".join(["(" + ",".join("?" * 15) + ")"] * rows)
     return ("INSERT INTO tasks (id, task_id, topic, kind, placement, options, payload, size, received_at, "  # noqa: S608
             f"mid, crc, state, out_topic, out_payload, out_seq) SELECT * FROM (VALUES {values}) "
