@@ -15,6 +15,7 @@ import pytest
 
 from agent.cli import main
 from agent.replay import DEFAULT_WORKLOAD, POLICIES, TraceError, as_json, format_table, load_trace, run_replay
+from agent.replay.traces import _plain_mahimahi
 from agent.replay.workload import generate, load_workload
 
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
@@ -79,6 +80,34 @@ def test_bad_traces_are_refused_with_a_reason(tmp_path: Path, text: str, message
     path.write_text(text)
     with pytest.raises(TraceError, match=message):
         load_trace(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "time_s,mbps\n0.0,99\n1.0,8\n2.0,0\n3.0,16\n",  # CSV with a header
+        "\ufeff0.0;99\r\n1.0;8\r\n2.0;0\r\n3.0;16\r\n",  # a byte-order mark, semicolons, CRLF
+        "# exported 2026\ntime\tthroughput\n0.0\t99\n1.0, 8\n2.0 0\n3.0 16,\n",
+    ],
+)
+def test_two_column_traces_as_spreadsheets_write_them(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "link.csv"
+    path.write_text(text, encoding="utf-8", newline="")
+    trace = load_trace(path)
+    assert trace.format == "columns" and trace.times.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert trace.cum_bytes.tolist() == [0.0, 1e6, 1e6, 3e6]
+
+
+@needs_traces
+def test_a_plain_mahimahi_file_reads_as_the_line_by_line_path_reads_it(tmp_path: Path) -> None:
+    # Plain files (digits and newlines) are parsed by numpy in one pass; a comment sends one down the general path.
+    commented = tmp_path / "commented.up"
+    commented.write_text("# ATT LTE uplink\n" + MAHIMAHI_UP.read_text())
+    assert _plain_mahimahi(MAHIMAHI_UP.name, MAHIMAHI_UP.read_text()) is not None
+    assert _plain_mahimahi(commented.name, commented.read_text()) is None
+    fast, general = load_trace(MAHIMAHI_UP), load_trace(commented)
+    assert fast.format == general.format == "mahimahi"
+    assert fast.times.tolist() == general.times.tolist() and fast.cum_bytes.tolist() == general.cum_bytes.tolist()
 
 
 @needs_traces
