@@ -126,7 +126,7 @@ def _plain_mahimahi(name: str, text: str) -> Trace | None:
     takes the line-by-line path (and gets its error message there).
 
     A 5G link's trace holds tens of millions of lines (one per 1500-byte packet): as Python lists of strings
-    that is gigabytes and half a minute; this takes a tenth of the time and the memory of the array.
+    that is gigabytes and half a minute; this takes a third of the time and a fifth of the memory.
     """
     if text.startswith("\n") or "\n\n" in text or not text.replace("\n", "").isdigit():
         return None  # blank lines, spaces, comments, signs, separators: not one plain integer per line
@@ -135,7 +135,7 @@ def _plain_mahimahi(name: str, text: str) -> Trace | None:
     except ValueError:
         return None
     lines = text.count("\n") + (not text.endswith("\n"))
-    if values.size != lines or not np.array_equal(values, np.floor(values)) or values.max() >= 2.0**53:
+    if values.size != lines or values.max() >= 2.0**53:
         return None  # a float64 holds every integer below 2^53 exactly
     return _mahimahi(name, values.astype(np.int64))
 
