@@ -364,6 +364,10 @@ class Daemon:
             LabelledCounter("edge_agent_cloud_requests", "Cloud submissions by outcome (ok, transient, permanent, "
                             "circuit_open); every failed one ran on the gateway.", ("outcome",),
                             lambda: dispatcher.cloud_outcomes),
+            LabelledCounter("edge_agent_hedges", "Cloud tasks that also ran on the gateway because the cloud's "
+                            "answer was overdue.", (), lambda: {(): dispatcher.hedges}),
+            LabelledCounter("edge_agent_hedges_won", "Hedged tasks whose gateway copy finished first (the cloud "
+                            "request was cancelled).", (), lambda: {(): dispatcher.hedges_won}),
             LabelledCounter("edge_agent_messages_received", "Messages received from the broker.", (),
                             lambda: {(): ingress.counters.received}),
             LabelledCounter("edge_agent_duplicates_received", "Redeliveries recognised as already stored.", (),

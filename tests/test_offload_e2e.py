@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from support import Agent, Collector, DevCloud, Mosquitto, publisher, wait_for
+from support import Agent, Collector, DevCloud, Mosquitto, free_port, publisher, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -159,6 +160,8 @@ def test_an_upload_stalled_by_a_slow_link_is_hedged_on_the_gateway_and_reported_
                                  "EDGE_AGENT_DECISION__UPLINK_MBPS": "1000",
                                  "EDGE_AGENT_DECISION__PROVISIONING_S": "0",
                                  "EDGE_AGENT_DECISION__PROBE_INTERVAL_S": "0"}
+    metrics_port = free_port()
+    env["EDGE_AGENT_METRICS__PORT"] = str(metrics_port)
     agent = Agent(tmp_path / "agent", broker.port, routes=[NOISE_ROUTE], extra_env=env)
     collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
     try:
@@ -178,6 +181,9 @@ def test_an_upload_stalled_by_a_slow_link_is_hedged_on_the_gateway_and_reported_
             assert "fallback" not in m["decision"]
             assert m["result"]["samples"] == 32_000
         assert devcloud.stats()["executions_total"] == 0  # the cancelled uploads never reached the cloud's workers
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        assert "edge_agent_hedges_total 2.0" in metrics and "edge_agent_hedges_won_total 2.0" in metrics
         assert agent.terminate() == 0
     finally:
         agent.cleanup()
