@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -120,6 +122,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`edge-agent explain … | head -3`): not an error worth a traceback. stdout now
+        # points at /dev/null, so the interpreter's last flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # what a tool killed by SIGPIPE reports
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "replay":
         return _replay(args)
@@ -183,7 +195,9 @@ def _explain(args: argparse.Namespace, settings: Settings) -> int:
     decision, snapshot = explain(settings.decision, scenario)
     if args.json:
         out = {"target": decision.target, "reason": decision.reason, "t_local_s": decision.t_local_s,
-               "t_cloud_s": decision.t_cloud_s, "terms": dict(decision.terms), "estimates": snapshot}
+               "t_cloud_s": decision.t_cloud_s, "terms": dict(decision.terms),
+               "hedge_after_s": decision.hedge_after_s if math.isfinite(decision.hedge_after_s) else None,
+               "prewarm": decision.prewarm, "estimates": snapshot}
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:

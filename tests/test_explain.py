@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from agent.cli import main
 from agent.decision import CLOUD_TERMS, LOCAL_TERMS
+from agent.decision.model import HEDGE_LOCAL_RATIO, HEDGE_RATIO, HEDGE_SLACK_S
 
 
 @pytest.fixture
@@ -48,6 +52,10 @@ def test_operator_figures_replace_the_priors(env_file: Path, capsys: pytest.Capt
     assert terms["provisioning_s"] == 0.0
     assert terms["local_wait_s"] > 0.0  # 4 tasks ahead, 2 workers (EDGE_AGENT_LOCAL__WORKERS)
     assert out["target"] == "cloud"
+    t_cloud, t_local, hedge = out["t_cloud_s"], out["t_local_s"], out["hedge_after_s"]
+    assert isinstance(t_cloud, float) and isinstance(t_local, float) and isinstance(hedge, float)
+    assert hedge == pytest.approx(max(t_cloud + HEDGE_SLACK_S, HEDGE_RATIO * t_cloud, HEDGE_LOCAL_RATIO * t_local))
+    assert explain_json(env_file, capsys, "--kind", "noise.spectrum", "--bytes", "160000")["hedge_after_s"] is None
 
 
 def test_settings_from_the_env_file_are_the_priors(env_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -76,6 +84,25 @@ def test_text_output_reads_term_by_term(env_file: Path, capsys: pytest.CaptureFi
                   "download the result"):
         assert f"\n{label:<32}" in text or f"\n  {label:<30}" in text, label
     assert "160,000 bytes at 1.00 Mbit/s" in text
+    assert "also runs on the gateway" not in text  # no hedge for a task kept local
+
+    assert main(["explain", "--env-file", str(env_file), "--kind", "noise.spectrum", "--bytes", "160000",
+                 "--uplink-mbps", "50", "--warm"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("noise.spectrum, 160,000 bytes → runs in the cloud (the model's choice).")
+    assert "If the cloud's answer has not come 0.531 s after the decision, the task also runs on the gateway" in text
+
+
+def test_output_cut_short_by_the_reader_is_not_an_error(env_file: Path) -> None:
+    # `edge-agent explain … | head -3`: the reader closes the pipe before the agent writes.
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "explain", "--env-file", str(env_file), "--kind",
+                             "noise.spectrum", "--bytes", "160000", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    stderr = proc.communicate(timeout=30)[1].decode()
+    assert proc.returncode == 128 + signal.SIGPIPE
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
 
 
 def test_bad_arguments_are_usage_errors(env_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,13 +71,13 @@ def render(scenario: Scenario, decision: Decision, snapshot: dict[str, Any], set
     """Both totals and every term, one per line, with the estimate each term came from."""
     t = decision.terms
     kind = snapshot["kinds"][scenario.kind]
-    winner = "the gateway" if decision.target == "local" else "the cloud"
+    winner = "on the gateway" if decision.target == "local" else "in the cloud"
     faster = "cloud" if decision.t_cloud_s < decision.t_local_s else "gateway"
     margin = max(settings.margin_s, settings.margin_ratio * decision.t_local_s)
     up = snapshot["uplink_mbps"] * 1e6 / 8
     down = snapshot["downlink_mbps"] * 1e6 / 8
     lines = [
-        f"{scenario.kind}, {scenario.in_bytes:,} bytes → runs on {winner} ({_WHY[decision.reason]}).",
+        f"{scenario.kind}, {scenario.in_bytes:,} bytes → runs {winner} ({_WHY[decision.reason]}).",
         f"Expected: {decision.t_local_s:.3f} s on the gateway, {decision.t_cloud_s:.3f} s in the cloud; "
         f"the {faster} is faster by {abs(decision.t_local_s - decision.t_cloud_s):.3f} s "
         f"(the cloud must win by more than {margin:.3f} s).",
@@ -102,4 +103,7 @@ def render(scenario: Scenario, decision: Decision, snapshot: dict[str, Any], set
     ]
     if decision.prewarm:
         lines.append("Without provisioning the cloud would win: the agent starts a lease now for the next tasks.")
+    if math.isfinite(decision.hedge_after_s):
+        lines.append(f"If the cloud's answer has not come {decision.hedge_after_s:.3f} s after the decision, the task "
+                     "also runs on the gateway; the first result counts and the other copy is cancelled.")
     return "\n".join(lines)
