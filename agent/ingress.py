@@ -11,7 +11,7 @@ import itertools
 import os
 import zlib
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from agent import codec
@@ -142,11 +142,14 @@ class Ingress:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def remember(self, recent: Sequence[tuple[int, str, int, str]]) -> None:
-        """Load (mid, topic, crc, task_id) of committed deliveries, newest first (at start-up)."""
-        for mid, topic, crc, _ in reversed(recent):
-            self._marks[mid] = fingerprint(topic, crc)
-            self._state[mid] = ACKED
+    def remember(self, recent: Iterable[tuple[int, str, int]]) -> None:
+        """Load (mid, topic, crc) of committed deliveries, newest first (at start-up): each packet id keeps its
+        newest delivery."""
+        marks, state = self._marks, self._state
+        for mid, topic, crc in recent:
+            if not state[mid]:
+                marks[mid] = fingerprint(topic, crc)
+                state[mid] = ACKED
 
     def set_routes(self, routes: Sequence[Route]) -> None:
         self.router = Router(routes)
