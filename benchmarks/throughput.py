@@ -1,6 +1,6 @@
 """Throughput, memory and latency of the agent's full path against a bare paho-mqtt drain, in one run.
 
-    python benchmarks/throughput.py [--messages N] [--rate R] [--seconds S] [--json]
+    python benchmarks/throughput.py [--messages N] [--rounds K] [--rate R] [--seconds S] [--json]
 
 On one real Mosquitto (started here on a free port):
 
@@ -9,13 +9,15 @@ On one real Mosquitto (started here on a free port):
 2. the agent: the same N queued for the agent's session, then the agent (a real process, default settings:
    fsync per group commit) ingests, stores, decides, runs ``sensor.stats`` and publishes each result with QoS 1;
    msgs/s from the first to the N-th result seen by a consumer, and the agent's peak RSS (VmHWM).
+   Steps 1 and 2 alternate K times (default 3); the medians of each side and their ratio are reported, with
+   each round's ratio beside them.
 3. latency: devices offer R msgs/s for S seconds; p50/p99 from publish to the result's arrival.
 
 The results are counted by ``mosquitto_sub`` (C), not by a second Python subscriber: on two cores a Python
 consumer would take a good part of the CPU the agent is being measured with. The CPU time per message of
 the bare subscriber and of the agent (all its threads) is printed too: unlike rates, it barely moves when
 the machine is busy. The machine is shared and noisy, so the ratio agent/bare-paho from the same run is the
-figure to compare.
+figure to compare; alternating the two sides keeps a slow minute from falling on one side only.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support import Agent, Mosquitto, citypulse_rows
 
 TOPIC = "city/aarhus/traffic/{}/data"
+# Each phase publishes under its own topics, all as long as TOPIC: the bare drains under topics the agent does
+# not subscribe to (its persistent session would queue them otherwise), each agent round and the latency phase
+# under their own second level, so the results of one (a stop may leave a few to be sent again at the next
+# start) are not counted in another.
+BARE_TOPIC = "town/aarhus/traffic/{}/data"
+ROUND_TOPIC = "city/round{}/traffic/{{}}/data"
+LATENCY_TOPIC = "city/latncy/traffic/{}/data"
 
 
 def payloads(n: int) -> list[bytes]:
@@ -53,8 +62,9 @@ def payloads(n: int) -> list[bytes]:
     return out
 
 
-def queue_messages(port: int, bodies: list[bytes]) -> None:
-    """Publish QoS 1 as fast as the broker acknowledges, waiting for every PUBACK."""
+def queue_messages(port: int, bodies: list[bytes], topic: str = TOPIC) -> None:
+    """Publish QoS 1 under ``topic`` (``{}``: 50 segments) as fast as the broker acknowledges, waiting for every
+    PUBACK."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-device-{os.getpid()}",
                          protocol=paho.MQTTv311)
     client.max_inflight_messages_set(1000)
@@ -62,7 +72,7 @@ def queue_messages(port: int, bodies: list[bytes]) -> None:
     client.loop_start()
     # In chunks: paho's packet ids run out at 65,535 messages awaiting their PUBACK.
     for start in range(0, len(bodies), 20_000):
-        infos = [client.publish(TOPIC.format(i % 50), body, qos=1)
+        infos = [client.publish(topic.format(i % 50), body, qos=1)
                  for i, body in enumerate(bodies[start:start + 20_000], start)]
         for info in infos:
             info.wait_for_publish(60)
@@ -196,19 +206,51 @@ def offer_at_rate(port: int, rate: float, seconds: float) -> None:
         if delay > 0:
             time.sleep(delay)
         body = template[:-1] + f', "sent_at": {time.time()}, "n": {i}}}'.encode()
-        client.publish(TOPIC.format(i % 50), body, qos=1)
+        client.publish(LATENCY_TOPIC.format(i % 50), body, qos=1)
     time.sleep(1)
     client.loop_stop()
     client.disconnect()
 
 
+def bare_round(port: int, bodies: list[bytes]) -> tuple[float, float]:
+    """Queue ``bodies`` for a persistent paho session, then drain them: (msgs/s, CPU µs a message)."""
+    subscribe_once(port, "bench-bare", "town/+/traffic/+/data")
+    queue_messages(port, bodies, BARE_TOPIC)
+    cpu_before = time.process_time()
+    rate = Drain(port, "bench-bare", "town/+/traffic/+/data", len(bodies)).run(600)
+    cpu_us = (time.process_time() - cpu_before) / len(bodies) * 1e6
+    forget_session(port, "bench-bare")
+    return rate, cpu_us
+
+
+def agent_round(work: Path, port: int, agent: Agent, bodies: list[bytes], n: int) -> tuple[float, float, float]:
+    """Queue ``bodies`` for the stopped agent's session, start it and time its results from first to last:
+    (msgs/s, CPU µs a message, peak RSS MB). The agent is left running."""
+    results_topic = f"edge/{agent.agent_id}/results/city/round{n}/#"
+    subscribe_once(port, "bench-results", results_topic)
+    queue_messages(port, bodies, ROUND_TOPIC.format(n))
+    drain = Sub(work, port, "bench-results", results_topic, len(bodies))
+    agent.start(wait_connected=False)
+    assert agent.proc is not None
+    arrivals = [stamp for stamp, _ in drain.wait(600)]
+    rate = len(bodies) / max(arrivals[-1] - arrivals[0], 1e-9)
+    cpu_us = cpu_s(agent.proc.pid) / len(bodies) * 1e6  # start-up included: a slight overstatement
+    rss = peak_rss_mb(agent.proc.pid)
+    forget_session(port, "bench-results")
+    return rate, cpu_us, rss
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="bare-paho and agent drains, alternated; the medians are reported (default 3)")
     parser.add_argument("--rate", type=float, default=5000.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     work = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
     broker = Mosquitto(work / "broker", extra_conf="max_inflight_messages 1000\n")
@@ -216,36 +258,31 @@ def main() -> int:
     agent: Agent | None = None
     try:
         bodies = payloads(args.messages)
-
-        say(f"bare paho: queueing {args.messages} messages …")
-        subscribe_once(broker.port, "bench-bare", "city/+/traffic/+/data")
-        queue_messages(broker.port, bodies)
-        cpu_before = time.process_time()
-        bare = Drain(broker.port, "bench-bare", "city/+/traffic/+/data", args.messages).run(600)
-        bare_cpu_us = (time.process_time() - cpu_before) / args.messages * 1e6
-        say(f"bare paho drained {bare:,.0f} msgs/s ({bare_cpu_us:.1f} µs CPU a message)")
-        forget_session(broker.port, "bench-bare")
-
-        say(f"agent: queueing {args.messages} messages …")
         agent = Agent(work / "agent", broker.port, agent_id="bench",
                       routes=[{"topic": "city/+/traffic/+/data", "task": "sensor.stats"}])
-        results_topic = f"edge/{agent.agent_id}/results/#"
-        subscribe_once(broker.port, "bench-results", results_topic)
-        agent.start()  # subscribes
+        agent.start()  # subscribes, so the broker queues for its session while it is stopped
         agent.terminate()
-        queue_messages(broker.port, bodies)
-        drain = Sub(work, broker.port, "bench-results", results_topic, args.messages)
-        agent.start(wait_connected=False)
-        assert agent.proc is not None
-        arrivals = [stamp for stamp, _ in drain.wait(600)]
-        agent_rate = args.messages / max(arrivals[-1] - arrivals[0], 1e-9)
-        agent_cpu_us = cpu_s(agent.proc.pid) / args.messages * 1e6  # start-up included: a slight overstatement
-        rss = peak_rss_mb(agent.proc.pid)
-        say(f"agent processed {agent_rate:,.0f} msgs/s (ratio {agent_rate / bare:.2f}, {agent_cpu_us:.1f} µs CPU "
-            f"a message), peak RSS {rss:.1f} MB")
+        bare: list[tuple[float, float]] = []
+        runs: list[tuple[float, float, float]] = []
+        for n in range(1, args.rounds + 1):
+            # Alternated, so a slow minute on this shared machine falls on both sides rather than on one.
+            say(f"round {n}/{args.rounds}: bare paho drains {args.messages:,} queued messages …")
+            bare.append(bare_round(broker.port, bodies))
+            say(f"  {bare[-1][0]:,.0f} msgs/s ({bare[-1][1]:.1f} µs CPU a message)")
+            say(f"round {n}/{args.rounds}: the agent drains {args.messages:,} queued messages …")
+            runs.append(agent_round(work, broker.port, agent, bodies, n))
+            say(f"  {runs[-1][0]:,.0f} msgs/s ({runs[-1][1]:.1f} µs CPU a message), peak RSS {runs[-1][2]:.1f} MB")
+            if n < args.rounds:
+                agent.terminate()
+        bare_rate = statistics.median(r for r, _ in bare)
+        agent_rate = statistics.median(r for r, _, _ in runs)
+        rss = max(m for _, _, m in runs)
+        say(f"medians: bare paho {bare_rate:,.0f} msgs/s, agent {agent_rate:,.0f} msgs/s, "
+            f"ratio {agent_rate / bare_rate:.2f}")
 
-        forget_session(broker.port, "bench-results")
         say(f"latency: offering {args.rate:.0f} msgs/s for {args.seconds:.0f} s …")
+        assert agent.proc is not None
+        results_topic = f"edge/{agent.agent_id}/results/city/latncy/#"
         expected = int(args.rate * args.seconds)
         subscribe_once(broker.port, "bench-latency", results_topic)
         timed = Sub(work, broker.port, "bench-latency", results_topic, expected, payloads=True)
@@ -270,22 +307,24 @@ def main() -> int:
         broker.stop()
 
     figures = {
-        "bare_paho_msgs_per_s": round(bare, 1),
+        "bare_paho_msgs_per_s": round(bare_rate, 1),
         "agent_msgs_per_s": round(agent_rate, 1),
-        "ratio": round(agent_rate / bare, 3),
+        "ratio": round(agent_rate / bare_rate, 3),
         "agent_peak_rss_mb": round(rss, 1),
-        "bare_paho_cpu_us_per_msg": round(bare_cpu_us, 1),
-        "agent_cpu_us_per_msg": round(agent_cpu_us, 1),
+        "bare_paho_cpu_us_per_msg": round(statistics.median(c for _, c in bare), 1),
+        "agent_cpu_us_per_msg": round(statistics.median(c for _, c, _ in runs), 1),
         "p50_latency_ms": round(p50, 2),
         "p99_latency_ms": round(p99, 2),
         "messages": args.messages,
         "offered_rate": args.rate,
+        "rounds": args.rounds,
+        "ratio_by_round": [round(a[0] / b[0], 3) for a, b in zip(runs, bare, strict=True)],
     }
     if args.json:
         print(json.dumps(figures))
     else:
         for key, value in figures.items():
-            print(f"{key:>22}: {value}")
+            print(f"{key:>24}: {value}")
     return 0
 
 
