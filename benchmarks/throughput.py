@@ -1,6 +1,7 @@
 """Throughput, memory and latency of the agent's full path against a bare paho-mqtt drain, in one run.
 
-    python benchmarks/throughput.py [--messages N] [--rounds K] [--rate R] [--seconds S] [--json]
+    python benchmarks/throughput.py [--messages N] [--rounds K] [--rate R] [--seconds S] [--latency-rounds L]
+                                    [--json]
 
 On one real Mosquitto (started here on a free port):
 
@@ -11,7 +12,10 @@ On one real Mosquitto (started here on a free port):
    msgs/s from the first to the N-th result seen by a consumer, and the agent's peak RSS (VmHWM).
    Steps 1 and 2 alternate K times (default 3); the medians of each side and their ratio are reported, with
    each round's ratio beside them.
-3. latency: devices offer R msgs/s for S seconds; p50/p99 from publish to the result's arrival.
+3. latency: devices offer R msgs/s for S seconds; p50/p99 from publish to the result's arrival. The same
+   is measured for a bare paho relay (a process that publishes each message it receives again, QoS 1 both
+   ways, nothing stored): that is the floor this machine sets at that moment. Relay and agent alternate K
+   times too (default 2) and each side's latencies are pooled.
 
 The results are counted by ``mosquitto_sub`` (C), not by a second Python subscriber: on two cores a Python
 consumer would take a good part of the CPU the agent is being measured with. The CPU time per message of
@@ -43,13 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support import Agent, Mosquitto, citypulse_rows
 
 TOPIC = "city/aarhus/traffic/{}/data"
-# Each phase publishes under its own topics, all as long as TOPIC: the bare drains under topics the agent does
-# not subscribe to (its persistent session would queue them otherwise), each agent round and the latency phase
-# under their own second level, so the results of one (a stop may leave a few to be sent again at the next
-# start) are not counted in another.
+# Each phase publishes under its own topics, all as long as TOPIC: the bare drains and the relay's phases under
+# topics the agent does not subscribe to (its persistent session would queue them otherwise), each agent round
+# and latency phase under their own second level, so the results of one (a stop may leave a few to be sent
+# again at the next start) are not counted in another.
 BARE_TOPIC = "town/aarhus/traffic/{}/data"
 ROUND_TOPIC = "city/round{}/traffic/{{}}/data"
-LATENCY_TOPIC = "city/latncy/traffic/{}/data"
+LATENCY_TOPIC = "city/latnc{}/traffic/{{}}/data"
+RELAY_TOPIC = "town/latnc{}/traffic/{{}}/data"
 
 
 def payloads(n: int) -> list[bytes]:
@@ -191,8 +196,9 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def offer_at_rate(port: int, rate: float, seconds: float) -> None:
-    """A device process publishing at a fixed rate, each message stamped with its send time."""
+def offer_at_rate(port: int, rate: float, seconds: float, topic: str) -> None:
+    """A device process publishing at a fixed rate under ``topic`` (``{}``: 50 segments), each message stamped
+    with its send time."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-rate-{os.getpid()}", protocol=paho.MQTTv311)
     client.max_inflight_messages_set(1000)
     client.connect("127.0.0.1", port)
@@ -206,10 +212,44 @@ def offer_at_rate(port: int, rate: float, seconds: float) -> None:
         if delay > 0:
             time.sleep(delay)
         body = template[:-1] + f', "sent_at": {time.time()}, "n": {i}}}'.encode()
-        client.publish(LATENCY_TOPIC.format(i % 50), body, qos=1)
+        client.publish(topic.format(i % 50), body, qos=1)
     time.sleep(1)
     client.loop_stop()
     client.disconnect()
+
+
+def relay(port: int, topic: str, prefix: str) -> None:
+    """The bare paho baseline of the latency phase: every message on ``topic`` is published again under
+    ``prefix`` + its topic, QoS 1 both ways, from paho's own callback; nothing is stored or computed."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-relay", protocol=paho.MQTTv311)
+    client.max_inflight_messages_set(1000)
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+    client.on_message = lambda c, u, msg: c.publish(prefix + msg.topic, msg.payload, qos=1)
+    client.connect("127.0.0.1", port)
+    client.loop_forever()
+
+
+def latency_phase(work: Path, port: int, rate: float, seconds: float, device_topic: str, results_topic: str,
+                  sent_at: Any) -> list[float]:
+    """Offer ``rate`` msgs/s for ``seconds`` under ``device_topic`` and time each message on ``results_topic``
+    from its publish: the latencies in ms. ``sent_at`` reads the send time back out of a received payload."""
+    client_id = "bench-latency"
+    expected = int(rate * seconds)
+    subscribe_once(port, client_id, results_topic)
+    timed = Sub(work, port, client_id, results_topic, expected, payloads=True)
+    time.sleep(0.5)
+    device = multiprocessing.get_context("spawn").Process(target=offer_at_rate,
+                                                          args=(port, rate, seconds, device_topic))
+    device.start()
+    device.join()
+    kept = timed.wait(120)
+    forget_session(port, client_id)
+    return [(arrived - sent_at(json.loads(body))) * 1000 for arrived, body in kept]
+
+
+def p99(latencies: list[float]) -> float:
+    ordered = sorted(latencies)
+    return ordered[int(len(ordered) * 0.99) - 1]
 
 
 def bare_round(port: int, bodies: list[bytes]) -> tuple[float, float]:
@@ -246,11 +286,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="bare-paho and agent drains, alternated; the medians are reported (default 3)")
     parser.add_argument("--rate", type=float, default=5000.0)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each latency phase (default 10)")
+    parser.add_argument("--latency-rounds", type=int, default=2,
+                        help="latency phases of the bare relay and of the agent, alternated (default 2)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
+    if args.rounds < 1 or args.latency_rounds < 1:
+        parser.error("--rounds and --latency-rounds must be at least 1")
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     work = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
     broker = Mosquitto(work / "broker", extra_conf="max_inflight_messages 1000\n")
@@ -280,26 +322,35 @@ def main() -> int:
         say(f"medians: bare paho {bare_rate:,.0f} msgs/s, agent {agent_rate:,.0f} msgs/s, "
             f"ratio {agent_rate / bare_rate:.2f}")
 
-        say(f"latency: offering {args.rate:.0f} msgs/s for {args.seconds:.0f} s …")
         assert agent.proc is not None
-        results_topic = f"edge/{agent.agent_id}/results/city/latncy/#"
-        expected = int(args.rate * args.seconds)
-        subscribe_once(broker.port, "bench-latency", results_topic)
-        timed = Sub(work, broker.port, "bench-latency", results_topic, expected, payloads=True)
-        time.sleep(0.5)
-        device = multiprocessing.get_context("spawn").Process(target=offer_at_rate,
-                                                              args=(broker.port, args.rate, args.seconds))
-        device.start()
-        device.join()
-        kept = timed.wait(120)
-        latencies = sorted(
-            (arrived - json.loads(body)["result"]["fields"]["sent_at"]["value"]) * 1000
-            for arrived, body in kept
-        )
+        ctx = multiprocessing.get_context("spawn")
+        relay_proc = ctx.Process(target=relay, args=(broker.port, "town/+/traffic/+/data", "edge/bare/results/"),
+                                 daemon=True)
+        relay_proc.start()
+        time.sleep(1)  # connected and subscribed
+        bare_lat: list[list[float]] = []
+        agent_lat: list[list[float]] = []
+        for n in range(1, args.latency_rounds + 1):
+            say(f"latency {n}/{args.latency_rounds}: bare paho relay, {args.rate:.0f} msgs/s "
+                f"for {args.seconds:.0f} s …")
+            bare_lat.append(latency_phase(work, broker.port, args.rate, args.seconds, RELAY_TOPIC.format(n),
+                                          f"edge/bare/results/town/latnc{n}/#", lambda body: body["sent_at"]))
+            say(f"  p50 {statistics.median(bare_lat[-1]):.1f} ms, p99 {p99(bare_lat[-1]):.1f} ms")
+            say(f"latency {n}/{args.latency_rounds}: the agent, {args.rate:.0f} msgs/s for {args.seconds:.0f} s …")
+            agent_lat.append(latency_phase(
+                work, broker.port, args.rate, args.seconds, LATENCY_TOPIC.format(n),
+                f"edge/{agent.agent_id}/results/city/latnc{n}/#",
+                lambda body: body["result"]["fields"]["sent_at"]["value"]))
+            say(f"  p50 {statistics.median(agent_lat[-1]):.1f} ms, p99 {p99(agent_lat[-1]):.1f} ms")
+        relay_proc.terminate()
+        relay_proc.join()
+        latencies = [x for phase in agent_lat for x in phase]
+        bare_latencies = [x for phase in bare_lat for x in phase]
         p50 = statistics.median(latencies)
-        p99 = latencies[int(len(latencies) * 0.99) - 1]
+        agent_p99 = p99(latencies)
         rss = max(rss, peak_rss_mb(agent.proc.pid))
-        say(f"latency at {args.rate:.0f} msgs/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        say(f"latency at {args.rate:.0f} msgs/s: agent p50 {p50:.1f} ms, p99 {agent_p99:.1f} ms; "
+            f"bare paho relay p50 {statistics.median(bare_latencies):.1f} ms, p99 {p99(bare_latencies):.1f} ms")
         agent.terminate()
     finally:
         if agent is not None:
@@ -314,11 +365,15 @@ def main() -> int:
         "bare_paho_cpu_us_per_msg": round(statistics.median(c for _, c in bare), 1),
         "agent_cpu_us_per_msg": round(statistics.median(c for _, c, _ in runs), 1),
         "p50_latency_ms": round(p50, 2),
-        "p99_latency_ms": round(p99, 2),
+        "p99_latency_ms": round(agent_p99, 2),
         "messages": args.messages,
         "offered_rate": args.rate,
         "rounds": args.rounds,
         "ratio_by_round": [round(a[0] / b[0], 3) for a, b in zip(runs, bare, strict=True)],
+        "bare_relay_p50_latency_ms": round(statistics.median(bare_latencies), 2),
+        "bare_relay_p99_latency_ms": round(p99(bare_latencies), 2),
+        "p99_latency_ms_by_round": [round(p99(phase), 2) for phase in agent_lat],
+        "bare_relay_p99_latency_ms_by_round": [round(p99(phase), 2) for phase in bare_lat],
     }
     if args.json:
         print(json.dumps(figures))
