@@ -293,7 +293,8 @@ class Dispatcher:
             return
         started = time.time()
         try:
-            result, service_s = self._executor.run_inline(self._registry.get(ref.kind), payload, ref.options)
+            result, service_s = self._executor.run_inline(self._registry.get(ref.kind), payload, ref.options,
+                                                          ref.id)
         except Exception as exc:  # noqa: BLE001 - any task error becomes a dead letter
             self._fail(item, exc)
         else:

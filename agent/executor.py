@@ -68,9 +68,12 @@ class LocalExecutor:
         await asyncio.gather(*(loop.run_in_executor(self._pool, _warm) for _ in range(self.workers)))
 
     @staticmethod
-    def run_inline(spec: TaskSpec, payload: bytes, options: Mapping[str, Any]) -> tuple[dict[str, Any], float]:
+    def run_inline(spec: TaskSpec, payload: bytes, options: Mapping[str, Any],
+                   seq: int = 0) -> tuple[dict[str, Any], float]:
+        """Run a light task; ``seq``: the task's store row id, for a task that wants it (TaskSpec.sequenced)."""
+        sequenced = spec.sequenced
         started = time.perf_counter()
-        result = spec.fn(payload, options)
+        result = spec.fn(payload, options) if sequenced is None else sequenced(payload, options, seq)
         return result, time.perf_counter() - started
 
     async def run_in_pool(self, kind: str, payload: bytes,

@@ -135,6 +135,54 @@ class Collector:
         self.client.disconnect()
 
 
+class Relay:
+    """A TCP relay from a client to the broker whose client → broker direction can be cut (``cut.set()``).
+
+    What the client sends from then on (acknowledgements, results) is read and dropped, never reaching the
+    broker, while the broker's messages still reach the client: the case of a gateway that handled a message
+    and lost power before its answers left. Not a fake of either side: both speak real MQTT through it.
+    """
+
+    def __init__(self, broker_port: int) -> None:
+        self.broker_port = broker_port
+        self.cut = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._server.getsockname()[1])
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+                broker = socket.create_connection(("127.0.0.1", self.broker_port))
+            except OSError:
+                return  # closed
+            self._sockets += [client, broker]
+            threading.Thread(target=self._pump, args=(client, broker, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(broker, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, outbound: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if not (outbound and self.cut.is_set()):
+                    sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):  # one side gone: the other sees the connection end
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self._server.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
 def publisher(port: int, client_id: str | None = None) -> paho.Client:
     """A device: QoS 1 publishes with a persistent session, so it re-sends across broker restarts."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"device-{uuid.uuid4().hex[:8]}",

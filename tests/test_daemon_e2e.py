@@ -6,15 +6,17 @@ import json
 import math
 import shutil
 import signal
+import sqlite3
 import struct
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from support import Agent, Collector, Mosquitto, citypulse_rows, publisher, wait_for
+from support import Agent, Collector, Mosquitto, Relay, citypulse_rows, publisher, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -391,3 +393,84 @@ def test_windows_carry_on_across_a_clean_restart_and_a_power_cut(broker: Mosquit
     mean, std = judged_on(sent[:-1])
     assert last["mean"] == pytest.approx(mean) and last["std"] == pytest.approx(std)
     assert agent.terminate() == 0
+
+
+def stored(agent: Agent, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Rows of the agent's own store, read beside the running agent (SQLite in WAL mode allows it)."""
+    db = sqlite3.connect(agent.workdir / "state" / "edge-agent.db")
+    try:
+        return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
+def saved_readings(agent: Agent, topic: str, field: str, window: int = 60) -> int:
+    """How many readings of ``field`` the store's saved sensor.stats window of ``topic`` holds."""
+    rows = stored(agent, "SELECT state FROM task_state WHERE kind='sensor.stats' AND key=?",
+                  json.dumps([topic, window], separators=(",", ":")))
+    if not rows:
+        return 0
+    head = json.loads(bytes(rows[0][0]).partition(b"\n")[0])
+    fields = head["fields"] if isinstance(head, dict) else head  # a list alone before the sequence was saved
+    return dict(map(tuple, fields)).get(field, 0)
+
+
+@pytest.fixture
+def relay(broker: Mosquitto) -> Iterator[Relay]:
+    relay = Relay(broker.port)
+    yield relay
+    relay.close()
+
+
+def test_a_restart_reruns_a_task_its_saved_window_holds_and_counts_it_once(  # type: ignore[no-untyped-def]
+        broker: Mosquitto, agents, relay: Relay) -> None:
+    # The agent reaches the broker through a relay; cutting its agent → broker direction keeps the PUBACK
+    # of the next message and its result from arriving, as when power fails before they leave the gateway.
+    agent = agents(broker, extra_env={"EDGE_AGENT_STORE__STATE_INTERVAL_S": "0.5",
+                                      "EDGE_AGENT_MQTT__PORT": str(relay.port)})
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    device = publisher(broker.port)
+    topic = TRAFFIC.format("w2")
+    sent: list[float] = []
+
+    def publish(speed: float) -> None:
+        device.publish(topic, json.dumps({"avgSpeed": speed, "seq": len(sent)}), qos=1)
+        sent.append(speed)
+
+    def judgement(seq: int) -> dict[str, Any]:
+        wait_for(lambda: seq in results_by_seq(collector, agent), 60, f"the result of reading {seq}")
+        return results_by_seq(collector, agent)[seq][0]["result"]["fields"]["avgSpeed"]
+
+    def judged_on(history: list[float]) -> tuple[float, float]:
+        mean = sum(history) / len(history)
+        return mean, math.sqrt(sum((x - mean) ** 2 for x in history) / len(history))
+
+    agent.start()
+    for i in range(20):
+        publish(50.0 + i % 5)
+    judgement(19)
+    wait_for(lambda: stored(agent, "SELECT count(*) FROM tasks WHERE state < 2") == [(0,)], 30,
+             "every result confirmed by the broker")
+
+    relay.cut.set()
+    publish(90.0)  # reading 20: the agent takes it, commits it and counts it in the window...
+    wait_for(lambda: saved_readings(agent, topic, "avgSpeed") == 21, 30, "the periodic save to hold reading 20")
+    # ... but its result was never confirmed, so the row is still pending, and the broker never got it.
+    assert stored(agent, "SELECT count(*) FROM tasks WHERE state = 0") == [(1,)]
+    assert 20 not in results_by_seq(collector, agent)
+    agent.kill()
+    relay.close()
+
+    agent.write_env(EDGE_AGENT_MQTT__PORT=str(broker.port))
+    agent.start()
+    rerun = judgement(20)  # the same task runs again: judged against the restored window, which holds it
+    mean, std = judged_on(sent)
+    assert rerun["value"] == 90.0 and rerun["mean"] == pytest.approx(mean) and rerun["std"] == pytest.approx(std)
+    publish(53.0)
+    after = judgement(21)
+    mean, std = judged_on(sent[:-1])  # reading 20 counted once
+    assert after["mean"] == pytest.approx(mean) and after["std"] == pytest.approx(std)
+    assert agent.terminate() == 0
+    assert saved_readings(agent, topic, "avgSpeed") == len(sent) == 22
+    results = results_by_seq(collector, agent)
+    assert sorted(results) == list(range(22)) and all(len(r) == 1 for r in results.values())

@@ -532,7 +532,7 @@ def test_only_windows_changed_since_the_last_dump_are_dumped() -> None:
     # Each reading takes 8 bytes after the header.
     state = dict(stats.dump_state(everything=True))['["t/1",60]']  # two readings of each field
     head, _, body = state.partition(b"\n")
-    assert json.loads(head) == [["avgSpeed", 2], ["vehicleCount", 2]] and len(body) == 4 * 8
+    assert json.loads(head) == {"seq": 0, "fields": [["avgSpeed", 2], ["vehicleCount", 2]]} and len(body) == 4 * 8
 
 
 def test_damaged_saved_windows_are_skipped_and_the_caps_hold() -> None:
@@ -567,3 +567,93 @@ def test_an_evicted_window_is_no_longer_waiting_to_be_saved() -> None:
         stats(_row(50.0), {"topic": f"t/{i}"})
     assert [json.loads(key)[0] for key, _ in stats.dump_state()] == ["t/3", "t/4"]
     assert not stats._changed  # the evicted ones left no trace
+
+
+# --- a task that runs again after a restart (its result was not confirmed) counts once ---------------------
+
+
+def _state(stats: SensorStats, key: str = '["t",60]') -> tuple[Any, list[float]]:
+    """The saved header and readings of one window, as everything is dumped now."""
+    state = dict(stats.dump_state(everything=True))[key]
+    head, _, body = state.partition(b"\n")
+    return json.loads(head), list(struct.unpack(f"<{len(body) // 8}d", body))
+
+
+def test_a_rerun_of_a_task_the_restored_window_holds_is_judged_but_not_counted_again() -> None:
+    before = SensorStats()
+    for seq, x in enumerate([50.0, 52.0, 49.0, 51.0, 70.0], start=1):
+        before(json.dumps({"x": x}).encode(), {"topic": "t"}, seq)
+    after = SensorStats()  # the restart
+    assert after.load_state(before.dump_state()) == (1, 0)
+
+    rerun = after(json.dumps({"x": 70.0}).encode(), {"topic": "t"}, 5)["fields"]["x"]
+    window = [50.0, 52.0, 49.0, 51.0, 70.0]  # it holds the reading already: it is judged against it
+    assert rerun["value"] == 70.0 and rerun["mean"] == pytest.approx(np.mean(window))
+    assert rerun["std"] == pytest.approx(np.std(window)) and rerun["z"] == pytest.approx(
+        (70.0 - np.mean(window)) / np.std(window))
+    assert rerun["anomaly"] is False
+    assert after.dump_state() == []  # nothing changed, nothing to save
+    assert _state(after)[1] == window
+
+    # The next task is judged as if the first run alone had happened.
+    nxt = json.dumps({"x": 53.0}).encode()
+    expected, got = before(nxt, {"topic": "t"}, 6)["fields"]["x"], after(nxt, {"topic": "t"}, 6)["fields"]["x"]
+    assert got == pytest.approx(expected)
+    assert _state(after) == ({"seq": 6, "fields": [["x", 6]]}, [*window, 53.0])
+
+
+def test_every_rerun_up_to_the_restored_sequence_is_left_out_and_newer_tasks_count() -> None:
+    before = SensorStats()
+    for seq in (3, 8, 9):
+        before(json.dumps({"x": float(seq)}).encode(), {"topic": "t"}, seq)
+    after = SensorStats()
+    after.load_state(before.dump_state())
+    for seq in (3, 8, 9):  # all three ran before the save and run again, in row order
+        after(json.dumps({"x": float(seq)}).encode(), {"topic": "t"}, seq)
+    assert _state(after) == ({"seq": 9, "fields": [["x", 3]]}, [3.0, 8.0, 9.0])
+    after(json.dumps({"x": 10.0}).encode(), {"topic": "t"}, 10)
+    after(json.dumps({"x": 1.0}).encode(), {"topic": "t"})  # no sequence (a direct call): always counted
+    assert _state(after) == ({"seq": 10, "fields": [["x", 5]]}, [3.0, 8.0, 9.0, 10.0, 1.0])
+
+
+def test_a_task_that_comes_back_from_the_cloud_late_still_counts_in_the_same_process() -> None:
+    # Task 4 went to the cloud, which failed it: it runs here after tasks 5 and 6. No restart came between,
+    # so it was never counted and must be now.
+    stats = SensorStats()
+    for seq in (5, 6, 4):
+        stats(json.dumps({"x": float(seq)}).encode(), {"topic": "t"}, seq)
+    assert _state(stats) == ({"seq": 6, "fields": [["x", 3]]}, [5.0, 6.0, 4.0])
+
+
+def test_the_sequence_is_saved_and_restored_with_the_window_through_restarts() -> None:
+    first = SensorStats()
+    first(b'{"x": 1}', {"topic": "t"}, 41)
+    first(b'{"x": 2}', {"topic": "t", "window": 7}, 42)  # another key: its own sequence
+    second = SensorStats()
+    assert second.load_state(first.dump_state()) == (2, 0)
+    third = SensorStats()  # restored, saved again untouched, restored once more
+    assert third.load_state(second.dump_state(everything=True)) == (2, 0)
+    assert _state(third)[0] == {"seq": 41, "fields": [["x", 1]]}
+    assert _state(third, '["t",7]')[0] == {"seq": 42, "fields": [["x", 1]]}
+    third(b'{"x": 1}', {"topic": "t"}, 41)
+    third(b'{"x": 1}', {"topic": "t", "window": 7}, 41)  # below 42: already in that window
+    assert _state(third)[1] == [1.0] and _state(third, '["t",7]')[1] == [2.0]
+    third(b'{"x": 2}', {"topic": "t"}, 42)  # above 41: new to this window
+    assert _state(third)[1] == [1.0, 2.0]
+
+
+def test_windows_saved_before_the_sequence_was_still_load_and_count_every_task() -> None:
+    old_format = ('["t",60]', b'[["x",3]]\n' + struct.pack("<3d", 50.0, 52.0, 54.0))
+    stats = SensorStats()
+    assert stats.load_state([old_format]) == (1, 0)
+    got = stats(b'{"x": 60}', {"topic": "t"}, 7)["fields"]["x"]
+    assert got["mean"] == pytest.approx(52.0)
+    assert _state(stats) == ({"seq": 7, "fields": [["x", 4]]}, [50.0, 52.0, 54.0, 60.0])
+
+
+def test_saved_windows_with_a_bad_sequence_are_skipped() -> None:
+    one = struct.pack("<d", 1.0)
+    bad = [('["t",60]', json.dumps(head).encode() + b"\n" + one)
+           for head in ({"seq": -1, "fields": [["x", 1]]}, {"seq": "7", "fields": [["x", 1]]},
+                        {"fields": [["x", 1]]}, {"seq": 7}, {"seq": 7, "fields": {"x": 1}})]
+    assert SensorStats().load_state(bad) == (0, len(bad))

@@ -6,9 +6,10 @@ import json
 import multiprocessing
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import structlog
 import agent.tasks
 from agent.config import Route
 from agent.errors import ConfigError, InvalidJson, UnknownTask
+from agent.executor import LocalExecutor
 from agent.tasks import TaskRegistry, TaskSpec, default_registry, run_task
 
 PLUGIN_MODULES = ("edge_agent_demo_tasks", "edge_agent_demo_broken")
@@ -79,6 +81,25 @@ def test_sensor_stats_keeps_state_the_daemon_saves_and_plain_tasks_do_not(fresh_
     registry = default_registry()
     assert isinstance(registry.get("sensor.stats").fn, agent.tasks.StatefulTask)
     assert not isinstance(registry.get("noise.spectrum").fn, agent.tasks.StatefulTask)
+
+
+def test_sensor_stats_is_told_each_task_sequence_and_plain_tasks_keep_their_signature(
+        fresh_registry: None) -> None:
+    stats = default_registry().get("sensor.stats")
+    assert stats.sequenced is stats.fn  # the same windows, called with the task's store row id
+    assert default_registry().get("noise.spectrum").sequenced is None
+    LocalExecutor.run_inline(stats, b'{"x": 1}', {"topic": "t"}, 7)
+    assert isinstance(stats.fn, agent.tasks.StatefulTask)
+    assert json.loads(stats.fn.dump_state()[0][1].partition(b"\n")[0])["seq"] == 7
+
+    seen: list[dict[str, Any]] = []
+
+    def plain(payload: bytes, options: Mapping[str, Any]) -> dict[str, Any]:
+        seen.append(dict(options))
+        return {}
+
+    assert LocalExecutor.run_inline(TaskSpec("a", plain, heavy=False), b"", {"topic": "t"}, 7)[0] == {}
+    assert seen == [{"topic": "t"}]  # the options as routed: the sequence is not among them
 
 
 def test_builtins_are_registered(fresh_registry: None) -> None:

@@ -17,6 +17,8 @@ from agent.telemetry import get_logger
 ENTRY_POINT_GROUP = "edge_agent.tasks"
 
 TaskFn = Callable[[bytes, Mapping[str, Any]], dict[str, Any]]
+# A task that is also told the task's sequence: its store row id, which only grows (see TaskSpec.sequenced).
+SequencedTaskFn = Callable[[bytes, Mapping[str, Any], int], dict[str, Any]]
 OptionsCheck = Callable[[Mapping[str, Any]], None]
 
 
@@ -44,12 +46,18 @@ class TaskSpec:
 
     ``check_options``, when given, validates a route's options at start-up and raises ValueError with a
     message for the operator; without it a bad option would fail every message instead.
+
+    ``sequenced``, when given, is what the daemon calls instead of ``fn`` for a light task, with the task's
+    sequence besides: a task whose state must not take the same task twice (``sensor.stats``, when a task
+    runs again after a restart) tells them apart by it. A separate callable, not an option: ``options`` stay
+    the operator's (they also travel to the cloud), and ``fn`` keeps the signature user tasks have.
     """
 
     name: str
     fn: TaskFn
     heavy: bool
     check_options: OptionsCheck | None = None
+    sequenced: SequencedTaskFn | None = None
 
 
 class TaskRegistry:
@@ -101,9 +109,9 @@ class TaskRegistry:
 
 def builtin_specs() -> list[TaskSpec]:
     """Fresh built-ins (a new, empty ``sensor.stats`` state each call)."""
+    stats = sensor_stats.SensorStats()
     return [
-        TaskSpec("sensor.stats", sensor_stats.SensorStats(), heavy=False,
-                 check_options=sensor_stats.check_options),
+        TaskSpec("sensor.stats", stats, heavy=False, check_options=sensor_stats.check_options, sequenced=stats),
         TaskSpec("noise.spectrum", noise_spectrum.noise_spectrum, heavy=True,
                  check_options=noise_spectrum.check_options),
     ]

@@ -325,6 +325,13 @@ class _Window:
             self._resum()
         return mean, std, z
 
+    def judge(self, x: float) -> tuple[float, float, float]:
+        """Mean, std and z of ``x`` against the stored readings, without storing it (a task already counted)."""
+        n = len(self.values)
+        if n >= 2:
+            return self._exact(x)
+        return (self.values[0] if n else x), 0.0, 0.0
+
     def _resum(self) -> None:
         values = self.values
         self.until_resum = self.period
@@ -376,6 +383,33 @@ class _Window:
         return _robust(self.values, x)
 
 
+class _Topic:
+    """The windows of one (topic, window size) key, and the sequences that keep a re-run from counting twice.
+
+    ``seq`` is the task's store row id (the dispatcher passes it; 0: not known, always counted). Row ids only
+    grow, also across restarts (the store continues from its largest id, which pruning never removes), and the
+    saved windows live in the same database, so a saved ``applied`` always refers to the same rows.
+
+    Why "not above ``restored``" is the right test, and not "not above ``applied``": on the gateway a key's
+    tasks run in row order (the light queue is first in, first out, and read-backs come in id order), except
+    a task that went to the cloud, which runs here later if the cloud fails it or is overdue (fallback,
+    hedge), after younger ones. Within one process every row runs here at most once, so nothing needs
+    refusing there, and such a late reading must still count. Only a restart repeats work: a row whose result
+    was not confirmed runs again, and the saved windows may already hold it. Every reading in a saved window
+    has a sequence not above the ``applied`` saved with it (both are taken in one step of the event loop), so
+    a re-run at or below it is judged but not added: it never counts twice. The price is that a reading the
+    save did not hold, although its sequence is lower (a task that was still with the cloud then), is not
+    added after the restart either; the cloud's answer would not have added it to these windows anyway.
+    """
+
+    __slots__ = ("applied", "fields", "restored")
+
+    def __init__(self, fields: dict[str, _Window] | None = None, seq: int = 0) -> None:
+        self.fields: dict[str, _Window] = {} if fields is None else fields
+        self.applied = seq  # the highest sequence these windows hold (saved with them)
+        self.restored = seq  # … as restored at start: re-runs up to it were counted before the restart
+
+
 class SensorStats:
     """The ``sensor.stats`` task: one instance holds every window, keyed by (topic, window size).
 
@@ -389,7 +423,7 @@ class SensorStats:
         self.max_topics = max_topics
         self.max_stored = max_stored
         # Least recently used first; a topic moves to the end on every message.
-        self._topics: OrderedDict[tuple[str, int], dict[str, _Window]] = OrderedDict()
+        self._topics: OrderedDict[tuple[str, int], _Topic] = OrderedDict()
         self._stored = 0  # readings the existing windows may hold (their capacities)
         self._changed: set[tuple[str, int]] = set()  # windows updated since the last dump_state
 
@@ -406,7 +440,9 @@ class SensorStats:
     def stored_capacity(self) -> int:
         return self._stored
 
-    def __call__(self, payload: bytes, options: Mapping[str, Any]) -> dict[str, Any]:
+    def __call__(self, payload: bytes, options: Mapping[str, Any], seq: int = 0) -> dict[str, Any]:
+        """Judge the message's readings and add them to the windows; ``seq``: the task's sequence (see _Topic),
+        which the daemon passes (``TaskSpec.sequenced``) and other callers may leave out."""
         window = options.get("window", DEFAULT_WINDOW)
         if type(window) is not int or not 2 <= window <= MAX_WINDOW:
             window_option(options)  # raises the operator's message
@@ -424,25 +460,37 @@ class SensorStats:
                 order = [name for name in order if name not in ignore]
         key = (topic if type(topic) is str else str(topic), window)
         topics = self._topics
-        fields = topics.get(key)
-        if fields is None:
+        entry = topics.get(key)
+        if entry is None:
             if len(topics) >= self.max_topics:
                 self._evict_oldest()
-            fields = topics[key] = {}
+            entry = topics[key] = _Topic()
         else:
             topics.move_to_end(key)
-        self._changed.add(key)
+        fields = entry.fields
         out: dict[str, dict[str, Any]] = {}
-        for name, reported, value in readings:
-            state = fields.get(name)
-            if state is None:
-                state = fields[name] = _Window(window)
-                self._stored += window
-            mean, std, z = state.update(value)
-            out[name] = {"value": reported, "mean": mean, "std": std, "z": z,
-                         "anomaly": z > ANOMALY_Z or z < -ANOMALY_Z}
-        if self._stored > self.max_stored:
-            self._shrink(fields, window)
+        if seq > entry.restored or not seq:
+            if seq > entry.applied:
+                entry.applied = seq
+            self._changed.add(key)
+            for name, reported, value in readings:
+                state = fields.get(name)
+                if state is None:
+                    state = fields[name] = _Window(window)
+                    self._stored += window
+                mean, std, z = state.update(value)
+                out[name] = {"value": reported, "mean": mean, "std": std, "z": z,
+                             "anomaly": z > ANOMALY_Z or z < -ANOMALY_Z}
+            if self._stored > self.max_stored:
+                self._shrink(fields, window)
+        else:
+            # A re-run after a restart of a task the restored windows already hold: the same judgement, but the
+            # reading is not added a second time.
+            for name, reported, value in readings:
+                state = fields.get(name)
+                mean, std, z = state.judge(value) if state is not None else (value, 0.0, 0.0)
+                out[name] = {"value": reported, "mean": mean, "std": std, "z": z,
+                             "anomaly": z > ANOMALY_Z or z < -ANOMALY_Z}
         if order is not None:
             out = {name: out[name] for name in order}
         return {"fields": out}
@@ -450,38 +498,44 @@ class SensorStats:
     def dump_state(self, everything: bool = False, limit: int | None = None) -> list[tuple[str, bytes]]:
         """The windows updated since they were last dumped (or all of them), least recently used first, at
         most ``limit``, as ``(key, state)`` pairs for the store. The key is JSON ``[topic, window]``; the state
-        is a JSON header ``[[field, n], …]``, a newline, then each field's n readings, oldest first, as
-        little-endian float64 (8 bytes a reading: a quarter of the same numbers written as JSON)."""
+        is a JSON header ``{"seq": applied, "fields": [[field, n], …]}``, a newline, then each field's n
+        readings, oldest first, as little-endian float64 (8 bytes a reading: a quarter of the same numbers
+        written as JSON)."""
         if everything:
             self._changed.update(self._topics)
         keys = [key for key in self._topics if key in self._changed][:limit]
         self._changed.difference_update(keys)
         out = []
         for key in keys:
-            fields = self._topics[key]
+            entry = self._topics[key]
             header = []
             body = array("d")
-            for name, window in fields.items():
+            for name, window in entry.fields.items():
                 readings = window.readings()
                 header.append((name, len(readings)))
                 body.extend(readings)
             if _BIG_ENDIAN:
                 body.byteswap()
-            out.append((orjson.dumps(list(key)).decode(), orjson.dumps(header) + b"\n" + body.tobytes()))
+            head = orjson.dumps({"seq": entry.applied, "fields": header})
+            out.append((orjson.dumps(list(key)).decode(), head + b"\n" + body.tobytes()))
         return out
 
     def load_state(self, entries: list[tuple[str, bytes]]) -> tuple[int, int]:
         """Restore windows saved by :meth:`dump_state`, given least recently used first (the caps apply as
         if their topics had just been seen in that order). Returns (restored, skipped): an entry that does
-        not parse is skipped, so a damaged one costs its topic's history, not the start."""
+        not parse is skipped, so a damaged one costs its topic's history, not the start. A header that is
+        the list of fields alone (saved before the sequence was) restores with sequence 0."""
         restored = skipped = 0
         for key_text, state in entries:
             try:
                 topic, window = orjson.loads(key_text)
                 head, _, raw = state.partition(b"\n")
                 header = orjson.loads(head)
+                seq: Any = 0
+                if type(header) is dict:
+                    seq, header = header.get("seq"), header.get("fields")
                 if (type(topic) is not str or type(window) is not int or not 2 <= window <= MAX_WINDOW
-                        or type(header) is not list or len(raw) % 8):
+                        or type(header) is not list or type(seq) is not int or seq < 0 or len(raw) % 8):
                     raise ValueError("not a sensor.stats window")
                 body = array("d", raw)
                 if _BIG_ENDIAN:
@@ -503,10 +557,10 @@ class SensorStats:
             key = (topic, window)
             previous = self._topics.pop(key, None)
             if previous is not None:
-                self._stored -= window * len(previous)
+                self._stored -= window * len(previous.fields)
             if len(self._topics) >= self.max_topics:
                 self._evict_oldest()
-            self._topics[key] = fields
+            self._topics[key] = _Topic(fields, seq)
             self._stored += window * len(fields)
             if self._stored > self.max_stored:
                 self._shrink(fields, window)
@@ -514,8 +568,8 @@ class SensorStats:
         return restored, skipped
 
     def _evict_oldest(self) -> None:
-        key, fields = self._topics.popitem(last=False)
-        self._stored -= key[1] * len(fields)
+        key, entry = self._topics.popitem(last=False)
+        self._stored -= key[1] * len(entry.fields)
         self._changed.discard(key)  # nothing left to save; and the set stays as small as the windows
 
     def _shrink(self, current: dict[str, _Window], window: int) -> None:
