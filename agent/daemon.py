@@ -60,7 +60,8 @@ class Daemon:
         ensure_writable(settings.state_dir)
         self.registry = default_registry()
         self.store = Store(settings.state_dir, max_tasks=settings.store.max_tasks,
-                           max_bytes=settings.store.max_bytes, synchronous=settings.store.synchronous)
+                           max_bytes=settings.store.max_bytes, synchronous=settings.store.synchronous,
+                           commit_interval_s=settings.store.commit_interval_ms / 1000)
         self.notifier = Notifier()
         self.stopping = asyncio.Event()
         self.loop_tick = time.monotonic()

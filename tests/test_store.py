@@ -13,7 +13,7 @@ import pytest
 from agent.errors import ConfigError
 from agent.ingress import Ingress
 from agent.mqtt import InboundMessage
-from agent.store import Committed, NewTask, OutboxEntry, Store, TaskRef
+from agent.store import GATHER_ROWS, Committed, NewTask, OutboxEntry, Store, TaskRef
 
 
 def new_task(i: int, size: int = 10, dead: bool = False) -> NewTask:
@@ -252,6 +252,58 @@ def test_a_stop_sent_before_a_catching_up_read_reached_the_reader_is_ignored(sto
     store.stop_hand_off("tasks", first.number)
     store.ingest([new_task(1)], [])
     assert [r.task_id for r in hook.gather(1, "tasks")] == ["t1"]  # type: ignore[attr-defined]
+
+
+def _spaced_store(tmp_path: Path, interval_s: float) -> tuple[Store, Hooked, list[float]]:
+    """A store with a commit interval whose hook also notes when each commit was handed on."""
+    store = Store(tmp_path, max_tasks=1000, max_bytes=10_000_000, commit_interval_s=interval_s)
+    hook = Hooked()
+    times: list[float] = []
+    store.start(lambda committed: (times.append(time.monotonic()), hook(committed)))
+    return store, hook, times
+
+
+def test_a_commit_interval_gathers_trickling_rows_into_one_group(tmp_path: Path) -> None:
+    store, hook, times = _spaced_store(tmp_path, 0.5)
+    store.ingest([new_task(0)], [(1, 1)])
+    assert hook.gather(1, "acks") == [(1, 1)]  # the first row after a quiet spell goes at once
+    first = times[0]
+    for i in range(1, 6):  # fewer than GATHER_ROWS, one at a time: they wait for the interval, together
+        store.ingest([new_task(i)], [(i + 1, 1)])
+        time.sleep(0.01)
+    assert hook.gather(5, "acks") == [(i + 1, 1) for i in range(1, 6)]
+    assert store.commits == 2
+    assert times[1] - first >= 0.4  # not before the interval since the first commit began (less its length)
+    store.stop()
+
+
+def test_enough_rows_a_read_or_a_stop_end_the_wait_at_once(tmp_path: Path) -> None:
+    store, hook, _ = _spaced_store(tmp_path, 30.0)
+    store.ingest([new_task(0)], [(1, 1)])
+    hook.gather(1, "acks")
+    started = time.monotonic()
+    # The writer is waiting with one row when the rest of GATHER_ROWS arrive: they go without waiting out the
+    # interval, or a broker allowing only that many unacknowledged messages would stall for all of it.
+    store.ingest([new_task(1)], [(2, 1)])
+    time.sleep(0.2)
+    for i in range(2, 1 + GATHER_ROWS):
+        store.ingest([new_task(i)], [(i + 1, 1)])
+    assert len(hook.gather(GATHER_ROWS, "acks", timeout=10)) == GATHER_ROWS
+    # A read someone waits for is answered, with the row queued before it committed first.
+    store.ingest([new_task(100)], [(101, 1)])
+    time.sleep(0.2)
+    pages: queue.SimpleQueue[list[TaskRef]] = queue.SimpleQueue()
+    store.load_pending(0, 1000, pages.put)
+    assert [ref.id for ref in pages.get(timeout=10)][-1] == 1 + 1 + GATHER_ROWS
+    # A stop commits what waits and returns.
+    store.ingest([new_task(101)], [(102, 1)])
+    time.sleep(0.2)
+    store.stop(timeout_s=10)
+    assert time.monotonic() - started < 10  # each wait would have been 30 s
+    assert store.commits == 4
+    again = Store(tmp_path, max_tasks=1000, max_bytes=10_000_000)
+    assert again.counts()["pending"] == 2 + 1 + GATHER_ROWS
+    again.stop()
 
 
 def test_call_runs_after_everything_queued_before(store: Store) -> None:
