@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import signal
 import statistics
 import sys
@@ -183,12 +184,15 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edge-agent-scaleout-"))
     bodies = payloads(args.messages)
     runs: dict[int, list[Run]] = {}
-    for round_no in range(args.rounds):
-        for count in counts:
-            run = one_run(work / f"r{round_no}-k{count}", count, bodies, env, say)
-            runs.setdefault(count, []).append(run)
-            say(f"  {count} agent(s): {run.msgs_per_s:,.0f} msgs/s in {run.seconds:.1f} s; CPU s {run.cpu_s}; "
-                f"shares {run.share}; duplicates {run.duplicates}, missing {run.missing}")
+    try:
+        for round_no in range(args.rounds):
+            for count in counts:
+                run = one_run(work / f"r{round_no}-k{count}", count, bodies, env, say)
+                runs.setdefault(count, []).append(run)
+                say(f"  {count} agent(s): {run.msgs_per_s:,.0f} msgs/s in {run.seconds:.1f} s; "
+                    f"CPU s {run.cpu_s}; shares {run.share}; duplicates {run.duplicates}, missing {run.missing}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
     base = statistics.median(r.msgs_per_s for r in runs[1]) if 1 in runs else None
     figures: dict[str, Any] = {"messages": args.messages, "rounds": args.rounds, "env": env,

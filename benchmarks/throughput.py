@@ -361,6 +361,7 @@ def main() -> int:
         if agent is not None:
             agent.cleanup()
         broker.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the broker's queue and the timings: hundreds of MB
 
     figures = {
         "bare_paho_msgs_per_s": round(bare_rate, 1),

@@ -316,8 +316,6 @@ class Agent:
             self.proc.wait(10)
         if self.proc is not None:
             self._log_fh.close()
-        if self.proc is not None:
-            self._log_fh.close()
 
 
 class DevCloud:
