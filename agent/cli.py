@@ -197,6 +197,7 @@ def _explain(args: argparse.Namespace, settings: Settings) -> int:
         out = {"target": decision.target, "reason": decision.reason, "t_local_s": decision.t_local_s,
                "t_cloud_s": decision.t_cloud_s, "terms": dict(decision.terms),
                "hedge_after_s": decision.hedge_after_s if math.isfinite(decision.hedge_after_s) else None,
+               "upload_by_s": decision.upload_by_s if math.isfinite(decision.upload_by_s) else None,
                "prewarm": decision.prewarm, "estimates": snapshot}
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -14,6 +14,7 @@ is published, whose ``placement`` says where it ran and whose decision says ``"h
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections import deque
@@ -128,6 +129,7 @@ class Dispatcher:
         self.hedges_won = 0  # … of which the gateway copy finished first
         self._hedged: dict[int, Admitted] = {}  # row id → gateway copy of a cloud task still in flight
         self._hedge_timers: dict[int, asyncio.TimerHandle] = {}
+        self._upload_timers: dict[int, asyncio.TimerHandle] = {}  # … at the upload's deadline, until it ends
         self._settled: set[int] = set()  # rows whose result is committed while a losing gateway copy still runs
         self._fallbacks_unlogged = 0
         self._fallback_logged_at = -FALLBACK_LOG_EVERY_S
@@ -330,12 +332,20 @@ class Dispatcher:
         ref = item.ref
         assert self.cloud is not None and self._loop is not None
         started = time.time()
-        hedge_after = item.decision.hedge_after_s if item.decision is not None else math.inf
+        decision, loop, now = item.decision, self._loop, self._clock()
+        hedge_after = decision.hedge_after_s if decision is not None else math.inf
         if math.isfinite(hedge_after):
-            delay = max(0.0, item.decided_at + hedge_after - self._clock())
-            self._hedge_timers[ref.id] = self._loop.call_later(delay, self._hedge, item, payload)
+            self._hedge_timers[ref.id] = loop.call_later(max(0.0, item.decided_at + hedge_after - now),
+                                                         self._hedge, item, payload)
+        upload_by = decision.upload_by_s if decision is not None else math.inf
+        on_uploaded: Callable[[], None] | None = None
+        # Only where each upload's end is seen: inferred from the answer, every upload would look overdue.
+        if math.isfinite(upload_by) and self.cloud.sees_uploads:
+            self._upload_timers[ref.id] = loop.call_later(max(0.0, item.decided_at + upload_by - now),
+                                                          self._hedge, item, payload)
+            on_uploaded = functools.partial(self._uploaded, ref.id)
         try:
-            answer = await self.cloud.submit(ref.task_id, ref.kind, payload, ref.options)
+            answer = await self.cloud.submit(ref.task_id, ref.kind, payload, ref.options, on_uploaded)
         except CloudError as exc:
             self._count_cloud(_outcome(exc))
             if ref.id in self._hedged:
@@ -346,20 +356,29 @@ class Dispatcher:
             self._count_cloud("ok")
             self._complete(item, answer.result, answer.exec_s, started, placement="cloud")
         finally:
-            timer = self._hedge_timers.pop(ref.id, None)
-            if timer is not None:
-                timer.cancel()
+            self._cancel_hedge_timers(ref.id)
             self._cloud_running.pop(ref.id, None)
             lease = self.cloud.lease_status()
             if lease.ready or not lease.provisioning:
                 self.policy.observe_lease(lease.ready, slots=lease.slots or None)
             self._schedule()
 
+    def _uploaded(self, row_id: int) -> None:
+        timer = self._upload_timers.pop(row_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _cancel_hedge_timers(self, row_id: int) -> None:
+        for timers in (self._hedge_timers, self._upload_timers):
+            timer = timers.pop(row_id, None)
+            if timer is not None:
+                timer.cancel()
+
     def _hedge(self, item: Admitted, payload: bytes) -> None:
-        """The cloud task is overdue: queue a gateway copy too, behind the tasks queued there already (as the
-        policy counts it, and as the replay simulates it)."""
+        """The cloud task, or its upload, is overdue: queue a gateway copy too, behind the tasks queued there
+        already (as the policy counts it, and as the replay simulates it)."""
         ref = item.ref
-        self._hedge_timers.pop(ref.id, None)
+        self._cancel_hedge_timers(ref.id)  # one copy at most, whichever deadline came first
         if self.closing or ref.id not in self._cloud_running or ref.id in self._hedged:
             return
         self.policy.task_started("local", item.task, self._clock())

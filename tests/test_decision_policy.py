@@ -436,16 +436,33 @@ def test_a_cloud_task_the_model_chose_is_hedged_once_well_past_its_prediction() 
                                                 model.HEDGE_LOCAL_RATIO * d.t_local_s))
 
 
+def test_the_upload_has_a_deadline_of_its_own_before_the_tasks() -> None:
+    from agent.decision import model
+
+    policy = fast_cloud_policy()
+    policy.task_started("cloud", Task(NOISE, 200_000), 5.0)  # an upload ahead of it: Q_up
+    d = policy.decide(Task(NOISE, 160_000), 5.0)
+    assert d.target == "cloud" and d.reason == "model"
+    t = d.terms
+    # Lease wait, cloud queue, a round trip, twice the predicted uplink time (queue included), a small slack…
+    assert d.upload_by_s == pytest.approx(t["provisioning_s"] + t["cloud_wait_s"] + t["rtt_s"]
+                                          + model.UPLOAD_HEDGE_SLACK_S
+                                          + model.UPLOAD_HEDGE_RATIO * (t["uplink_queue_s"] + t["upload_s"]))
+    assert t["uplink_queue_s"] > 0
+    # …which comes before the whole task's deadline: the cloud's own time is not waited for when the upload stalls.
+    assert d.upload_by_s < d.hedge_after_s
+
+
 def test_only_the_models_cloud_tasks_are_hedged() -> None:
     policy = fast_cloud_policy()
     task = Task(NOISE, 160_000)
-    assert math.isinf(policy.decide(task, 5.0, placement="local").hedge_after_s)
+    for d in (policy.decide(task, 5.0, placement="local"), policy.decide(task, 5.0, circuit_open=True)):
+        assert math.isinf(d.hedge_after_s) and math.isinf(d.upload_by_s)
     # The operator placed the route in the cloud: it stays there, however slow.
     forced = policy.decide(task, 5.0, placement="cloud")
-    assert forced.target == "cloud" and math.isinf(forced.hedge_after_s)
-    assert math.isinf(policy.decide(task, 5.0, circuit_open=True).hedge_after_s)
+    assert forced.target == "cloud" and math.isinf(forced.hedge_after_s) and math.isinf(forced.upload_by_s)
     local = Policy(quiet()).decide(task, 0.0)  # priors only: the gateway wins
-    assert local.target == "local" and math.isinf(local.hedge_after_s)
+    assert local.target == "local" and math.isinf(local.hedge_after_s) and math.isinf(local.upload_by_s)
 
 
 def test_a_probe_is_hedged_too() -> None:

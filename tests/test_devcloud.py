@@ -443,18 +443,29 @@ BIG = np.resize(np.frombuffer(CLIP, dtype="<i2"), 2_000_000).tobytes()
 CAP = 2_000_000
 
 
-def _capped_submit(devcloud: DevCloud) -> tuple[TimedPolicy, CloudResult, float]:
+class Hooked:
+    """What ``submit``'s ``on_uploaded`` hook saw: when it was called, and whether the client sees uploads end."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+        self.sees_uploads = False
+
+
+def _capped_submit(devcloud: DevCloud, hooked: Hooked | None = None) -> tuple[TimedPolicy, CloudResult, float]:
     policy = TimedPolicy()
+    hook = hooked if hooked is not None else Hooked()
 
     async def main() -> tuple[CloudResult, float]:
         client = CloudClient(devcloud.settings(read_timeout_s=30.0), policy)
+        hook.sees_uploads = client.sees_uploads
         try:
             await client.submit("warm", "noise.spectrum", CLIP[:3200])
             policy.uploads.clear()
             policy.results.clear()
             devcloud.knobs(bandwidth_bytes_per_s=CAP)
             policy.task_started("cloud", Task("noise.spectrum", len(BIG)), time.monotonic())
-            result = await client.submit("big", "noise.spectrum", BIG)
+            result = await client.submit("big", "noise.spectrum", BIG,
+                                         on_uploaded=lambda: hook.calls.append(time.monotonic()))
             return result, time.monotonic()
         finally:
             await client.aclose()
@@ -464,7 +475,8 @@ def _capped_submit(devcloud: DevCloud) -> tuple[TimedPolicy, CloudResult, float]
 
 
 def test_an_upload_is_reported_when_it_ends_not_when_the_answer_comes(devcloud: DevCloud) -> None:
-    policy, result, answered = _capped_submit(devcloud)
+    hooked = Hooked()
+    policy, result, answered = _capped_submit(devcloud, hooked)
     expected = len(BIG) / CAP
     [(n_bytes, seconds, reported_at, queued_after)] = policy.uploads
     [(exec_s, result_at)] = policy.results
@@ -474,6 +486,10 @@ def test_an_upload_is_reported_when_it_ends_not_when_the_answer_comes(devcloud: 
     assert exec_s > 0.02
     assert reported_at < result_at <= answered
     assert queued_after == 0
+    # The caller's hook (the dispatcher's upload deadline) heard of it at the same moment, once.
+    assert hooked.sees_uploads
+    [hook_at] = hooked.calls
+    assert reported_at <= hook_at < result_at
     # The bytes over the cap, give or take what the server's buffers took in ahead of the cap (~100 kB here).
     assert 0.75 * expected < seconds < 1.6 * expected, (seconds, expected)
     print(f"upload {seconds:.3f} s for {expected:.3f} s expected, reported {result_at - reported_at:.3f} s "
@@ -483,12 +499,17 @@ def test_an_upload_is_reported_when_it_ends_not_when_the_answer_comes(devcloud: 
 def test_without_the_kernel_queue_the_upload_is_reported_with_the_answer(devcloud: DevCloud,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent.cloud._uplink, "_TIOCOUTQ", None)  # as on a system without SIOCOUTQ
-    policy, result, answered = _capped_submit(devcloud)
+    hooked = Hooked()
+    policy, result, answered = _capped_submit(devcloud, hooked)
     expected = len(BIG) / CAP
     [(_, seconds, reported_at, _)] = policy.uploads
     [(exec_s, result_at)] = policy.results
     assert not result.upload_seen and result.upload_s == seconds
     assert result_at <= reported_at <= answered  # with the answer
+    # The dispatcher then keeps to the task's own hedge deadline: every upload would look overdue.
+    assert not hooked.sees_uploads
+    [hook_at] = hooked.calls
+    assert reported_at <= hook_at <= answered
     # Estimated from the answer: the request time less exec_ms and the RTT.
     assert seconds == pytest.approx(result.request_s - exec_s, abs=0.05)
     assert 0.75 * expected < seconds < 1.6 * expected, (seconds, expected)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,7 +18,7 @@ from agent.cloud import CloudClient
 from agent.cloud._client import CloudResult, LeaseSnapshot
 from agent.config import DecisionSettings
 from agent.decision import Policy
-from agent.decision.model import HEDGE_SLACK_S
+from agent.decision.model import HEDGE_SLACK_S, UPLOAD_HEDGE_SLACK_S
 from agent.dispatch import Dispatcher
 from agent.egress import Publisher, Sent
 from agent.executor import LocalExecutor
@@ -39,6 +39,8 @@ class StalledCloud:
         self.answer = asyncio.Event()
         self.submitted: list[str] = []
         self.cancelled: list[str] = []
+        self.sees_uploads = False  # as where the kernel's send queue cannot be read
+        self.uploaded = asyncio.Event()  # with sees_uploads: the upload ends when this is set
 
     def circuit_open(self, now: float) -> bool:
         return False
@@ -50,9 +52,14 @@ class StalledCloud:
         return LeaseSnapshot(ready=True, slots=4, provisioning=False)
 
     async def submit(self, task_id: str, kind: str, payload: bytes,
-                     options: Mapping[str, Any] | None = None) -> CloudResult:
+                     options: Mapping[str, Any] | None = None,
+                     on_uploaded: Callable[[], None] | None = None) -> CloudResult:
         self.submitted.append(task_id)
         try:
+            if self.sees_uploads:
+                await self.uploaded.wait()
+                if on_uploaded is not None:
+                    on_uploaded()
             await self.answer.wait()
         except asyncio.CancelledError:
             self.cancelled.append(task_id)
@@ -207,3 +214,35 @@ def test_a_cloud_task_answered_in_time_is_not_hedged(tmp_path: Path) -> None:
     assert "hedged" not in rig.published[0]["decision"]
     assert rig.dispatcher.hedges == 0 and rig.pool.started == 0
     rig.store.stop()
+
+
+async def upload_watched(tmp_path: Path, upload_ends: bool) -> tuple[Rig, float]:
+    """A cloud client that sees uploads end: the gateway copy starts at the upload's deadline when the upload
+    has not ended, at the task's when it has."""
+    rig = Rig(tmp_path, asyncio.get_running_loop())
+    rig.cloud.sees_uploads = True
+    if upload_ends:
+        rig.cloud.uploaded.set()
+    rig.store.ingest([new_task("t-1", NOISE)], [])
+    await rig.until(lambda: rig.cloud.submitted == ["t-1"])
+    started = asyncio.get_running_loop().time()
+    await rig.until(lambda: rig.pool.started == 1)  # the gateway copy is in the pool (gated)
+    waited = asyncio.get_running_loop().time() - started
+    rig.pool.gate.set()
+    await rig.until(lambda: len(rig.published) == 1)
+    await asyncio.sleep(0.3)
+    rig.bookkeeping_settled()
+    rig.store.stop()
+    return rig, waited
+
+
+def test_a_stalled_upload_is_hedged_at_its_own_deadline_before_the_tasks(tmp_path: Path) -> None:
+    stalled_rig, stalled = asyncio.run(upload_watched(tmp_path / "stalled", upload_ends=False))
+    sent_rig, sent = asyncio.run(upload_watched(tmp_path / "sent", upload_ends=True))
+    # At 1000 Mbit/s the upload's deadline is about a round trip and the slack; the task's is past its
+    # predicted total plus HEDGE_SLACK_S, and past what the gateway needs (0.3 s here).
+    assert UPLOAD_HEDGE_SLACK_S <= stalled < HEDGE_SLACK_S
+    assert sent > HEDGE_SLACK_S
+    for rig in (stalled_rig, sent_rig):
+        assert rig.dispatcher.hedges == rig.dispatcher.hedges_won == 1  # one gateway copy, not one per deadline
+        assert [m["placement"] for m in rig.published] == ["local"]

@@ -13,7 +13,13 @@ import pytest
 
 from agent.cli import main
 from agent.decision import CLOUD_TERMS, LOCAL_TERMS
-from agent.decision.model import HEDGE_LOCAL_RATIO, HEDGE_RATIO, HEDGE_SLACK_S
+from agent.decision.model import (
+    HEDGE_LOCAL_RATIO,
+    HEDGE_RATIO,
+    HEDGE_SLACK_S,
+    UPLOAD_HEDGE_RATIO,
+    UPLOAD_HEDGE_SLACK_S,
+)
 
 
 @pytest.fixture
@@ -55,7 +61,13 @@ def test_operator_figures_replace_the_priors(env_file: Path, capsys: pytest.Capt
     t_cloud, t_local, hedge = out["t_cloud_s"], out["t_local_s"], out["hedge_after_s"]
     assert isinstance(t_cloud, float) and isinstance(t_local, float) and isinstance(hedge, float)
     assert hedge == pytest.approx(max(t_cloud + HEDGE_SLACK_S, HEDGE_RATIO * t_cloud, HEDGE_LOCAL_RATIO * t_local))
-    assert explain_json(env_file, capsys, "--kind", "noise.spectrum", "--bytes", "160000")["hedge_after_s"] is None
+    # The upload's own deadline: lease and cloud queue waits, a round trip, twice the uplink time, a slack.
+    assert out["upload_by_s"] == pytest.approx(
+        terms["provisioning_s"] + terms["cloud_wait_s"] + terms["rtt_s"] + UPLOAD_HEDGE_SLACK_S
+        + UPLOAD_HEDGE_RATIO * (terms["uplink_queue_s"] + terms["upload_s"]))
+    assert out["upload_by_s"] < hedge
+    local = explain_json(env_file, capsys, "--kind", "noise.spectrum", "--bytes", "160000")
+    assert local["hedge_after_s"] is None and local["upload_by_s"] is None
 
 
 def test_settings_from_the_env_file_are_the_priors(env_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

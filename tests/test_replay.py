@@ -194,6 +194,8 @@ def test_hedging_bounds_the_tasks_an_outage_catches_in_the_uplink(tmp_path: Path
 
     trace = outage_trace(tmp_path)
     hedged = run_replay(trace, seed=1, workload=SHORT, policies=("agent", "always_local"))
+    monkeypatch.setattr(model, "UPLOAD_HEDGE_SLACK_S", math.inf)
+    task_deadline_only = run_replay(trace, seed=1, workload=SHORT, policies=("agent", "always_local"))
     monkeypatch.setattr(model, "HEDGE_SLACK_S", math.inf)  # never overdue: hedging off
     waiting = run_replay(trace, seed=1, workload=SHORT, policies=("agent", "always_local"))
     # Without hedging, the clips in flight when the outage began wait for it to end.
@@ -204,6 +206,9 @@ def test_hedging_bounds_the_tasks_an_outage_catches_in_the_uplink(tmp_path: Path
     assert hedged.stats["agent"].mean_s < hedged.stats["always_local"].mean_s
     # The baselines do not hedge.
     assert hedged.stats["always_local"] == waiting.stats["always_local"]
+    # A stalled upload is noticed at its own deadline, before the task's whole cloud total has run out.
+    assert hedged.stats["agent"].mean_s < task_deadline_only.stats["agent"].mean_s
+    assert max(hedged.outcomes["agent"].completion_s) < max(task_deadline_only.outcomes["agent"].completion_s) - 0.5
 
 
 # --- command line -------------------------------------------------------------------------------------------

@@ -101,10 +101,11 @@ class _Answer:
 class _Submission:
     """One task's submission across its attempts: its upload is reported once, by the first that measures it."""
 
-    __slots__ = ("n_bytes", "reported", "seen", "upload_s")
+    __slots__ = ("n_bytes", "on_uploaded", "reported", "seen", "upload_s")
 
-    def __init__(self, n_bytes: int) -> None:
+    def __init__(self, n_bytes: int, on_uploaded: Callable[[], None] | None = None) -> None:
         self.n_bytes = n_bytes
+        self.on_uploaded = on_uploaded
         self.reported = False
         self.seen = False  # measured at the upload's end, not estimated from the answer
         self.upload_s = 0.0
@@ -261,11 +262,19 @@ class CloudClient:
         self._leases.append(lease)
         lease.task = asyncio.create_task(self._acquire(lease), name="cloud-lease-prewarm")
 
+    @property
+    def sees_uploads(self) -> bool:
+        """True when each upload's end is seen on the socket (Linux), not only inferred from the answer."""
+        return self._watch is not None
+
     async def submit(self, task_id: str, kind: str, payload: bytes,
-                     options: Mapping[str, Any] | None = None) -> CloudResult:
+                     options: Mapping[str, Any] | None = None,
+                     on_uploaded: Callable[[], None] | None = None) -> CloudResult:
         """Run one task in the cloud; raises :class:`CloudError` when it did not (the caller runs it locally).
 
         ``options`` (the route's task options) travel as JSON in ``X-Task-Options`` when not empty.
+        ``on_uploaded`` is called once, when the upload is reported (below): at its end where
+        :attr:`sees_uploads`, otherwise with the answer.
 
         What is measured and reported to the observer, honestly:
 
@@ -296,7 +305,7 @@ class CloudClient:
             raise CircuitOpen(self._breaker.retry_in(now))
         self._start_maintenance()
         try:
-            result = await self._submit(task_id, kind, payload, options)
+            result = await self._submit(task_id, kind, payload, options, on_uploaded)
         except CloudError as exc:
             self._failed(exc)
             raise
@@ -333,11 +342,11 @@ class CloudClient:
     # ------------------------------------------------------------------ submission
 
     async def _submit(self, task_id: str, kind: str, payload: bytes,
-                      options: Mapping[str, Any] | None) -> CloudResult:
+                      options: Mapping[str, Any] | None, on_uploaded: Callable[[], None] | None) -> CloudResult:
         headers = {"X-Task-Kind": kind, "Idempotency-Key": task_id, "Content-Type": "application/octet-stream"}
         if options:
             headers["X-Task-Options"] = orjson.dumps(dict(options)).decode()
-        submission = _Submission(len(payload))
+        submission = _Submission(len(payload), on_uploaded)
         for replacing in (False, True):
             lease = await self._reserve()
             try:
@@ -401,6 +410,11 @@ class CloudClient:
         submission.reported = True
         submission.upload_s = max(MIN_TRANSFER_S, seconds)
         self._observe("observe_transfer", "up", submission.n_bytes, submission.upload_s, now)
+        if submission.on_uploaded is not None:
+            try:
+                submission.on_uploaded()
+            except Exception:  # the submission goes on whatever the caller's hook does
+                log.exception("cloud_upload_hook_failed")
 
     # ------------------------------------------------------------------ HTTP with retries
 

@@ -106,4 +106,7 @@ def render(scenario: Scenario, decision: Decision, snapshot: dict[str, Any], set
     if math.isfinite(decision.hedge_after_s):
         lines.append(f"If the cloud's answer has not come {decision.hedge_after_s:.3f} s after the decision, the task "
                      "also runs on the gateway; the first result counts and the other copy is cancelled.")
+    if decision.upload_by_s < decision.hedge_after_s:
+        lines.append(f"So does it if its upload has not ended {decision.upload_by_s:.3f} s after the decision "
+                     "(an upload that late has met a fade or an outage).")
     return "\n".join(lines)

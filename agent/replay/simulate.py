@@ -151,15 +151,16 @@ def _oracle(world: World, i: int, now: float) -> Target:
 
 
 # Observation events for the agent, in time order: (time, sequence, what, task index, CloudPlan or None).
-_LOCAL_DONE, _LEASE_READY, _UPLOADED, _CLOUD_DONE, _HEDGE, _CANCEL_CLOUD, _DROP_LOCAL = range(7)
+_LOCAL_DONE, _LEASE_READY, _UPLOADED, _CLOUD_DONE, _HEDGE, _CANCEL_CLOUD, _DROP_LOCAL, _HEDGE_UPLOAD = range(8)
 
 
 def _agent(settings: DecisionSettings, workload: Workload, arrivals: Arrivals, uplink: Trace,
            downlink: Trace) -> Outcome:
     """The agent's run, hedging included (``Decision.hedge_after_s``), as the dispatcher does it.
 
-    A cloud task whose result has not come by its hedge time gets a local copy, queued at that moment like any
-    local task (it occupies a worker, or the event loop for a light kind). The first result counts:
+    A cloud task whose result has not come by its hedge time, or whose upload has not ended by the upload's
+    deadline (``Decision.upload_by_s``, as the daemon sees uploads end), gets a local copy, queued at that
+    moment like any local task (it occupies a worker, or the event loop for a light kind). The first result counts:
 
     - the local copy finishes first: the cloud request is cancelled then. Its upload keeps the uplink until
       it would have ended all the same: the bytes already handed to the socket's send buffer and the modem's
@@ -180,6 +181,7 @@ def _agent(settings: DecisionSettings, workload: Workload, arrivals: Arrivals, u
     completion: list[float] = []
     cloud: list[bool] = []
     cancelled: dict[int, float] = {}  # hedged cloud copies the local copy beat: task index → cancellation time
+    hedged: set[int] = set()  # tasks given a gateway copy
 
     def push(t: float, what: int, j: int, plan: CloudPlan | None) -> None:
         nonlocal seq
@@ -221,9 +223,12 @@ def _agent(settings: DecisionSettings, workload: Workload, arrivals: Arrivals, u
                 policy.observe_transfer("down", a.out_bytes[j], plan.down_end - plan.exec_end - a.rtt_s[j] / 2, t)
                 policy.observe_output(a.kind[j], a.out_bytes[j], t)
                 policy.task_finished("cloud", tasks[j], t)
-            elif what == _HEDGE:
+            elif what in (_HEDGE, _HEDGE_UPLOAD):
                 assert plan is not None
-                hedge(j, t, plan)
+                # At the task's deadline, or at its upload's if the upload is still running: whichever comes first.
+                if j not in hedged and (what == _HEDGE or t < plan.up_end):
+                    hedged.add(j)
+                    hedge(j, t, plan)
             elif what == _CANCEL_CLOUD:
                 policy.cloud_cancelled(tasks[j], t)
             else:  # _DROP_LOCAL
@@ -246,6 +251,8 @@ def _agent(settings: DecisionSettings, workload: Workload, arrivals: Arrivals, u
             push(plan.done, _CLOUD_DONE, i, plan)
             if now + decision.hedge_after_s < plan.done:
                 push(now + decision.hedge_after_s, _HEDGE, i, plan)
+            if now + decision.upload_by_s < plan.up_end:
+                push(now + decision.upload_by_s, _HEDGE_UPLOAD, i, plan)
             completion.append(plan.done - now)
             cloud.append(True)
         else:
