@@ -67,8 +67,8 @@ HEDGE_LOCAL_RATIO = 1.0
 # fade or an outage; waiting for the whole cloud total to run out as well only delays the rescue. This matters
 # on fast links: a 100 kB clip takes 2 ms at 400 Mbit/s, and an outage showed only once the cloud total and
 # its 0.3 s slack had passed. On synthetic 5G-like traces it took the agent from 1.093 to 1.061 × the oracle
-# on average (worst 1.146 → 1.086), on Mahimahi traces scaled ×50 by up to 0.06; on the shared traces the
-# mean stayed the same (1.0278 → 1.0276). Ratios 1.5-2 and slacks 0.02-0.1 s did about the same; 0.2 s gave
+# on average (worst 1.146 → 1.095), on Mahimahi traces scaled ×50 by up to 0.06; on the shared traces the
+# mean stayed the same (1.0278 → 1.0277). Ratios 1.5-2 and slacks 0.02-0.1 s did about the same; 0.2 s gave
 # back a third of the gain.
 UPLOAD_HEDGE_RATIO = 2.0
 UPLOAD_HEDGE_SLACK_S = 0.05

@@ -159,8 +159,9 @@ def _agent(settings: DecisionSettings, workload: Workload, arrivals: Arrivals, u
     """The agent's run, hedging included (``Decision.hedge_after_s``), as the dispatcher does it.
 
     A cloud task whose result has not come by its hedge time, or whose upload has not ended by the upload's
-    deadline (``Decision.upload_by_s``, as the daemon sees uploads end), gets a local copy, queued at that
-    moment like any local task (it occupies a worker, or the event loop for a light kind). The first result counts:
+    deadline (``Decision.upload_by_s``; the daemon sees an upload end when its last byte is acknowledged, a
+    round trip after it left), gets a local copy, queued at that moment like any local task (it occupies a
+    worker, or the event loop for a light kind). The first result counts:
 
     - the local copy finishes first: the cloud request is cancelled then. Its upload keeps the uplink until
       it would have ended all the same: the bytes already handed to the socket's send buffer and the modem's
@@ -226,7 +227,7 @@ def _agent(settings: DecisionSettings, workload: Workload, arrivals: Arrivals, u
             elif what in (_HEDGE, _HEDGE_UPLOAD):
                 assert plan is not None
                 # At the task's deadline, or at its upload's if the upload is still running: whichever comes first.
-                if j not in hedged and (what == _HEDGE or t < plan.up_end):
+                if j not in hedged and (what == _HEDGE or t < plan.up_end + a.rtt_s[j]):
                     hedged.add(j)
                     hedge(j, t, plan)
             elif what == _CANCEL_CLOUD:
@@ -251,7 +252,7 @@ def _agent(settings: DecisionSettings, workload: Workload, arrivals: Arrivals, u
             push(plan.done, _CLOUD_DONE, i, plan)
             if now + decision.hedge_after_s < plan.done:
                 push(now + decision.hedge_after_s, _HEDGE, i, plan)
-            if now + decision.upload_by_s < plan.up_end:
+            if now + decision.upload_by_s < plan.up_end + a.rtt_s[i]:
                 push(now + decision.upload_by_s, _HEDGE_UPLOAD, i, plan)
             completion.append(plan.done - now)
             cloud.append(True)
