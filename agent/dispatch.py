@@ -343,7 +343,7 @@ class Dispatcher:
         if math.isfinite(upload_by) and self.cloud.sees_uploads:
             self._upload_timers[ref.id] = loop.call_later(max(0.0, item.decided_at + upload_by - now),
                                                           self._hedge, item, payload)
-            on_uploaded = functools.partial(self._uploaded, ref.id)
+            on_uploaded = functools.partial(_cancel_timer, self._upload_timers, ref.id)
         try:
             answer = await self.cloud.submit(ref.task_id, ref.kind, payload, ref.options, on_uploaded)
         except CloudError as exc:
@@ -363,16 +363,9 @@ class Dispatcher:
                 self.policy.observe_lease(lease.ready, slots=lease.slots or None)
             self._schedule()
 
-    def _uploaded(self, row_id: int) -> None:
-        timer = self._upload_timers.pop(row_id, None)
-        if timer is not None:
-            timer.cancel()
-
     def _cancel_hedge_timers(self, row_id: int) -> None:
-        for timers in (self._hedge_timers, self._upload_timers):
-            timer = timers.pop(row_id, None)
-            if timer is not None:
-                timer.cancel()
+        _cancel_timer(self._hedge_timers, row_id)
+        _cancel_timer(self._upload_timers, row_id)
 
     def _hedge(self, item: Admitted, payload: bytes) -> None:
         """The cloud task, or its upload, is overdue: queue a gateway copy too, behind the tasks queued there
@@ -535,6 +528,12 @@ class Dispatcher:
         if self._done or self._direct:
             self._flush_done()  # the results of the last turn reach the store before its final barrier
         return not pending
+
+
+def _cancel_timer(timers: dict[int, asyncio.TimerHandle], row_id: int) -> None:
+    timer = timers.pop(row_id, None)
+    if timer is not None:
+        timer.cancel()
 
 
 def _outcome(exc: CloudError) -> str:
