@@ -546,6 +546,8 @@ class MqttLink:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self._settings.session_expiry_s
             properties.ReceiveMaximum = self._settings.receive_maximum
+        # Set before connecting: the event loop may read the CONNACK (and clear this) before connect() returns.
+        self._awaiting_connack = True
         try:
             self._client.connect(
                 self._settings.host,
@@ -555,13 +557,13 @@ class MqttLink:
                 properties=properties,
             )
         except (OSError, ssl.SSLError, ValueError) as exc:
+            self._awaiting_connack = False
             message = explain_connect_error(exc, self._settings)
             if message != self._last_refusal:
                 log.warning("mqtt_connect_failed", host=self._settings.host, port=self._settings.port,
                             error=message)
                 self._last_refusal = message
             return False
-        self._awaiting_connack = True
         return True
 
     def _refused_before_connack(self) -> None:
