@@ -36,6 +36,9 @@ Reloader = Callable[[], Settings]
 
 
 STUCK_AFTER_S = 10.0
+# Leaving the group ends once nothing has arrived for this long after the broker confirmed the UNSUBSCRIBE:
+# Mosquitto pushes a session's queue as fast as we acknowledge (in milliseconds), so silence means it is empty.
+LEAVE_QUIET_S = 2.0
 
 
 def health(loop_age_s: float, network_alive: bool, store_healthy: bool) -> tuple[bool, str]:
@@ -64,6 +67,9 @@ class Daemon:
                            commit_interval_s=settings.store.commit_interval_ms / 1000)
         self.notifier = Notifier()
         self.stopping = asyncio.Event()
+        self.leaving = False  # SIGUSR1: leaving the shared group (``_leave``)
+        self._end_session = False  # set once the leave is complete: the stop then discards the session
+        self._leave_task: asyncio.Future[None] | None = None
         self.loop_tick = time.monotonic()
 
     def request_stop(self, reason: str) -> None:
@@ -158,6 +164,7 @@ class Daemon:
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, name)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
+        loop.add_signal_handler(signal.SIGUSR1, self.request_leave)
 
         if self.metrics is not None:
             self.metrics.start()
@@ -219,6 +226,8 @@ class Daemon:
     def _ready(self) -> tuple[bool, str]:
         if self.stopping.is_set():
             return False, "stopping"
+        if self.leaving:
+            return False, "leaving the group"
         if not self.link.connected.is_set():
             return False, "not connected to the broker"
         if self.ingress.paused:
@@ -228,6 +237,8 @@ class Daemon:
     def _status_line(self) -> str:
         c = self.ingress.counters
         state = "connected" if self.link.connected.is_set() else "reconnecting"
+        if self.leaving:
+            state = "leaving the group, " + state
         return (f"{state}; {c.received} received, {self.dispatcher.completed} done, "
                 f"{c.dead_lettered + self.dispatcher.dead_lettered} dead-lettered, "
                 f"{self.dispatcher.backlog} queued, {self.store.outstanding_rows} in store"
@@ -242,8 +253,39 @@ class Daemon:
                  running=self.dispatcher.running, results_unconfirmed=self.publisher.inflight,
                  intake_paused=self.ingress.paused, threads=threading.active_count())
 
+    def request_leave(self) -> None:
+        """SIGUSR1: retire this member losslessly (README "Running a fleet", retiring a member)."""
+        if self.leaving or self.stopping.is_set():
+            return
+        self.leaving = True
+        log.info("leaving_group", group=self.settings.mqtt.shared_group, client_id=self.settings.client_id)
+        self.notifier.status(self._status_line())
+        self.link.leave()
+        self._leave_task = asyncio.ensure_future(self._leave())
+
+    async def _leave(self) -> None:
+        """Unsubscribed: take in what the session still holds, finish every task, have every result and dead
+        letter acknowledged, then stop and end the session, so that nothing is left with this member."""
+        received, quiet_since = -1, 0.0
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if (self.ingress.counters.received != received or not self.link.left.is_set()
+                    or not self.link.connected.is_set() or self.ingress.paused):
+                received, quiet_since = self.ingress.counters.received, now  # the session may still hold more
+            elif (now - quiet_since >= LEAVE_QUIET_S and self.dispatcher.backlog == 0
+                    and self.dispatcher.running == 0 and self.publisher.idle() and self.store.outstanding_rows == 0):
+                log.info("left_group_drained", received=received, completed=self.dispatcher.completed)
+                self._end_session = True
+                self.request_stop("left the group")
+                return
+            await asyncio.sleep(0.1)
+        # A SIGTERM during the leave: an ordinary stop; the session keeps what it holds, and no new messages.
+
     async def _reload(self) -> None:
         """SIGHUP: apply new routes without a restart; other changes are named and wait for one."""
+        if self.leaving:
+            log.warning("reload_ignored", reason="leaving the group: routes are no longer subscribed")
+            return
         self.notifier.reloading()
         try:
             if self._reload_settings is None:
@@ -296,6 +338,13 @@ class Daemon:
         if unconfirmed:  # to the outbox: the next start publishes these results again rather than new ones
             self.store.complete(unconfirmed)
         await self.link.stop(timeout_s=max(0.5, deadline - time.monotonic()))
+        if self._end_session:
+            ended = await self.link.end_session(timeout_s=max(2.0, deadline - time.monotonic()))
+            if ended:
+                log.info("left_group", session="ended")
+            else:  # nothing is lost: the session holds nothing and no subscription; it expires on its own
+                log.warning("left_group", session="not ended: the broker could not be reached",
+                            detail="it holds no subscription and expires after EDGE_AGENT_MQTT__SESSION_EXPIRY_S")
         self.executor.shutdown()
         self.store.stop()
         if self.metrics is not None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import resource_tracker
 from typing import Any
 
 from agent.config import Settings
@@ -31,6 +32,9 @@ PR_SET_PDEATHSIG = 1
 def _worker_init(parent_pid: int, settings: Settings | None) -> None:
     # Ctrl-C reaches the whole process group; only the daemon decides how to stop, so workers ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGUSR1 asks the daemon to leave its group; `systemctl kill -s USR1` sends it to every process of the unit,
+    # and its default action would end a worker.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     # If the agent is SIGKILLed outside systemd (no cgroup to clean up), its workers must not live on.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -38,6 +42,17 @@ def _worker_init(parent_pid: int, settings: Settings | None) -> None:
         os._exit(0)  # the agent died before the line above took effect
     if settings is not None:
         configure_logging(settings)
+
+
+def _start_resource_tracker() -> None:
+    # multiprocessing's resource tracker (a process the pool's locks register with) would die of a SIGUSR1 sent
+    # to the whole unit, and its successor warns of leaks. It inherits our signal mask when it starts, and it
+    # unblocks only SIGINT and SIGTERM (which it ignores): started while SIGUSR1 is blocked, it never gets one.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _warm() -> int:
@@ -59,6 +74,7 @@ class LocalExecutor:
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
+        _start_resource_tracker()
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context, initializer=_worker_init,
                                    initargs=(os.getpid(), self._settings))
 

@@ -338,6 +338,14 @@ class _Client(paho.Client):
         return mids
 
 
+def _authenticate(client: paho.Client, settings: MqttSettings) -> None:
+    if settings.username:
+        password = settings.password.get_secret_value() if settings.password else None
+        client.username_pw_set(settings.username, password)
+    if settings.tls.enabled:
+        client.tls_set_context(tls_context(settings))
+
+
 class MqttLink:
     """Owns the paho client, driven by the event loop.
 
@@ -359,12 +367,18 @@ class MqttLink:
     ) -> None:
         self._settings = settings
         self._agent_id = agent_id
+        self._client_id = client_id
         self._filters = list(topic_filters)
         self._on_message_cb = on_message
         self._on_puback_cb = on_puback
         self._on_connected_cb = on_connected
         # Filters our persistent session may still hold from earlier routes; dropped at the next CONNACK.
         self._unsubscribe = list(unsubscribe)
+        # Leaving (``leave``): the filters to unsubscribe at every CONNACK until the broker confirms, and then
+        # ``left`` is set. None while a member.
+        self._leaving: list[str] | None = None
+        self._leave_mid: int | None = None
+        self.left = threading.Event()
         self._rng = random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -399,17 +413,14 @@ class MqttLink:
         # We bound the results awaiting PUBACK ourselves; paho's limit costs O(in-flight) per PUBACK (STYLE.md).
         client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
-        if settings.username:
-            password = settings.password.get_secret_value() if settings.password else None
-            client.username_pw_set(settings.username, password)
-        if settings.tls.enabled:
-            client.tls_set_context(tls_context(settings))
+        _authenticate(client, settings)
         client.will_set(status_topic(agent_id), b"offline", qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         client.inbound = self._inbound
         client.settled = self._on_puback_cb
         client.on_socket_open = self._on_socket_open
@@ -720,13 +731,68 @@ class MqttLink:
 
     def set_subscriptions(self, topic_filters: Sequence[tuple[str, int]], unsubscribe: Sequence[str]) -> None:
         """New routes (SIGHUP): subscribe now when connected, and after every later CONNACK."""
+        if self._leaving is not None:
+            return  # a member that is leaving never subscribes again
         self._filters = list(topic_filters)
         self._unsubscribe = list(unsubscribe)
         if self.connected.is_set():
             self._subscribe_all(session_present=True)
 
+    def leave(self) -> None:
+        """Unsubscribe every filter now (or at the next CONNACK) and never subscribe again; ``left`` is set once
+        the broker confirms. Messages the session already holds keep coming: Mosquitto delivers a session's
+        queue after an UNSUBSCRIBE, and the other members of a shared group get everything published after it."""
+        if self._leaving is not None:
+            return
+        self._leaving = [f for f, _ in self._filters] + self._unsubscribe
+        self._filters, self._unsubscribe = [], []
+        if not self._leaving:
+            self.left.set()  # subscribed to nothing
+        elif self.connected.is_set():
+            self._subscribe_all(session_present=True)
+
+    async def end_session(self, timeout_s: float) -> bool:
+        """After ``stop``: discard this client id's session at the broker, by connecting once with a clean
+        start (3.1.1: clean session) and no session expiry, then disconnecting. True once the broker accepted."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._clean_connect, timeout_s)
+
+    def _clean_connect(self, timeout_s: float) -> bool:
+        s = self._settings
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id,
+                             protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
+                             clean_session=None if self._v5 else True)
+        _authenticate(client, s)
+        accepted = threading.Event()
+        answered = threading.Event()
+
+        def on_connect(c: paho.Client, u: Any, f: Any, reason: ReasonCode, p: Properties | None) -> None:
+            if not reason.is_failure:
+                accepted.set()
+            answered.set()
+
+        client.on_connect = on_connect
+        try:
+            client.connect(s.host, s.port, keepalive=s.keepalive_s, clean_start=True if self._v5 else
+                           paho.MQTT_CLEAN_START_FIRST_ONLY)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.error("mqtt_end_session_failed", error=explain_connect_error(exc, s))
+            return False
+        client.loop_start()
+        try:
+            answered.wait(timeout_s)
+            if accepted.is_set():
+                client.disconnect()
+        finally:
+            client.loop_stop()
+        return accepted.is_set()
+
     def _subscribe_all(self, session_present: bool) -> None:
         group = self._settings.shared_group
+        if self._leaving and not self.left.is_set():
+            # Again after every reconnect until confirmed: an UNSUBSCRIBE lost with a connection never happened.
+            _, self._leave_mid = self._client.unsubscribe([subscription_filter(f, group) for f in self._leaving])
+            log.info("mqtt_unsubscribing", filters=[subscription_filter(f, group) for f in self._leaving])
         stale = [subscription_filter(f, group) for f in self._unsubscribe]
         if stale:
             self._client.unsubscribe(stale)
@@ -741,7 +807,8 @@ class MqttLink:
             else:
                 subscriptions.append((full, qos))
         # Always resubscribe: the broker may have lost the session (restart without persistence).
-        self._client.subscribe(subscriptions)
+        if subscriptions:
+            self._client.subscribe(subscriptions)
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
                       properties: Properties | None) -> None:
@@ -751,6 +818,16 @@ class MqttLink:
                 log.error("mqtt_subscribe_refused", reasons=failed)
         except Exception:
             log.exception("callback_failed", callback="on_subscribe")
+
+    def _on_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
+                        properties: Properties | None) -> None:
+        try:
+            if self._leave_mid is not None and mid == self._leave_mid:
+                # "No subscription existed" (MQTT 5) is as good: the broker holds no subscription of ours.
+                self.left.set()
+                log.info("mqtt_unsubscribed", reasons=sorted({str(code) for code in reason_codes}))
+        except Exception:
+            log.exception("callback_failed", callback="on_unsubscribe")
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Properties | None) -> None:

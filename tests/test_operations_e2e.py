@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -161,3 +162,29 @@ def test_sighup_reloads_routes_without_losing_messages(broker: Mosquitto, agents
     failed = next(e for e in agent.events() if e.get("event") == "reload_failed")
     assert failed["variable"] == "EDGE_AGENT_ROUTES"
     assert agent.terminate() == 0
+
+
+def test_sigusr1_to_every_process_retires_the_agent_cleanly(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    """`systemctl kill --signal=SIGUSR1` signals every process of the unit, not only the agent: its workers and
+    multiprocessing's resource tracker must live through it while the agent finishes what it holds and leaves."""
+    agent = agents(broker, routes=[TRAFFIC_ROUTE, {"topic": "city/+/noise/+/pcm", "task": "noise.spectrum"}],
+                   extra_env={"EDGE_AGENT_LOCAL__WORKERS": "2"})
+    collector = Collector(broker.port, "edge/+/results/#")
+    agent.start()  # the worker processes are up once it is connected
+    device = publisher(broker.port)
+    clips = [device.publish(f"city/aarhus/noise/mic{i}/pcm", os.urandom(64_000), qos=1) for i in range(20)]
+    for info in clips:
+        info.wait_for_publish(10)
+    assert agent.proc is not None
+    os.killpg(agent.proc.pid, signal.SIGUSR1)
+    assert agent.proc.wait(60) == 0, agent.log_tail()
+    wait_for(lambda: len(collector.json_under("edge/")) >= 20, 10, "a result for every clip")
+    assert sorted(m["topic"] for m in collector.json_under("edge/")) == sorted(
+        f"city/aarhus/noise/mic{i}/pcm" for i in range(20))
+    lines = agent.log_path.read_text().splitlines()
+    assert all(line.startswith("{") for line in lines), [line for line in lines if not line.startswith("{")]
+    events = agent.events()
+    assert not [e for e in events if e.get("level") in ("warning", "error")], agent.log_tail()
+    assert {"leaving_group", "left_group_drained", "left_group"} <= {e.get("event") for e in events}
+    device.loop_stop()
+    device.disconnect()

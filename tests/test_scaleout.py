@@ -11,13 +11,16 @@ broker discards it.)
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from support import Agent, Collector, Mosquitto, citypulse_rows, publisher, wait_for
 
@@ -152,3 +155,64 @@ def test_a_member_killed_mid_stream_loses_nothing(broker: Mosquitto, fleet) -> N
     assert len(repeated) <= 100, len(repeated)
     for agent in agents:
         assert agent.terminate() == 0
+
+
+def session_present(port: int, client_id: str) -> bool:
+    """Whether the broker still holds a session for ``client_id`` (connecting with MQTT 5, clean start off, and
+    leaving the session as it was: the same expiry as the agent's)."""
+    flags: dict[str, bool] = {}
+    done = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+
+    def on_connect(c: paho.Client, u: Any, f: Any, rc: Any, p: Any) -> None:
+        flags["present"] = bool(f.session_present)
+        done.set()
+
+    client.on_connect = on_connect
+    client.connect("127.0.0.1", port, clean_start=False)
+    client.loop_start()
+    assert done.wait(10), "no CONNACK"
+    client.disconnect()
+    client.loop_stop()
+    return flags["present"]
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_member_leaves_the_group_without_losing_its_share(broker: Mosquitto, fleet, protocol: str) -> None:  # type: ignore[no-untyped-def]
+    """SIGUSR1: the member unsubscribes, takes in what its session holds, finishes it and ends its session."""
+    agents = fleet(broker, 2)
+    leaver, stayer = agents
+    for agent in agents:
+        agent.write_env(EDGE_AGENT_MQTT__PROTOCOL=protocol)
+    collector = Collector(broker.port, "edge/+/results/#")
+    for agent in agents:
+        agent.start()
+
+    def seqs_of(who: str) -> set[int]:
+        return {seq for agent_id, seq, _ in results(collector) if agent_id == who}
+
+    publish_rows(broker.port, 0, 1000)
+    wait_for(lambda: len(results(collector)) >= 1000, 60, "the first 1,000 results")
+    # The leaver is paused (its share then piles up in its socket and session, as for a member that is busy
+    # or away) and told to leave before it resumes.
+    assert leaver.proc is not None
+    leaver.proc.send_signal(signal.SIGSTOP)
+    publish_rows(broker.port, 1000, 1000)
+    leaver.proc.send_signal(signal.SIGUSR1)
+    leaver.proc.send_signal(signal.SIGCONT)
+    leaver.wait_logged("mqtt_unsubscribed")
+    publish_rows(broker.port, 2000, 1000)  # all to the stayer now
+    assert leaver.proc.wait(60) == 0, leaver.log_tail()
+    events = {e.get("event"): e for e in leaver.events()}
+    assert events["left_group"]["session"] == "ended", leaver.log_tail()
+
+    wait_for(lambda: len({seq for _, seq, _ in results(collector)}) == 3000, 60, "every seq to have a result")
+    settled(lambda: len(results(collector)), 1.5, 30, "the results to stop")
+    seen = results(collector)
+    assert sorted(seq for _, seq, _ in seen) == list(range(3000))  # each exactly once
+    # The leaver finished its share of the rows published while it was paused, and got none after it left.
+    assert len(seqs_of(leaver.agent_id) & set(range(1000, 2000))) >= 300
+    assert not seqs_of(leaver.agent_id) & set(range(2000, 3000))
+    # Its session is gone: nothing more is assigned to it, nothing is kept for it.
+    assert not session_present(broker.port, f"edge-agent-{leaver.agent_id}")
+    assert stayer.terminate() == 0
