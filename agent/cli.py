@@ -33,7 +33,13 @@ def _parser() -> argparse.ArgumentParser:
             help=f"settings file of EDGE_AGENT_* lines (default: {DEFAULT_ENV_FILE} when it exists)",
         )
 
-    run = sub.add_parser("run", help="run the daemon")
+    run = sub.add_parser(
+        "run", help="run the daemon", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="signals:\n"
+               "  SIGTERM, SIGINT  stop: finish running tasks, keep the rest in the store, exit 0\n"
+               "  SIGHUP           reload routes and decision settings from the settings file\n"
+               "  SIGUSR1          retire: unsubscribe, finish all it holds, end the broker session, exit 0",
+    )
     env_file_option(run)
     check = sub.add_parser("check-config", help="validate the settings and print them with secrets redacted")
     env_file_option(check)
