@@ -412,7 +412,8 @@ class Daemon:
             LabelledCounter("edge_agent_dead_letters", "Messages sent to the dead-letter topic, by reason.",
                             ("reason",), dead_letters),
             LabelledCounter("edge_agent_cloud_requests", "Cloud submissions by outcome (ok, transient, permanent, "
-                            "circuit_open); every failed one ran on the gateway.", ("outcome",),
+                            "circuit_open, cancelled: a hedged task's gateway copy finished first); every failed "
+                            "or cancelled one ran on the gateway.", ("outcome",),
                             lambda: dispatcher.cloud_outcomes),
             LabelledCounter("edge_agent_hedges", "Cloud tasks that also ran on the gateway because the cloud's "
                             "answer was overdue.", (), lambda: {(): dispatcher.hedges}),

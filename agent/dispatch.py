@@ -123,7 +123,7 @@ class Dispatcher:
         self.decisions: dict[tuple[str, str], int] = {}  # (target, reason) → count
         self.dead_by_reason: dict[str, int] = {}
         self.durations: dict[tuple[str, str], Histogram] = {}  # (placement, kind) → service time
-        self.cloud_outcomes: dict[str, int] = {}  # ok, transient, permanent, circuit_open → count
+        self.cloud_outcomes: dict[str, int] = {}  # ok, transient, permanent, circuit_open, cancelled → count
         self.fallbacks = 0
         self.hedges = 0  # cloud tasks that also ran on the gateway because they were overdue
         self.hedges_won = 0  # … of which the gateway copy finished first
@@ -464,6 +464,7 @@ class Dispatcher:
             cloud_task = self._cloud_running.pop(ref.id, None)
             if cloud_task is not None:
                 self.policy.cloud_cancelled(item.task, now)
+                self._count_cloud("cancelled")  # so every cloud decision ends in one outcome
                 cloud_task.cancel()  # aborts the HTTP request; its late answer can no longer be committed
         elif copy is not None and ref.id in self._running:
             self._settled.add(ref.id)  # the gateway copy runs in the pool: let it finish, ignore its result

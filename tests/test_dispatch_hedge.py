@@ -164,6 +164,7 @@ def check_gateway_result(rig: Rig, waited: float) -> None:
     assert "fallback" not in result["decision"]
     assert HEDGE_SLACK_S < waited < 5.0  # overdue after the predicted time plus the slack: not at once, not never
     assert rig.dispatcher.hedges == rig.dispatcher.hedges_won == 1
+    assert rig.dispatcher.cloud_outcomes == {"cancelled": 1}  # the cloud decision's outcome is accounted for
     rig.store.stop()
 
 
@@ -196,6 +197,7 @@ def test_when_the_cloud_answers_first_the_running_gateway_copy_is_ignored(tmp_pa
     assert result["decision"]["hedged"] is True
     assert rig.cloud.cancelled == []
     assert rig.dispatcher.hedges == 1 and rig.dispatcher.hedges_won == 0
+    assert rig.dispatcher.cloud_outcomes == {"ok": 1}
     rig.store.stop()
 
 

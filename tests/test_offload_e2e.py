@@ -184,6 +184,7 @@ def test_an_upload_stalled_by_a_slow_link_is_hedged_on_the_gateway_and_reported_
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
             metrics = response.read().decode()
         assert "edge_agent_hedges_total 2.0" in metrics and "edge_agent_hedges_won_total 2.0" in metrics
+        assert 'edge_agent_cloud_requests_total{outcome="cancelled"} 2.0' in metrics
         assert agent.terminate() == 0
     finally:
         agent.cleanup()

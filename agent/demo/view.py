@@ -178,6 +178,9 @@ def progress_line(f: Frame) -> str:
             f"| uplink {f.trace_mbps:.2f} Mbit/s (agent estimates {est}) | queue {queue} | dead letters {dead}")
 
 
+_OUTCOME_NOTES = {"cancelled": " (the gateway copy finished first)"}
+
+
 def summary(elapsed_s: float, metrics: Metrics | None, results: ResultSnapshot, sent: dict[str, int],
             sent_bytes: int) -> str:
     def join(parts: list[str]) -> str:
@@ -201,7 +204,7 @@ def summary(elapsed_s: float, metrics: Metrics | None, results: ResultSnapshot, 
         f"  results            {results.results}: {'; '.join(by_kind)}",
         f"  mean total time    {'; '.join(means) or 'no results'}",
         "  decisions          " + join([f"{t}/{r} {n:.0f}" for (t, r), n in sorted(decisions.items())]),
-        "  cloud requests     " + join([f"{k} {v:.0f}" for k, v in sorted(requests.items())])
+        "  cloud requests     " + join([f"{k} {v:.0f}{_OUTCOME_NOTES.get(k, '')}" for k, v in sorted(requests.items())])
         + (f" ({results.probes} probes)" if results.probes else ""),
         "  dead letters       " + join([f"{k} {v}" for k, v in sorted(results.dead.items())]),
     ]
