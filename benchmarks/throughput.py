@@ -31,6 +31,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -196,26 +197,71 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _varint(n: int) -> bytes:
+    """MQTT's remaining-length encoding."""
+    out = bytearray()
+    while True:
+        n, byte = divmod(n, 128)
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
 def offer_at_rate(port: int, rate: float, seconds: float, topic: str) -> None:
-    """A device process publishing at a fixed rate under ``topic`` (``{}``: 50 segments), each message stamped
-    with its send time."""
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-rate-{os.getpid()}", protocol=paho.MQTTv311)
-    client.max_inflight_messages_set(1000)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    template = payloads(1)[0]
-    start = time.perf_counter()
+    """A device process publishing at a fixed rate under ``topic`` (``{}``: 50 segments), QoS 1, each message
+    stamped with its send time.
+
+    It speaks MQTT 3.1.1 over a plain socket with prebuilt packets: every message due (at most a millisecond's
+    worth, 5 at 5,000 msgs/s) goes out in one write, and a thread reads the PUBACKs. paho's client took about
+    130 µs of CPU a message here, two thirds of a core at 5,000 msgs/s on this 2-core machine, and the agent
+    and the broker then waited for a CPU behind it: alternated 10 s phases of the agent at 5,000 msgs/s gave
+    p99 10.7 – 20.5 ms with paho's device and 7.9 – 8.9 ms with this one, at 20 µs a message. Devices are other
+    machines in the field; the load generator should not be what is measured.
+    """
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client_id = f"bench-rate-{os.getpid()}".encode()
+    header = b"\x00\x04MQTT\x04\x02\x00\x00"  # MQTT 3.1.1, clean session, no keepalive
+    body = len(client_id).to_bytes(2, "big") + client_id
+    sock.sendall(b"\x10" + _varint(len(header) + len(body)) + header + body)
+    connack = b""
+    while len(connack) < 4:
+        connack += sock.recv(4 - len(connack))
+    if connack[0] != 0x20 or connack[3] != 0:
+        raise RuntimeError(f"the broker refused the device: CONNACK {connack.hex()}")
     n = int(rate * seconds)
-    for i in range(n):
-        target = start + i / rate
-        delay = target - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        body = template[:-1] + f', "sent_at": {time.time()}, "n": {i}}}'.encode()
-        client.publish(topic.format(i % 50), body, qos=1)
-    time.sleep(1)
-    client.loop_stop()
-    client.disconnect()
+    acknowledged = threading.Event()
+
+    def read_pubacks() -> None:  # 4 bytes each; nothing else comes on this connection
+        received = 0
+        while received < 4 * n:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += len(data)
+        acknowledged.set()
+
+    threading.Thread(target=read_pubacks, daemon=True).start()
+    topics = [len(t).to_bytes(2, "big") + t for t in (topic.format(i).encode() for i in range(50))]
+    head = payloads(1)[0][:-1]
+    start = time.perf_counter()
+    i = 0
+    while i < n:
+        due = min(n, int((time.perf_counter() - start) * rate) + 1)
+        if due <= i:
+            time.sleep(max(0.001, start + i / rate - time.perf_counter()))
+            continue
+        stamp = time.time()
+        packets = []
+        for j in range(i, due):
+            rest = (topics[j % 50] + (j % 65535 + 1).to_bytes(2, "big")
+                    + head + f', "sent_at": {stamp}, "n": {j}}}'.encode())
+            packets.append(b"\x32" + _varint(len(rest)) + rest)
+        sock.sendall(b"".join(packets))
+        i = due
+    acknowledged.wait(30)
+    sock.sendall(b"\xe0\x00")  # DISCONNECT
+    sock.close()
 
 
 def relay(port: int, topic: str, prefix: str) -> None:
