@@ -773,8 +773,9 @@ class MqttLink:
 
         client.on_connect = on_connect
         try:
-            client.connect(s.host, s.port, keepalive=s.keepalive_s, clean_start=True if self._v5 else
-                           paho.MQTT_CLEAN_START_FIRST_ONLY)
+            # 3.1.1 has clean_session (above) and refuses clean_start.
+            client.connect(s.host, s.port, keepalive=s.keepalive_s,
+                           clean_start=True if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY)
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("mqtt_end_session_failed", error=explain_connect_error(exc, s))
             return False
@@ -791,8 +792,9 @@ class MqttLink:
         group = self._settings.shared_group
         if self._leaving and not self.left.is_set():
             # Again after every reconnect until confirmed: an UNSUBSCRIBE lost with a connection never happened.
-            _, self._leave_mid = self._client.unsubscribe([subscription_filter(f, group) for f in self._leaving])
-            log.info("mqtt_unsubscribing", filters=[subscription_filter(f, group) for f in self._leaving])
+            leaving = [subscription_filter(f, group) for f in self._leaving]
+            _, self._leave_mid = self._client.unsubscribe(leaving)
+            log.info("mqtt_unsubscribing", filters=leaving)
         stale = [subscription_filter(f, group) for f in self._unsubscribe]
         if stale:
             self._client.unsubscribe(stale)

@@ -45,6 +45,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from agent.mqtt import _varint  # MQTT's remaining-length encoding, for the device's packets
+
 from support import Agent, Mosquitto, citypulse_rows
 
 TOPIC = "city/aarhus/traffic/{}/data"
@@ -195,16 +197,6 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _varint(n: int) -> bytes:
-    """MQTT's remaining-length encoding."""
-    out = bytearray()
-    while True:
-        n, byte = divmod(n, 128)
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def offer_at_rate(port: int, rate: float, seconds: float, topic: str) -> None:
