@@ -32,6 +32,7 @@ STATS_EVERY_S = 60.0
 STATUS_EVERY_S = 5.0
 STATE_BATCH = 500  # windows a save hands to the store at once: at most ~1.7 MB of readings at the defaults
 SUBSCRIPTIONS_KEY = "subscriptions"
+LEAVING_KEY = "leaving"  # set while a leave (SIGUSR1) is under way, so a crash or power cut does not undo it
 Reloader = Callable[[], Settings]
 
 
@@ -159,6 +160,7 @@ class Daemon:
                  resume_outbox=counts["outbox"], systemd=self.notifier.enabled, cloud=s.cloud.url or "off")
         self._build(loop)
         self._restore_task_state()
+        resume_leave = bool(self.store.get_meta(LEAVING_KEY))  # read before the writer thread owns the store
         self._state_saved: asyncio.Future[None] = loop.create_future()  # the periodic save under way, if any
         self._state_saved.set_result(None)
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
@@ -187,6 +189,9 @@ class Daemon:
         self.link.start()
         housekeeping = asyncio.ensure_future(self._housekeeping())
         log.info("agent_started", agent_id=s.agent_id)
+        if resume_leave:
+            log.info("leave_resumed", detail="the agent stopped during a leave that SIGTERM had not cancelled")
+            self.request_leave()
 
         await self.stopping.wait()
         housekeeping.cancel()
@@ -258,6 +263,7 @@ class Daemon:
         if self.leaving or self.stopping.is_set():
             return
         self.leaving = True
+        self._mark_leaving(True)
         log.info("leaving_group", group=self.settings.mqtt.shared_group, client_id=self.settings.client_id)
         self.notifier.status(self._status_line())
         self.link.leave()
@@ -276,10 +282,14 @@ class Daemon:
                     and self.dispatcher.running == 0 and self.publisher.idle() and self.store.outstanding_rows == 0):
                 log.info("left_group_drained", received=received, completed=self.dispatcher.completed)
                 self._end_session = True
+                self._mark_leaving(False)
                 self.request_stop("left the group")
                 return
             await asyncio.sleep(0.1)
-        # A SIGTERM during the leave: an ordinary stop; the session keeps what it holds, and no new messages.
+        # A SIGTERM cancels the leave (``_shutdown``): an ordinary stop; the session keeps what it holds.
+
+    def _mark_leaving(self, on: bool) -> None:
+        self.store.call(lambda: self.store.set_meta(LEAVING_KEY, "1" if on else ""))
 
     async def _reload(self) -> None:
         """SIGHUP: apply new routes without a restart; other changes are named and wait for one."""
@@ -324,6 +334,8 @@ class Daemon:
 
     async def _shutdown(self) -> int:
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        if self.leaving and not self._end_session:
+            self._mark_leaving(False)  # stopped by SIGTERM: the leave is cancelled, not resumed at the next start
         self.ingress.closing = True  # new messages stay unacknowledged: the broker keeps them for our next start
         finished = await self.dispatcher.drain(max(0.1, deadline - time.monotonic() - 1.0))
         await self._state_saved  # a periodic save under way finishes first: it holds windows it took

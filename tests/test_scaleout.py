@@ -216,3 +216,38 @@ def test_a_member_leaves_the_group_without_losing_its_share(broker: Mosquitto, f
     # Its session is gone: nothing more is assigned to it, nothing is kept for it.
     assert not session_present(broker.port, f"edge-agent-{leaver.agent_id}")
     assert stayer.terminate() == 0
+
+
+def test_a_leave_cut_short_by_a_crash_resumes_at_the_next_start(broker: Mosquitto, fleet) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL (a power cut) in the middle of a leave: the restarted member leaves instead of rejoining."""
+    leaver, stayer = fleet(broker, 2)
+    collector = Collector(broker.port, "edge/+/results/#")
+    for agent in (leaver, stayer):
+        agent.start()
+    publish_rows(broker.port, 0, 1000)
+    assert leaver.proc is not None
+    leaver.proc.send_signal(signal.SIGUSR1)
+    leaver.wait_logged("mqtt_unsubscribed")
+    leaver.kill()  # within the 2 s it waits for its session to fall quiet
+    publish_rows(broker.port, 1000, 1000)  # all to the stayer: the leaver's UNSUBSCRIBE was confirmed
+
+    leaver.start()
+    assert leaver.proc.wait(60) == 0, leaver.log_tail()
+    assert leaver.terminate() == 0  # it has exited by itself; this closes its log
+    events = [e.get("event") for e in leaver.events()]
+    assert "leave_resumed" in events and events.count("left_group") == 1, leaver.log_tail()
+    wait_for(lambda: len({seq for _, seq, _ in results(collector)}) == 2000, 60, "every seq to have a result")
+    settled(lambda: len(results(collector)), 1.5, 30, "the results to stop")
+    by_seq: dict[int, set[tuple[str, str]]] = {}
+    for who, seq, task_id in results(collector):
+        by_seq.setdefault(seq, set()).add((who, task_id))
+    assert sorted(by_seq) == list(range(2000))
+    # A result the kill caught unacknowledged comes again from the leaver's store, with the same task_id.
+    assert all(len(seen) == 1 for seen in by_seq.values()), {s: v for s, v in by_seq.items() if len(v) > 1}
+    assert not session_present(broker.port, f"edge-agent-{leaver.agent_id}")
+    # A later start is an ordinary member again: the finished leave left no mark behind.
+    leaver.start()
+    time.sleep(1.0)
+    assert "leave_resumed" not in [e.get("event") for e in leaver.events()][len(events):]
+    assert leaver.terminate() == 0
+    assert stayer.terminate() == 0
