@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -218,6 +219,16 @@ def test_a_member_leaves_the_group_without_losing_its_share(broker: Mosquitto, f
     assert stayer.terminate() == 0
 
 
+def leaving_mark(agent: Agent) -> str | None:
+    """The store's record of a leave under way, read as another SQLite reader would."""
+    db = sqlite3.connect(f"file:{agent.workdir / 'state' / 'edge-agent.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='leaving'").fetchone()
+    finally:
+        db.close()
+    return None if row is None else str(row[0])
+
+
 def test_a_leave_cut_short_by_a_crash_resumes_at_the_next_start(broker: Mosquitto, fleet) -> None:  # type: ignore[no-untyped-def]
     """SIGKILL (a power cut) in the middle of a leave: the restarted member leaves instead of rejoining."""
     leaver, stayer = fleet(broker, 2)
@@ -228,6 +239,7 @@ def test_a_leave_cut_short_by_a_crash_resumes_at_the_next_start(broker: Mosquitt
     assert leaver.proc is not None
     leaver.proc.send_signal(signal.SIGUSR1)
     leaver.wait_logged("mqtt_unsubscribed")
+    wait_for(lambda: leaving_mark(leaver) == "1", 10, "the leave to be recorded in the store")
     leaver.kill()  # within the 2 s it waits for its session to fall quiet
     publish_rows(broker.port, 1000, 1000)  # all to the stayer: the leaver's UNSUBSCRIBE was confirmed
 
@@ -245,6 +257,7 @@ def test_a_leave_cut_short_by_a_crash_resumes_at_the_next_start(broker: Mosquitt
     # A result the kill caught unacknowledged comes again from the leaver's store, with the same task_id.
     assert all(len(seen) == 1 for seen in by_seq.values()), {s: v for s, v in by_seq.items() if len(v) > 1}
     assert not session_present(broker.port, f"edge-agent-{leaver.agent_id}")
+    assert leaving_mark(leaver) == ""
     # A later start is an ordinary member again: the finished leave left no mark behind.
     leaver.start()
     time.sleep(1.0)
