@@ -378,6 +378,7 @@ class MqttLink:
         # ``left`` is set. None while a member.
         self._leaving: list[str] | None = None
         self._leave_mid: int | None = None
+        self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE packet id → its filters, until the SUBACK
         self.left = threading.Event()
         self._rng = random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -599,6 +600,7 @@ class MqttLink:
         if not self._dropping and not self._stopping:
             self._lost = True
         self._dropping = False
+        self._subscribing.clear()
         self.connected.clear()
         self._poke()
 
@@ -810,14 +812,24 @@ class MqttLink:
                 subscriptions.append((full, qos))
         # Always resubscribe: the broker may have lost the session (restart without persistence).
         if subscriptions:
-            self._client.subscribe(subscriptions)
+            _, mid = self._client.subscribe(subscriptions)
+            if mid is not None:  # None: paho refused it (not connected); the next CONNACK subscribes again
+                self._subscribing[mid] = [full for full, _ in subscriptions]
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
                       properties: Properties | None) -> None:
         try:
-            failed = [str(code) for code in reason_codes if code.is_failure]
+            filters = self._subscribing.pop(mid, None) or ["?"] * len(reason_codes)
+            pairs = list(zip(filters, reason_codes, strict=False))
+            failed = [str(code) for _, code in pairs if code.is_failure]
             if failed:
-                log.error("mqtt_subscribe_refused", reasons=failed)
+                log.error("mqtt_subscribe_refused", reasons=failed,
+                          filters=[f for f, code in pairs if code.is_failure])
+            granted = [f for f, code in pairs if not code.is_failure]
+            if granted:
+                # Messages published from here on reach this session: until then the broker had nowhere to
+                # keep them (the first start of a client id, or a broker that lost its sessions).
+                log.info("mqtt_subscribed", filters=granted)
         except Exception:
             log.exception("callback_failed", callback="on_subscribe")
 
