@@ -29,6 +29,7 @@ from agent.config import CloudSettings
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 PROVISIONING_S = 0.3
+AGENTS: list[Agent] = []  # the agents of the running test, whose logs a failure report shows (conftest.py)
 CITYPULSE = SHARED / "data" / "citypulse-aarhus"
 
 
@@ -248,6 +249,7 @@ class Agent:
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        AGENTS.append(self)
 
     def start(self, wait_connected: bool = True) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
@@ -264,15 +266,20 @@ class Agent:
         self.starts += 1
         if wait_connected:
             wait_for(lambda: self._logged_since(offset, "mqtt_connected"), 30, "the agent to connect")
+            # The CONNACK comes before the SUBACK: a device publishing in between, on the first start of a
+            # client id, publishes to no one. (A leaving member unsubscribes instead; a refusal is the test's.)
+            wait_for(lambda: self._logged_since(offset, "mqtt_subscribed", "mqtt_subscribe_refused",
+                                                "mqtt_unsubscribing"), 30, "the broker to confirm the routes")
 
-    def _logged_since(self, offset: int, event: str) -> bool:
+    def _logged_since(self, offset: int, *events: str) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log_tail()}")
         with self.log_path.open("rb") as fh:
             fh.seek(offset)
             data = fh.read()
-        return f'"event": "{event}"'.encode() in data or f'"event":"{event}"'.encode() in data
+        return any(f'"event": "{event}"'.encode() in data or f'"event":"{event}"'.encode() in data
+                   for event in events)
 
     def write_env(self, **settings: str) -> None:
         """Change settings in the env file (for SIGHUP reloads)."""

@@ -359,6 +359,9 @@ def test_shared_group_splits_a_stream_between_agents(broker: Mosquitto, agents) 
     split = seqs_by_agent()
     assert sorted(split[first.agent_id] + split[second.agent_id]) == [r["seq"] for r in rows]  # each once
     assert split[first.agent_id] and split[second.agent_id]
+    for agent in (first, second):  # the log names what the broker confirmed, in the group's form
+        confirmed = [f for e in agent.events() if e.get("event") == "mqtt_subscribed" for f in e["filters"]]
+        assert confirmed and all(f.startswith("$share/gateways/") for f in confirmed), confirmed
     assert first.terminate() == 0
     assert second.terminate() == 0
 
