@@ -390,6 +390,8 @@ def test_agent_works_under_the_units_restrictions(sandboxed_agent: SandboxedAgen
     device = publisher(broker.port)
     try:
         wait_for(lambda: agent.logged("agent_ready"), 90, "the sandboxed agent to be ready")
+        # Ready comes with the CONNACK; on a client id's first start the broker keeps messages from the SUBACK on.
+        wait_for(lambda: agent.logged("mqtt_subscribed"), 30, "the broker to confirm the routes")
         device.publish("city/aarhus/traffic/1/data", json.dumps({"vehicleCount": 5}), qos=1)
         device.publish("city/aarhus/noise/1/pcm", pcm(1.0), qos=1)  # numpy, in a spawned worker process
         wait_for(lambda: len(results.snapshot()) >= 2, 90, "both results")
