@@ -113,12 +113,14 @@ class Collector:
         self.client = paho.Client(CallbackAPIVersion.VERSION2,
                                   client_id=client_id or f"collector-{uuid.uuid4().hex[:8]}",
                                   protocol=paho.MQTTv311, clean_session=False)
+        subscribed = threading.Event()
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda c, u, mid, codes, p: subscribed.set()
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        wait_for(self.client.is_connected, 10, "collector connection")
-        time.sleep(0.2)
+        # From the SUBACK on the broker keeps what is published for this session, even before a first start.
+        wait_for(subscribed.is_set, 10, "the collector's subscription")
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         with self._lock:
