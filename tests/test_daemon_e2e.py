@@ -394,7 +394,8 @@ def test_windows_carry_on_across_a_clean_restart_and_a_power_cut(broker: Mosquit
     assert spike["mean"] == pytest.approx(mean) and spike["std"] == pytest.approx(std)
     assert spike["anomaly"]  # without the saved window this first reading would have nothing to stand out from
     send([52.0 + i % 3 for i in range(10)])
-    time.sleep(2.5)  # the periodic save (every 0.5 s, checked each second) has what these ten added
+    wait_for(lambda: saved_readings(agent, topic, "avgSpeed") == len(sent), 30,
+             "the periodic save to hold these ten")
     agent.kill()  # a power cut: no save at the stop
     agent.start()
     last = send([53.0])

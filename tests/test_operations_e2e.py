@@ -145,7 +145,8 @@ def test_sighup_reloads_routes_without_losing_messages(broker: Mosquitto, agents
     applied = next(e for e in agent.events() if e.get("event") == "reload_applied")
     assert applied["decision_changed"] is True
     assert not any(e.get("event") == "reload_needs_restart" for e in agent.events())
-    time.sleep(0.5)
+    wait_for(lambda: any("city/+/parking/+/data" in e.get("filters", ()) for e in agent.events()
+                         if e.get("event") == "mqtt_subscribed"), 20, "the broker to confirm the new route")
     device.publish("city/a/parking/2/data", b'{"free": 10}', qos=1)
     device.publish("city/a/traffic/1/data", b'{"speed": 2}', qos=1)  # no longer routed, nor subscribed
     wait_for(lambda: any("/parking/" in t for t, _ in collector.snapshot()), 20, "a result on the new route")
