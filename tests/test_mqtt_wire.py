@@ -160,3 +160,37 @@ def test_a_commits_acknowledgements_are_one_write_of_pubacks() -> None:
     link.connected.set()
     link.ack_many([(1, 1), (300, 1), (7, 0)])
     assert queued == [(0x40, bytes([0x40, 2, 0, 1, 0x40, 2, 1, 44]))]
+
+
+def test_the_log_names_the_filters_the_broker_confirmed_and_those_it_refused() -> None:
+    # Mosquitto's own ACL file grants every SUBSCRIBE and filters at delivery; a refusal comes from an auth
+    # plugin or another broker, so the SUBACK is handed to the callback here.
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+    from structlog.testing import capture_logs
+
+    from agent.config import MqttSettings
+    from agent.mqtt import MqttLink
+
+    link = MqttLink(MqttSettings(shared_group="g"), client_id="c", agent_id="gw",
+                    topic_filters=[("city/+/traffic/+/data", 1), ("city/+/noise/+/pcm", 1)],
+                    on_message=lambda m: None, on_puback=lambda mid: None)
+    sent: list[list[Any]] = []
+
+    def subscribe(subscriptions: list[Any]) -> tuple[int, int]:
+        sent.append(subscriptions)
+        return 0, 17
+
+    link._client.subscribe = subscribe  # type: ignore[method-assign, assignment]
+    link._subscribe_all(session_present=False)
+    assert [f for f, _ in sent[0]] == ["$share/g/city/+/traffic/+/data", "$share/g/city/+/noise/+/pcm"]
+    with capture_logs() as logs:
+        link._on_subscribe(link._client, None, 17, [ReasonCode(PacketTypes.SUBACK, identifier=1),
+                                                    ReasonCode(PacketTypes.SUBACK, "Not authorized")], None)
+        link._on_subscribe(link._client, None, 18, [ReasonCode(PacketTypes.SUBACK, identifier=1)], None)
+    assert [{k: v for k, v in e.items() if k != "logger"} for e in logs] == [
+        {"event": "mqtt_subscribe_refused", "log_level": "error", "reasons": ["Not authorized"],
+         "filters": ["$share/g/city/+/noise/+/pcm"]},
+        {"event": "mqtt_subscribed", "log_level": "info", "filters": ["$share/g/city/+/traffic/+/data"]},
+        {"event": "mqtt_subscribed", "log_level": "info", "filters": ["?"]},  # a SUBACK we did not expect
+    ]
