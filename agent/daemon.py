@@ -207,8 +207,8 @@ class Daemon:
         while True:
             now = time.monotonic()
             self.loop_tick = now  # this coroutine running is the proof that the event loop is not stuck
-            if not ready and self.link.connected.is_set():
-                ready = True  # store open (it opened before anything else) and broker connected
+            if not ready and self.link.connected.is_set() and self.link.subscribed.is_set():
+                ready = True  # store open (it opened before anything else), broker connected, routes subscribed
                 self.notifier.ready(self._status_line())
                 log.info("agent_ready")
             if self.notifier.watchdog_s is not None and self._healthy()[0]:
@@ -235,6 +235,8 @@ class Daemon:
             return False, "leaving the group"
         if not self.link.connected.is_set():
             return False, "not connected to the broker"
+        if not self.link.subscribed.is_set():
+            return False, "waiting for the broker to confirm the subscriptions"
         if self.ingress.paused:
             return False, "store full: intake paused"
         return True, "ok"

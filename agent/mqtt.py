@@ -395,6 +395,9 @@ class MqttLink:
         self._flush_scheduled = False
         self._reading_paused = False
         self.connected = threading.Event()
+        # The broker answered this connection's SUBSCRIBE (or there was nothing to subscribe): from then on it
+        # keeps what devices publish for this session, also on a client id's very first start.
+        self.subscribed = threading.Event()
         self.heartbeat = time.monotonic()  # refreshed by every pass of the supervisor (watchdog)
         self.server_receive_maximum = 65535
         self._v5 = settings.protocol == "5"
@@ -601,6 +604,7 @@ class MqttLink:
             self._lost = True
         self._dropping = False
         self._subscribing.clear()
+        self.subscribed.clear()
         self.connected.clear()
         self._poke()
 
@@ -815,10 +819,13 @@ class MqttLink:
             _, mid = self._client.subscribe(subscriptions)
             if mid is not None:  # None: paho refused it (not connected); the next CONNACK subscribes again
                 self._subscribing[mid] = [full for full, _ in subscriptions]
+        else:
+            self.subscribed.set()  # a leaving member: nothing to wait for
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
                       properties: Properties | None) -> None:
         try:
+            self.subscribed.set()  # answered, refusals included: those are logged, and waiting would not help
             filters = self._subscribing.pop(mid, None) or ["?"] * len(reason_codes)
             pairs = list(zip(filters, reason_codes, strict=False))
             failed = [str(code) for _, code in pairs if code.is_failure]

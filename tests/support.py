@@ -149,6 +149,10 @@ class Relay:
     def __init__(self, broker_port: int) -> None:
         self.broker_port = broker_port
         self.cut = threading.Event()
+        # Set: what the client sends after its first write (its CONNECT) waits here until ``release()``.
+        self.held = threading.Event()
+        self._waiting: list[tuple[socket.socket, bytes]] = []
+        self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._server.getsockname()[1])
         self._sockets: list[socket.socket] = []
@@ -166,15 +170,30 @@ class Relay:
             threading.Thread(target=self._pump, args=(broker, client, False), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, outbound: bool) -> None:
+        first = True
         try:
             while data := source.recv(65536):
-                if not (outbound and self.cut.is_set()):
-                    sink.sendall(data)
+                if outbound and self.cut.is_set():
+                    continue
+                with self._lock:
+                    if outbound and not first and self.held.is_set():
+                        self._waiting.append((sink, data))
+                    else:
+                        sink.sendall(data)
+                first = first and not outbound
         except OSError:
             pass
         for sock in (source, sink):  # one side gone: the other sees the connection end
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+    def release(self) -> None:
+        """Pass on what ``held`` kept back, in order, and hold nothing from now on."""
+        with self._lock:
+            self.held.clear()
+            for sink, data in self._waiting:
+                sink.sendall(data)
+            self._waiting.clear()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from support import Agent, Collector, Mosquitto, citypulse_rows, free_port, publisher, wait_for
+from support import Agent, Collector, Mosquitto, Relay, citypulse_rows, free_port, publisher, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +117,46 @@ def test_metrics_health_and_readiness(broker: Mosquitto, agents) -> None:  # typ
     broker.start()
     wait_for(lambda: get(base + "/readyz")[0] == 200, 30, "ready again")
     assert agent.terminate() == 0
+
+
+def test_ready_only_once_the_broker_answered_the_subscribe(broker: Mosquitto, agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Between CONNACK and SUBACK a fresh client id's session holds nothing: a device publishing then, on the
+    # strength of READY=1 or /readyz, would publish to no one. The relay holds the SUBSCRIBE back.
+    relay = Relay(broker.port)
+    relay.held.set()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(0.2)
+    port = free_port()
+    agent = agents(broker, extra_env={"EDGE_AGENT_METRICS__PORT": str(port), "EDGE_AGENT_MQTT__PORT": str(relay.port)},
+                   process_env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    notified: list[str] = []
+
+    def drain() -> list[str]:
+        with contextlib.suppress(TimeoutError):
+            while True:
+                notified.extend(sock.recv(4096).decode().splitlines())
+        return notified
+
+    try:
+        agent.start(wait_connected=False)
+        agent.wait_logged("mqtt_connected")
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: get(base + "/readyz")[0] == 503, 20, "the metrics server")
+        time.sleep(1.5)  # the readiness check runs every second: it has had its chance to say READY too early
+        assert get(base + "/readyz") == (503, "waiting for the broker to confirm the subscriptions\n")
+        assert "READY=1" not in drain()
+        relay.release()
+        wait_for(lambda: get(base + "/readyz")[0] == 200, 20, "readiness once the SUBACK came")
+        wait_for(lambda: "READY=1" in drain(), 20, "READY=1")
+        device = publisher(broker.port)
+        device.publish("city/aarhus/traffic/1/data", b'{"speed": 3}', qos=1)
+        wait_for(lambda: len(collector.snapshot()) == 1, 20, "the result of a message published once ready")
+        assert agent.terminate() == 0
+    finally:
+        relay.close()
+        sock.close()
 
 
 def test_metrics_port_in_use_is_a_config_error(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
