@@ -150,13 +150,7 @@ class Demo:
         self.agent = Child.python("agent", ["-m", "agent", "run", "--env-file", str(env_file)],
                                   self.workdir / "agent.log", env)
         self.scraper = Scraper(metrics_port)
-        scraper = self.scraper
-
-        def connected() -> bool:
-            m = scraper.scrape()
-            return m is not None and m.connected
-
-        self.agent.wait_until(connected, 60, "connected to the broker", self.stop)
+        self.agent.wait_until(self.scraper.ready, 60, "connected to the broker and subscribed", self.stop)
         if self.stop.is_set():
             return
         self.uplink = Uplink(trace, cloud_url, self.token, args.trace_speed)

@@ -215,6 +215,14 @@ class Scraper:
             self.failures += 1
         return self.last
 
+    def ready(self) -> bool:
+        """``/readyz`` says 200: connected, and the broker has answered the SUBSCRIBE, so it keeps what the
+        devices publish from now on (on a first start it keeps nothing before)."""
+        try:
+            return self._client.get("/readyz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def close(self) -> None:
         self._client.close()
 
