@@ -173,14 +173,17 @@ class Relay:
         first = True
         try:
             while data := source.recv(65536):
-                if outbound and self.cut.is_set():
+                if not outbound:
+                    sink.sendall(data)  # no lock: it may block while the client pauses its reading
+                    continue
+                if self.cut.is_set():
                     continue
                 with self._lock:
-                    if outbound and not first and self.held.is_set():
+                    if not first and self.held.is_set():
                         self._waiting.append((sink, data))
                     else:
                         sink.sendall(data)
-                first = first and not outbound
+                first = False
         except OSError:
             pass
         for sock in (source, sink):  # one side gone: the other sees the connection end
