@@ -116,7 +116,7 @@ def one_run(work: Path, count: int, bodies: list[bytes], env: dict[str, str], sa
         for agent in fleet:
             agent.start(wait_connected=False)
         for agent in fleet:
-            agent.wait_logged("mqtt_connected")
+            agent.wait_logged("mqtt_subscribed")  # the broker keeps the queued messages for it from then on
         time.sleep(2)  # let the worker pools finish starting, so that the agents are idle when paused
         leaders = [agent.proc.pid for agent in fleet if agent.proc is not None]
         for leader in leaders:
