@@ -85,8 +85,8 @@ def _parser() -> argparse.ArgumentParser:
 
     devcloud_options(sub.add_parser(
         "devcloud", help="run the reference resource API server (needs the [devcloud] extra)",
-        description="The resource API of DESIGN §7 for tests and demos, with knobs for provisioning delay, "
-        "latency, bandwidth, errors and outages."))
+        description="The resource API (docs/design.md#resource-api) for tests and demos, with knobs for "
+        "provisioning delay, latency, bandwidth, errors and outages."))
 
     from agent.demo.options import build_parser as demo_options  # imports neither rich nor amqtt
 

@@ -60,7 +60,8 @@ def _micro(seconds: float) -> float:
 
 
 def decision_fields(item: Admitted, hedged: bool = False) -> dict[str, Any]:
-    """The ``decision`` object of a result message (DESIGN §4), plus ``fallback`` when the cloud failed it."""
+    """The ``decision`` object of a result message, with its optional flags ``probe``, ``fallback`` (why a task
+    decided for the cloud ran here) and ``hedged``: see docs/design.md#mqtt-contract."""
     decision = item.decision
     if decision is None:
         return {"t_local_s": None, "t_cloud_s": None, "reason": "unknown_task"}

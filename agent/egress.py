@@ -1,8 +1,9 @@
-"""Results, dead letters and their delivery (DESIGN §4).
+"""Results, dead letters and their delivery (docs/design.md#mqtt-contract).
 
 The encoders are pure. :class:`Publisher` runs on the event loop: it publishes committed outbox rows within a
 window of unacknowledged messages (paho's packet ids run out past 65,535 and a big backlog would otherwise
-lose results, STYLE.md), and tells the store when the broker has acknowledged each one.
+lose results: docs/contributing.md#paho-mqtt-traps), and tells the store when the broker has acknowledged
+each one.
 """
 
 from __future__ import annotations

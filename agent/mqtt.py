@@ -414,7 +414,8 @@ class MqttLink:
             manual_ack=True,
             reconnect_on_failure=False,
         )
-        # We bound the results awaiting PUBACK ourselves; paho's limit costs O(in-flight) per PUBACK (STYLE.md).
+        # We bound the results awaiting PUBACK ourselves; paho's limit costs O(in-flight) per PUBACK
+        # (docs/contributing.md#paho-mqtt-traps).
         client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
         _authenticate(client, settings)

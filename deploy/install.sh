@@ -1,5 +1,5 @@
 #!/bin/bash
-# Install, upgrade or remove edge-agent as a systemd service (DESIGN §8; README "Running as a service").
+# Install, upgrade or remove edge-agent as a systemd service (docs/design.md#cli; docs/operations.md).
 #
 #   deploy/install.sh [--root DIR] [--wheel FILE]      install or upgrade
 #   deploy/install.sh [--root DIR] --uninstall         remove the program, keep configuration and state

@@ -1,5 +1,5 @@
-"""Settings (DESIGN §3): every bad value stops start-up with exit status 78 and one line naming the variable,
-checked through ``load_settings`` and through the real ``edge-agent check-config`` in a subprocess."""
+"""Settings (docs/design.md#settings): every bad value stops start-up with exit status 78 and one line naming the
+variable, checked through ``load_settings`` and through the real ``edge-agent check-config`` in a subprocess."""
 
 from __future__ import annotations
 

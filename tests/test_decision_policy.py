@@ -1,4 +1,5 @@
-"""The Policy (DESIGN §6): the contract interface, every term, overrides, queues, probing, properties."""
+"""The Policy (docs/design.md#decision-model): the contract interface, every term, overrides, queues, probing,
+properties."""
 
 from __future__ import annotations
 

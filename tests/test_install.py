@@ -1,4 +1,5 @@
-"""deploy/install.sh into a temporary root (DESIGN §8, contract): idempotent, keeps the operator's files.
+"""deploy/install.sh (a contract, docs/design.md#cli) into a temporary root: idempotent, keeps the operator's
+files.
 
 The venv is built once per module from a wheel of this checkout (pip resolves the dependencies from the
 registry, as an operator's install does); the tests that change the tree work on copies of it.

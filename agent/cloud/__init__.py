@@ -1,4 +1,4 @@
-"""Resource API client (DESIGN §7): leases, task submission, retries with backoff, circuit breaker.
+"""Resource API client (docs/design.md#resource-api): leases, task submission, retries with backoff, circuit breaker.
 
 Usage by the daemon::
 

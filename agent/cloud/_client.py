@@ -1,4 +1,7 @@
-"""The resource API client (DESIGN §7): leases, task submission, retries, circuit breaker, observations."""
+"""The resource API client: leases, task submission, retries, circuit breaker, observations.
+
+The HTTP contract it speaks is in docs/design.md#resource-api.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """When a task's input has crossed the uplink, seen from the kernel's send queue of its connection.
 
-The resource API answers a task only after running it (DESIGN §7), so the answer cannot say when the upload
-ended. The gateway's own kernel can: once httpcore has handed the whole body to the socket
+The resource API answers a task only after running it (docs/design.md#resource-api), so the answer cannot say
+when the upload ended. The gateway's own kernel can: once httpcore has handed the whole body to the socket
 (``http11.send_request_body.complete`` in its ``trace`` extension), the bytes not yet acknowledged by the cloud
 are the socket's send queue (Linux ``ioctl(SIOCOUTQ)``: unsent plus sent-but-unacknowledged). The upload has
 ended when that queue is empty: the cloud's TCP stack has every byte. The queue is polled every

@@ -1,4 +1,4 @@
-"""The offloading decision (DESIGN §6): the total-time model and its online estimators, sans-I/O.
+"""The offloading decision (docs/design.md#decision-model): the total-time model and its online estimators, sans-I/O.
 
 Nothing here performs I/O or reads a clock: callers pass measurements and the time. A test keeps it that way
 (no paho, httpx, asyncio, sqlite, socket or time imports).

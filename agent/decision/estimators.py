@@ -1,4 +1,4 @@
-"""Online estimators behind the total-time model (DESIGN §6). Pure arithmetic on an injected clock.
+"""Online estimators behind the total-time model (docs/design.md#decision-model). Pure arithmetic on an injected clock.
 
 Every estimator starts at a prior, learns from measurements and, when measurements stop, drifts back toward
 the prior instead of freezing: that drift is what makes the policy try a side again after it stopped using it,

@@ -1,4 +1,4 @@
-"""The total-time model: per task, does the gateway or the cloud finish it sooner (DESIGN §6).
+"""The total-time model: per task, does the gateway or the cloud finish it sooner (docs/design.md#decision-model).
 
 ``T_local = W_local + S_local(k, s_in)``
 ``T_cloud = P + RTT + (Q_up + s_in) / B_up + W_cloud + S_cloud(k, s_in) + s_out(k) / B_down``

@@ -1,4 +1,4 @@
-"""The reference resource API (DESIGN §7) as a FastAPI app, with fault and network injection for tests.
+"""The reference resource API (docs/design.md#resource-api) as a FastAPI app, with fault and network injection.
 
 Decisions the contract leaves open, as implemented here:
 
@@ -155,7 +155,7 @@ def create_app(config: DevCloudConfig) -> FastAPI:
     app = _ContractApp(
         title="edge-agent resource API",
         version=__version__,
-        summary="Compute leases and task execution for edge-agent gateways (DESIGN §7).",
+        summary="Compute leases and task execution for edge-agent gateways (docs/design.md#resource-api).",
         description=(__doc__ or "").split("\n\n", 1)[1],
         lifespan=lifespan,
     )

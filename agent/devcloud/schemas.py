@@ -1,4 +1,5 @@
-"""The resource API's bodies (DESIGN §7), as pydantic models: they validate requests and make the OpenAPI."""
+"""The resource API's bodies (docs/design.md#resource-api) as pydantic models: they validate requests and make
+the OpenAPI document."""
 
 from __future__ import annotations
 

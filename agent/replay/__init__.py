@@ -1,4 +1,6 @@
-"""``edge-agent replay``: what-if replay of real bandwidth traces through the real Policy and baselines (DESIGN §6).
+"""``edge-agent replay``: what-if replay of real bandwidth traces through the real Policy and baselines.
+
+The Policy and its interface are described in docs/design.md#decision-model, the replay in docs/decision.md.
 
 ``run_replay`` loads the traces, draws the workload once, runs every policy over it and summarises completion
 times. ``format_table`` and ``as_json`` render the result (the ``--json`` shape is a contract).

@@ -1,4 +1,4 @@
-"""``noise.spectrum``: sound levels and octave bands of a PCM clip (DESIGN §5).
+"""``noise.spectrum``: sound levels and octave bands of a PCM clip (docs/design.md#tasks).
 
 Input is raw 16-bit little-endian signed mono PCM. Levels are dB relative to digital full scale (a sample of
 ±32768) plus the route's calibration offset ``offset_db``, so a calibrated microphone yields dB SPL.

@@ -1,4 +1,4 @@
-"""``sensor.stats``: rolling-window statistics and z-score anomalies per topic and field (DESIGN §5).
+"""``sensor.stats``: rolling-window statistics and z-score anomalies per topic and field (docs/design.md#tasks).
 
 A message is a JSON object of readings (a CityPulse row) or a SenML pack (RFC 8428). Each numeric reading is
 judged against the previous readings of the same field on the same topic, then joins that window. The task

@@ -3,7 +3,7 @@ agent running as a process, and every message must come back as a result or a de
 
 Each example publishes on its own topic inside the routes (the device-id level is a unique marker) and the
 result or dead letter names the original topic, so each answer is matched to its input. Where the contract
-says what a message must give (README "Task inputs", DESIGN §4-5), the answer is checked against it; a
+says what a message must give (docs/design.md#mqtt-contract and #tasks), the answer is checked against it; a
 ``task_failed`` (a task crashing on its input) is never acceptable. At the end the daemon must still be alive,
 healthy, have answered each message exactly once, and stop cleanly.
 
@@ -66,7 +66,7 @@ topic_level = st.text(
 
 
 def is_reading(value: Any) -> bool:
-    """What sensor.stats takes as a reading from a JSON object (README "Task inputs")."""
+    """What sensor.stats takes as a reading from a JSON object (docs/design.md#tasks)."""
     if type(value) is int:
         return True
     if type(value) is float:
