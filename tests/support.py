@@ -25,12 +25,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import SecretStr
 
 from agent.config import CloudSettings
+from agent.data import CITYPULSE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 PROVISIONING_S = 0.3
 AGENTS: list[Agent] = []  # the agents of the running test, whose logs a failure report shows (conftest.py)
-CITYPULSE = SHARED / "data" / "citypulse-aarhus"
+CITYPULSE = CITYPULSE_DIR  # the sample shipped with the package: tests need nothing beside the repository
 
 
 def free_port() -> int:

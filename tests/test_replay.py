@@ -1,6 +1,6 @@
 """``edge-agent replay``: trace parsing, the simulated world, the policies side by side, the CLI contract.
 
-Replays here use one or two real traces from ../shared/traces with a short workload, so they stay fast.
+Replays here use the real traces shipped in ``agent/data/traces`` with a short workload, so they stay fast.
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
+from agent.data import DEFAULT_DOWNLINK, DEFAULT_UPLINK, NORWAY_BUS
 from agent.replay import DEFAULT_WORKLOAD, POLICIES, TraceError, as_json, format_table, load_trace, run_replay
 from agent.replay.traces import _plain_mahimahi
 from agent.replay.workload import generate, load_workload
 
-TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
-MAHIMAHI_UP = TRACES / "mahimahi" / "ATT-LTE-driving-2016.up"
-MAHIMAHI_DOWN = TRACES / "mahimahi" / "ATT-LTE-driving-2016.down"
-NORWAY = TRACES / "norway-fcc" / "bus.ljansbakken-oslo-report.2010-09-28_1407CEST.log"
+MAHIMAHI_UP, MAHIMAHI_DOWN, NORWAY = DEFAULT_UPLINK, DEFAULT_DOWNLINK, NORWAY_BUS
 SHORT = replace(DEFAULT_WORKLOAD, duration_s=120.0)
 
-needs_traces = pytest.mark.skipif(not MAHIMAHI_UP.exists(), reason="../shared/traces is not checked out here")
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +95,6 @@ def test_two_column_traces_as_spreadsheets_write_them(tmp_path: Path, text: str)
     assert trace.cum_bytes.tolist() == [0.0, 1e6, 1e6, 3e6]
 
 
-@needs_traces
 def test_a_plain_mahimahi_file_reads_as_the_line_by_line_path_reads_it(tmp_path: Path) -> None:
     # Plain files (digits and newlines) are parsed by numpy in one pass; a comment sends one down the general path.
     commented = tmp_path / "commented.up"
@@ -110,10 +106,9 @@ def test_a_plain_mahimahi_file_reads_as_the_line_by_line_path_reads_it(tmp_path:
     assert fast.times.tolist() == general.times.tolist() and fast.cum_bytes.tolist() == general.cum_bytes.tolist()
 
 
-@needs_traces
 def test_real_traces_load_in_both_formats() -> None:
     up = load_trace(MAHIMAHI_UP)
-    assert up.format == "mahimahi" and up.mean_mbps == pytest.approx(1.91, abs=0.01)  # shared/traces/README
+    assert up.format == "mahimahi" and up.mean_mbps == pytest.approx(1.91, abs=0.01)  # agent/data/traces/README.md
     fcc = load_trace(NORWAY)
     assert fcc.format == "columns" and 0.1 < fcc.mean_mbps < 10
 
@@ -148,7 +143,6 @@ def test_workload_file_overrides_the_defaults(tmp_path: Path) -> None:
 # --- replays ------------------------------------------------------------------------------------------------
 
 
-@needs_traces
 def test_replay_on_a_cellular_trace_ranks_the_policies_sensibly() -> None:
     replay = run_replay(MAHIMAHI_UP, MAHIMAHI_DOWN, seed=1, workload=SHORT)
     stats = replay.stats
@@ -165,14 +159,12 @@ def test_replay_on_a_cellular_trace_ranks_the_policies_sensibly() -> None:
         assert math.isfinite(s.mean_s) and s.p95_s >= 0
 
 
-@needs_traces
 def test_replay_is_deterministic_and_the_seed_matters() -> None:
     first = as_json(run_replay(NORWAY, seed=3, workload=SHORT))
     assert first == as_json(run_replay(NORWAY, seed=3, workload=SHORT))
     assert first != as_json(run_replay(NORWAY, seed=4, workload=SHORT))
 
 
-@needs_traces
 def test_table_names_every_policy() -> None:
     table = format_table(run_replay(NORWAY, seed=1, workload=SHORT))
     for name in POLICIES:
@@ -220,7 +212,6 @@ def short_workload_file(tmp_path: Path) -> Path:
     return path
 
 
-@needs_traces
 def test_cli_replay_json_has_the_contract_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["replay", "--uplink", str(MAHIMAHI_UP), "--seed", "1", "--json",
             "--workload", str(short_workload_file(tmp_path))]
@@ -234,7 +225,6 @@ def test_cli_replay_json_has_the_contract_shape(tmp_path: Path, capsys: pytest.C
         assert set(figures) == {"mean_s", "p95_s"} and figures["p95_s"] >= 0
 
 
-@needs_traces
 def test_cli_replay_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "out.png"

@@ -7,7 +7,6 @@ import json
 import math
 import struct
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,10 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.data import CITYPULSE_DIR
 from agent.errors import InvalidJson, InvalidPayload
 from agent.tasks.sensor_stats import MAX_READINGS, SensorStats, check_options, readings_of_object
 
-CITYPULSE = Path("/work/shared/data/citypulse-aarhus/AarhusTrafficData158324.csv")
+CITYPULSE = CITYPULSE_DIR / "AarhusTrafficData158324.csv"
 TOPIC = "city/aarhus/traffic/158324/data"
 
 

@@ -49,7 +49,7 @@ def sensor_files(data: Path) -> list[SensorFile]:
     """The CSVs the demo replays; a clear error if the directory is not the CityPulse Aarhus collection."""
     if not data.is_dir():
         raise DemoError(f"the CityPulse data directory {data} does not exist; give the right one with --data DIR "
-                        "(the repository expects it at ../shared/data/citypulse-aarhus)")
+                        "(without it the demo plays the sample shipped with the package)")
     files: list[SensorFile] = []
     for path in sorted(data.glob("AarhusTrafficData*.csv")):
         files.append(SensorFile("traffic", path.stem.removeprefix("AarhusTrafficData"), path))

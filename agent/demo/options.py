@@ -5,14 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import agent
-
-DEFAULT_TRACE = "mahimahi/ATT-LTE-driving-2016.up"
-
-
-def shared_dir() -> Path:
-    """``shared/`` beside the repository (data and traces are not packaged: they are large and third-party)."""
-    return Path(agent.__file__).resolve().parents[2] / "shared"
+from agent.data import CITYPULSE_DIR, DEFAULT_UPLINK
 
 
 def _broker_address(text: str) -> tuple[str, int]:
@@ -33,7 +26,6 @@ def _positive(text: str) -> float:
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    shared = shared_dir()
     parser.add_argument("--duration", type=_positive, default=None, metavar="S",
                         help="stop after S seconds (default: run until Ctrl-C)")
     parser.add_argument("--broker", type=_broker_address, default=None, metavar="HOST:PORT",
@@ -41,11 +33,12 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--protocol", choices=("5", "3.1.1"), default=None,
                         help="MQTT version the agent speaks (default: 3.1.1 with the embedded broker, which knows "
                         "no other; 5 with --broker)")
-    parser.add_argument("--data", type=Path, default=shared / "data" / "citypulse-aarhus", metavar="DIR",
-                        help="CityPulse Aarhus CSVs the simulated sensors replay (default: %(default)s)")
-    parser.add_argument("--uplink", type=Path, default=shared / "traces" / DEFAULT_TRACE, metavar="TRACE",
+    parser.add_argument("--data", type=Path, default=CITYPULSE_DIR, metavar="DIR",
+                        help="CityPulse Aarhus CSVs the simulated sensors replay (default: the sample shipped "
+                        "with the package)")
+    parser.add_argument("--uplink", type=Path, default=DEFAULT_UPLINK, metavar="TRACE",
                         help="bandwidth trace the cloud uplink follows, Mahimahi or 'time_s Mbps' "
-                        "(default: %(default)s)")
+                        f"(default: {DEFAULT_UPLINK.parent.name}/{DEFAULT_UPLINK.name}, shipped with the package)")
     parser.add_argument("--trace-speed", type=_positive, default=1.0, metavar="X",
                         help="trace seconds played per demo second (default: 1, real time; 2 plays a 120 s trace "
                         "in 60 s)")
