@@ -1,4 +1,4 @@
-"""Typed settings from the environment, an env file and systemd credentials (DESIGN §3).
+"""Typed settings from the environment, an env file and systemd credentials (docs/design.md#settings).
 
 Every variable is ``EDGE_AGENT_`` + the field path joined by ``__`` (``EDGE_AGENT_MQTT__PORT``). Secrets are
 ``SecretStr`` and may also come from files named like the variable in ``$CREDENTIALS_DIRECTORY`` (systemd's
@@ -37,6 +37,8 @@ from agent.errors import ConfigError
 ENV_PREFIX = "EDGE_AGENT_"
 DEFAULT_ENV_FILE = Path("/etc/edge-agent/agent.env")
 Placement = Literal["auto", "local", "cloud"]
+# Top-level settings a reload (SIGHUP) applies to the running agent; every other change waits for a restart.
+RELOADABLE = frozenset({"routes", "decision"})
 
 
 def _default_agent_id() -> str:
@@ -86,9 +88,11 @@ class _Frozen(BaseModel):
 
 
 class TlsSettings(_Frozen):
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: Path | None = Field(
+        default=None, description="CA certificate(s) to verify the broker by; setting it turns TLS on")
+    cert_file: Path | None = Field(
+        default=None, description="client certificate for mutual TLS (with KEY_FILE); turns TLS on")
+    key_file: Path | None = Field(default=None, description="the client certificate's private key")
 
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod
@@ -107,23 +111,36 @@ class TlsSettings(_Frozen):
 
 
 class MqttSettings(_Frozen):
-    host: str = "localhost"
-    port: int = Field(default=1883, ge=1, le=65535)
-    protocol: Literal["5", "3.1.1"] = "5"
-    username: str | None = None
-    password: SecretStr | None = None
+    host: str = Field(default="localhost", description="the broker's host name or address")
+    port: int = Field(default=1883, ge=1, le=65535, description="the broker's port (8883 is usual with TLS)")
+    protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT version spoken to the broker")
+    username: str | None = Field(default=None, description="broker user name")
+    password: SecretStr | None = Field(
+        default=None, description="broker password (secret; also from the credential EDGE_AGENT_MQTT__PASSWORD)")
     tls: TlsSettings = TlsSettings()
-    shared_group: str | None = None
-    client_id: str | None = Field(default=None, description="default: edge-agent-<agent_id>")
-    keepalive_s: int = Field(default=30, ge=5, le=65535)
-    # How many unacknowledged QoS 1 messages the broker may send us at once (MQTT 5 Receive Maximum). It bounds
-    # the messages held in memory before their commit and sets the size of each group commit.
-    receive_maximum: int = Field(default=1000, ge=1, le=65535)
-    # Results and dead letters published but not yet acknowledged by the broker (our own window, see STYLE.md).
-    publish_window: int = Field(default=1000, ge=1, le=20000)
-    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
-    reconnect_min_s: float = Field(default=0.5, gt=0)
-    reconnect_max_s: float = Field(default=60.0, gt=0)
+    shared_group: str | None = Field(
+        default=None,
+        description="subscribe as `$share/<group>/<filter>` so that the agents of one group split the messages")
+    client_id: str | None = Field(
+        default=None,
+        description="MQTT client id; keep it stable, the broker keeps the agent's session under it "
+        "(default: `edge-agent-<agent_id>`)")
+    keepalive_s: int = Field(default=30, ge=5, le=65535, description="MQTT keepalive in seconds")
+    # It bounds the messages held in memory before their commit and sets the size of each group commit.
+    receive_maximum: int = Field(
+        default=1000, ge=1, le=65535,
+        description="unacknowledged QoS 1 messages the broker may send at once (MQTT 5 Receive Maximum); "
+        "bounds the messages held in memory before their commit")
+    # Our own window: paho's in-flight limit costs O(in-flight) per PUBACK (docs/contributing.md#paho-mqtt-traps).
+    publish_window: int = Field(
+        default=1000, ge=1, le=20000,
+        description="results and dead letters published and not yet acknowledged by the broker "
+        "(also capped by the broker's Receive Maximum)")
+    session_expiry_s: int = Field(
+        default=7 * 24 * 3600, ge=0,
+        description="how long the broker keeps the session (and queues messages) while the agent is away (MQTT 5)")
+    reconnect_min_s: float = Field(default=0.5, gt=0, description="first reconnect delay (exponential, jittered)")
+    reconnect_max_s: float = Field(default=60.0, gt=0, description="longest reconnect delay")
 
     @field_validator("host")
     @classmethod
@@ -151,10 +168,16 @@ class Route(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="allow")
 
-    topic: str
-    task: str
-    placement: Placement = "auto"
-    qos: Literal[0, 1] = 1
+    topic: str = Field(description="MQTT topic filter to subscribe to (`+` and `#` wildcards); the first "
+                       "route whose filter matches a message's topic takes it")
+    task: str = Field(description="the task its messages become: a built-in (`sensor.stats`, `noise.spectrum`) "
+                      "or a user task's entry-point name")
+    placement: Placement = Field(
+        default="auto", description="`auto`: the total-time model decides per task; `local` or `cloud` fix it")
+    qos: Literal[0, 1] = Field(
+        default=1, description="subscription QoS. 1: acknowledged only after the commit, never lost; "
+        "0: at most once; a message that arrives while the store is full is dropped (logged as "
+        "`qos0_message_dropped_store_full`)")
 
     @field_validator("topic")
     @classmethod
@@ -181,33 +204,44 @@ def _default_routes() -> list[Route]:
 
 
 class LocalSettings(_Frozen):
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256,
+                         description="worker processes for heavy tasks on the gateway")
 
 
 class CloudSettings(_Frozen):
-    url: str | None = None
-    token: SecretStr | None = None
-    location: str | None = None
-    # CA bundle for an HTTPS resource API signed by a private CA; default: the system's trust store.
-    ca_file: Path | None = None
-    # httpx timeouts. Connecting should be quick on any working uplink; reading includes the cloud's run time.
-    connect_timeout_s: float = Field(default=3.0, gt=0, le=600)
-    read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
-    write_timeout_s: float = Field(default=60.0, gt=0, le=3600)
-    pool_timeout_s: float = Field(default=5.0, gt=0, le=600)
-    # Transient failures (connection errors, 429, 502-504) are retried this many times with backoff and jitter.
-    max_retries: int = Field(default=3, ge=0, le=20)
-    retry_min_s: float = Field(default=0.2, gt=0, le=60)
-    retry_max_s: float = Field(default=5.0, gt=0, le=600)
-    # After this many consecutive failed offloads the circuit opens: no offloading for the cool-down, then one probe.
-    circuit_failures: int = Field(default=5, ge=1, le=1000)
-    circuit_cooldown_s: float = Field(default=30.0, gt=0, le=86_400)
-    # Lease sizing and lifetime: at most this many vCPUs; released after this long without a cloud task.
-    max_quantity: int = Field(default=4, ge=1, le=1024)
-    lease_idle_s: float = Field(default=60.0, ge=0, le=86_400)
-    # Give up on a lease that is still provisioning after this long (the tasks waiting for it run locally).
-    provisioning_timeout_s: float = Field(default=120.0, gt=0, le=3600)
-    poll_interval_s: float = Field(default=0.5, gt=0, le=60)
+    url: str | None = Field(
+        default=None, description="base URL of the resource API (`http://` or `https://`); unset: never offload")
+    token: SecretStr | None = Field(
+        default=None, description="bearer token for the resource API (secret; also from the credential "
+        "EDGE_AGENT_CLOUD__TOKEN)")
+    location: str | None = Field(default=None, description="`location` asked of the resource API for leases")
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle for an HTTPS resource API signed by a private CA "
+        "(default: the system's trust store)")
+    # Connecting should be quick on any working uplink; reading includes the cloud's run time.
+    connect_timeout_s: float = Field(default=3.0, gt=0, le=600, description="HTTP connect timeout")
+    read_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="HTTP read timeout (includes the task's run time in the cloud)")
+    write_timeout_s: float = Field(default=60.0, gt=0, le=3600, description="HTTP write timeout")
+    pool_timeout_s: float = Field(default=5.0, gt=0, le=600, description="wait for a free HTTP connection")
+    max_retries: int = Field(
+        default=3, ge=0, le=20,
+        description="retries of a transient failure (connection error, 429, 502-504), with backoff and jitter")
+    retry_min_s: float = Field(default=0.2, gt=0, le=60, description="first retry delay")
+    retry_max_s: float = Field(default=5.0, gt=0, le=600, description="longest retry delay")
+    circuit_failures: int = Field(
+        default=5, ge=1, le=1000,
+        description="consecutive failed offloads that open the circuit (no offloading for the cool-down)")
+    circuit_cooldown_s: float = Field(
+        default=30.0, gt=0, le=86_400, description="how long an open circuit waits before one probe")
+    max_quantity: int = Field(default=4, ge=1, le=1024, description="vCPUs asked for one compute lease at most")
+    lease_idle_s: float = Field(
+        default=60.0, ge=0, le=86_400, description="a lease with no cloud task for this long is released")
+    provisioning_timeout_s: float = Field(
+        default=120.0, gt=0, le=3600,
+        description="give up on a lease still provisioning after this long (its tasks run on the gateway)")
+    poll_interval_s: float = Field(
+        default=0.5, gt=0, le=60, description="how often a provisioning lease is polled")
 
     @field_validator("ca_file")
     @classmethod
@@ -225,41 +259,49 @@ class CloudSettings(_Frozen):
 
 
 class MetricsSettings(_Frozen):
-    port: int = Field(default=9108, ge=0, le=65535)
+    port: int = Field(
+        default=9108, ge=0, le=65535,
+        description="port of /metrics (Prometheus), /healthz and /readyz on 127.0.0.1; 0: off")
 
 
 class StoreSettings(_Frozen):
-    # Tasks and results not yet acknowledged by the broker; at the bound, intake pauses (nothing is dropped).
-    max_tasks: int = Field(default=100_000, ge=10)
-    max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
-    # "full" fsyncs every group commit (survives power cuts); "normal" survives process crashes only.
-    synchronous: Literal["full", "normal"] = "full"
-    # Milliseconds a group commit waits, counted from the start of the one before, to take in more messages
-    # (a group of 16 new rows goes at once). Fewer commits cost less CPU at moderate rates; 0: commit as soon as
-    # the previous one is done.
-    commit_interval_ms: float = Field(default=4.0, ge=0, le=100)
-    # Seconds between saves of the state tasks keep between messages (sensor.stats windows), besides the save
-    # at a clean stop; a power cut loses at most this much of it. 0: only at a clean stop.
-    state_interval_s: float = Field(default=300.0, ge=0, le=86_400)
+    max_tasks: int = Field(
+        default=100_000, ge=10,
+        description="tasks and results the store holds at most; at the bound intake pauses (see the route's `qos`)")
+    max_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=1024 * 1024, description="bytes of payloads and results the store holds at most")
+    synchronous: Literal["full", "normal"] = Field(
+        default="full",
+        description="`full` fsyncs every group commit (survives power cuts); `normal` survives process crashes only")
+    # Fewer commits cost less CPU at moderate rates; a backlog fills its groups at once and never waits.
+    commit_interval_ms: float = Field(
+        default=4.0, ge=0, le=100,
+        description="least spacing of group commits, from the start of the previous one (16 new rows go at "
+        "once); 0: commit as soon as the previous one is done")
+    state_interval_s: float = Field(
+        default=300.0, ge=0, le=86_400,
+        description="seconds between saves of what tasks keep between messages (`sensor.stats` windows), "
+        "besides the save at a clean stop; a power cut loses at most this much of it; 0: only at a clean stop")
 
 
 class LogSettings(_Frozen):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="least level logged")
+    format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="`auto`: JSON lines when stderr is not a terminal (journald), console otherwise")
 
 
 class KindPrior(_Frozen):
-    """What the agent assumes about one task kind before it has measured it (DESIGN §6).
+    """What the agent assumes about one task kind before it has measured it (docs/design.md#decision-model).
 
     Service time is modelled as ``fixed_s + per_byte_s × input bytes`` on each side; measurements replace these
     numbers within a few dozen executions, so they only need to be the right order of magnitude.
     """
 
-    local_fixed_s: float = Field(ge=0, le=3600)
-    local_per_byte_s: float = Field(ge=0, le=1)
-    cloud_fixed_s: float = Field(ge=0, le=3600)
-    cloud_per_byte_s: float = Field(ge=0, le=1)
-    out_bytes: int = Field(ge=0, le=256 * 1024 * 1024)
+    local_fixed_s: float = Field(ge=0, le=3600, description="service time on the gateway, fixed part (s)")
+    local_per_byte_s: float = Field(ge=0, le=1, description="service time on the gateway per input byte (s)")
+    cloud_fixed_s: float = Field(ge=0, le=3600, description="service time in the cloud, fixed part (s)")
+    cloud_per_byte_s: float = Field(ge=0, le=1, description="service time in the cloud per input byte (s)")
+    out_bytes: int = Field(ge=0, le=256 * 1024 * 1024, description="size of a result, for the download term")
 
 
 def _default_kind_priors() -> dict[str, KindPrior]:
@@ -279,45 +321,58 @@ def _default_kind_priors() -> dict[str, KindPrior]:
 
 
 class DecisionSettings(_Frozen):
-    """Priors and tuning of the total-time model (DESIGN §6); see ``agent.decision`` for how each is used."""
+    """Priors and tuning of the total-time model (docs/design.md#decision-model); see ``agent.decision``."""
 
-    # Service-time and output-size priors per task kind as JSON; "*" stands for every kind not listed.
-    kinds: dict[str, KindPrior] = Field(default_factory=_default_kind_priors)
-    # Cellular uplinks in the field average 1-2 Mbit/s (shared/traces); a prior in that range neither tempts the
-    # agent into offloading on a link it has not measured nor rules the cloud out.
-    uplink_mbps: float = Field(default=2.0, gt=0, le=100_000)
+    kinds: dict[str, KindPrior] = Field(
+        default_factory=_default_kind_priors,
+        description="service-time and result-size priors per task kind, as JSON (keys below); `*` stands for "
+        "every kind not listed and is added when missing")
+    # Cellular uplinks in the field average 1-2 Mbit/s (agent/data/traces); a prior in that range neither
+    # tempts the agent into offloading on a link it has not measured nor rules the cloud out.
+    uplink_mbps: float = Field(default=2.0, gt=0, le=100_000, description="uplink bandwidth before any measurement")
     # Downlinks are typically 2-5x the uplink; results are small, so this prior barely matters.
-    downlink_mbps: float = Field(default=5.0, gt=0, le=100_000)
+    downlink_mbps: float = Field(
+        default=5.0, gt=0, le=100_000, description="downlink bandwidth before any measurement")
     # A cellular round trip to a regional cloud: 50-100 ms.
-    rtt_s: float = Field(default=0.08, ge=0, le=60)
+    rtt_s: float = Field(default=0.08, ge=0, le=60, description="round trip to the resource API before any measurement")
     # Typical time for the resource API to bring a compute lease to "ready" (container start).
-    provisioning_s: float = Field(default=3.0, ge=0, le=3600)
-    # Tasks a lease runs at once (its vCPUs) until the lease manager reports the real figure: the cloud queue
-    # wait is the queued cloud work over this. 4 matches the lease size the agent asks for by default.
-    cloud_slots: int = Field(default=4, ge=1, le=1024)
-    # Offload only when the cloud is expected to be faster by more than this: absolute seconds, or a share of
-    # the local total if larger. 5 ms keeps exact ties and float noise from flapping between targets; a
-    # share costs real time in replays (every near-tie the cloud would have won goes local), so it is 0.
-    margin_s: float = Field(default=0.005, ge=0, le=60)
-    margin_ratio: float = Field(default=0.0, ge=0, le=1)
-    # Network estimates (bandwidth, RTT) forget old samples with this half-life in seconds. Cellular capacity
-    # changes within seconds, so a short memory tracks it (5 s did better than 10 or 20 s in the replays); with
-    # no new sample the estimate falls back to the long-term one, so a recovered (or slowed) link is noticed.
-    network_half_life_s: float = Field(default=5.0, gt=0, le=86_400)
-    # The long-term network estimate, the fallback of the short one, ages toward the priors above this slowly.
-    baseline_half_life_s: float = Field(default=600.0, gt=0, le=864_000)
-    # Service-time fits forget by executions: a gateway that got slower (thermal throttling, a noisy neighbour)
-    # is learned within about this many samples of the kind.
-    service_memory: int = Field(default=50, ge=2, le=100_000)
-    # A kind not executed on one side for a while ages back toward its prior with this half-life (seconds).
-    service_half_life_s: float = Field(default=3600.0, gt=0, le=864_000)
-    # When no cloud result has arrived for this long, one task is sent to the cloud as a probe if, provisioning
-    # aside, it is expected to take at most PROBE_BUDGET_S longer there (in practice a small task): it refreshes
-    # RTT and bandwidth, so a cloud the estimates wrote off (or never measured) gets another chance. With no warm
-    # lease, a lease is requested first and the probe waits for it, so no task waits out provisioning. The
-    # interval doubles (up to 16×) while probes never lead to offloading. 0 turns probing off.
-    probe_interval_s: float = Field(default=120.0, ge=0, le=86_400)
-    probe_budget_s: float = Field(default=0.2, ge=0, le=3600)
+    provisioning_s: float = Field(
+        default=3.0, ge=0, le=3600, description="time to bring a compute lease to ready, before any measurement")
+    # 4 matches the lease size the agent asks for by default.
+    cloud_slots: int = Field(
+        default=4, ge=1, le=1024,
+        description="tasks a lease runs at once until the lease manager reports its real size: the cloud queue "
+        "wait is the queued cloud work over this")
+    # 5 ms keeps exact ties and float noise from flapping between targets; a share costs real time in replays
+    # (every near-tie the cloud would have won goes local), so it is 0.
+    margin_s: float = Field(
+        default=0.005, ge=0, le=60,
+        description="offload only when the cloud is expected to be faster by more than this (seconds) ...")
+    margin_ratio: float = Field(
+        default=0.0, ge=0, le=1, description="... or by this share of the local total, if larger")
+    # Cellular capacity changes within seconds: 5 s did better than 10 or 20 s in the replays.
+    network_half_life_s: float = Field(
+        default=5.0, gt=0, le=86_400,
+        description="half-life (s) of the short-term bandwidth and RTT estimates; with no new sample they fall "
+        "back to the long-term ones, so a recovered (or slowed) link is noticed")
+    baseline_half_life_s: float = Field(
+        default=600.0, gt=0, le=864_000,
+        description="half-life (s) with which the long-term network estimates age toward the priors")
+    service_memory: int = Field(
+        default=50, ge=2, le=100_000,
+        description="executions a service-time fit remembers: a gateway that got slower (thermal throttling) is "
+        "learned within about this many tasks of the kind")
+    service_half_life_s: float = Field(
+        default=3600.0, gt=0, le=864_000,
+        description="half-life (s) with which a kind not run on one side for a while ages back toward its prior")
+    # With no warm lease, a lease is requested first and the probe waits for it, so no task waits out provisioning.
+    probe_interval_s: float = Field(
+        default=120.0, ge=0, le=86_400,
+        description="with no cloud result for this long, one small task goes to the cloud as a probe to refresh "
+        "RTT and bandwidth; doubles (up to 16x) while probes never lead to offloading; 0: no probes")
+    probe_budget_s: float = Field(
+        default=0.2, ge=0, le=3600,
+        description="a probe is a task expected to take at most this much longer in the cloud, provisioning aside")
 
     @field_validator("kinds")
     @classmethod
@@ -339,18 +394,29 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    agent_id: str = Field(default_factory=_default_agent_id)
+    agent_id: str = Field(
+        default_factory=_default_agent_id,
+        description="this gateway's id: a level of its result, dead-letter and status topics, and part of the "
+        "MQTT client id")
     mqtt: MqttSettings = MqttSettings()
-    routes: list[Route] = Field(default_factory=_default_routes)
-    max_payload_bytes: int = Field(default=1_048_576, ge=1, le=256 * 1024 * 1024)
-    state_dir: Path = Field(default_factory=_default_state_dir)
+    routes: list[Route] = Field(
+        default_factory=_default_routes,
+        description="JSON list of routes: which topics to subscribe to and the task each becomes "
+        "(route keys below)")
+    max_payload_bytes: int = Field(
+        default=1_048_576, ge=1, le=256 * 1024 * 1024,
+        description="larger messages go to the dead-letter topic (`too_large`)")
+    state_dir: Path = Field(default_factory=_default_state_dir,
+                            description="directory of the store (SQLite database and its WAL)")
     local: LocalSettings = LocalSettings()
     cloud: CloudSettings = CloudSettings()
     metrics: MetricsSettings = MetricsSettings()
     store: StoreSettings = StoreSettings()
     log: LogSettings = LogSettings()
     decision: DecisionSettings = DecisionSettings()
-    shutdown_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    shutdown_timeout_s: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="how long a stop may spend finishing running tasks before it keeps the rest in the store")
 
     @field_validator("agent_id")
     @classmethod

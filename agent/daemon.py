@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from agent.cloud import CircuitState, CloudClient
-from agent.config import Route, Settings
+from agent.config import RELOADABLE, Route, Settings
 from agent.decision import Policy
 from agent.dispatch import Dispatcher
 from agent.egress import Publisher
@@ -318,7 +318,7 @@ class Daemon:
             self.policy.reconfigure(new.decision)
         changed = sorted(
             key for key in type(new).model_fields
-            if key not in ("routes", "decision") and getattr(new, key) != getattr(old, key)
+            if key not in RELOADABLE and getattr(new, key) != getattr(old, key)
         )
         self.settings = new.model_copy(update={key: getattr(old, key) for key in changed})
         if changed:
