@@ -73,3 +73,10 @@ def test_nothing_points_outside_the_repository() -> None:
                 text = path.read_text(encoding="utf-8", errors="replace")
                 offenders += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in pattern.finditer(text)]
     assert offenders == []
+
+
+def test_the_example_env_file_names_every_setting() -> None:
+    example = (ROOT / "deploy" / "agent.env.example").read_text(encoding="utf-8")
+    missing = [settings_reference.variable(path) for path, _ in settings_reference.leaves(Settings)
+               if settings_reference.variable(path) not in example]
+    assert missing == []

@@ -77,6 +77,20 @@ def test_install_lays_out_the_tree(installed: tuple[Path, subprocess.CompletedPr
     assert "systemctl" not in first.stdout
 
 
+def test_the_installed_package_carries_the_demo_data(installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    # An installed wheel's `edge-agent demo` plays the sample shipped in the package, licence included.
+    root, _ = installed
+    probe = ("import agent.data as d, agent.demo.options as o, argparse; "
+             "a = o.build_parser(argparse.ArgumentParser()).parse_args([]); "
+             "print(a.data, a.uplink, (d.DATA_DIR / 'COPYING').is_file(), "
+             "len(list(a.data.glob('Aarhus*.csv'))), a.uplink.stat().st_size)")
+    out = subprocess.run([str(root / "opt/edge-agent/venv/bin/python"), "-c", probe], capture_output=True, cwd=root,
+                         text=True, check=True, timeout=60).stdout.split()
+    site = str(root / "opt/edge-agent/venv/lib")
+    assert out[0].startswith(site) and out[1].startswith(site), out
+    assert out[2:] == ["True", "8", str((ROOT / "agent/data/traces/mahimahi/ATT-LTE-driving-2016.up").stat().st_size)]
+
+
 def test_second_run_changes_nothing(installed: tuple[Path, subprocess.CompletedProcess[str]], wheel: Path) -> None:
     root, _ = installed
     before = tree(root)
