@@ -520,7 +520,7 @@ class MqttLink:
                                           self._settings.reconnect_max_s, self._rng)
                     attempt += 1
                     log.info("mqtt_reconnect_wait", seconds=round(delay, 2), attempt=attempt)
-                    await self._pause(delay, wake=False)
+                    await self._wait_out(delay)
                     continue
                 if not await self._loop.run_in_executor(None, self._try_connect):
                     self._lost = True
@@ -542,14 +542,19 @@ class MqttLink:
                 client.loop_misc()  # keepalive: a PINGREQ when due; a silent broker is dropped
             await self._pause(TICK_S)
 
-    async def _pause(self, seconds: float, wake: bool = True) -> None:
+    async def _pause(self, seconds: float) -> None:
         assert self._wake is not None
         self._wake.clear()
-        if not wake:
-            await asyncio.sleep(seconds)
-            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def _wait_out(self, seconds: float) -> None:
+        """A reconnect backoff (up to RECONNECT_MAX_S) that keeps the heartbeat fresh: waiting is not being
+        stuck, and a stale heartbeat would stop the watchdog pings and get the agent killed mid-outage."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.heartbeat = time.monotonic()
+            await asyncio.sleep(min(TICK_S, left))
 
     def _poke(self) -> None:
         if self._wake is not None:
