@@ -173,7 +173,7 @@ class Store:
         self._synchronous = synchronous.upper()
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         # Group commit with a floor on the spacing of commits (see _gather). _gathered is written by the
-        # ingress thread only while _gathering is set, and by the writer only while it is not.
+        # event loop (ingress) only while _gathering is set, and by the writer only while it is not.
         self._commit_interval = commit_interval_s
         self._last_start = 0.0
         self._gathering = False
@@ -182,8 +182,8 @@ class Store:
         self._thread: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
         self._hook: CommitHook = lambda committed: None
-        # Single-writer counters (admitted: ingress thread; released: writer thread): no lock needed, and
-        # outstanding = admitted - released never races.
+        # Single-writer counters (admitted: the event loop, in ingress; released: the writer thread): no lock
+        # needed, and outstanding = admitted - released never races.
         self.admitted_rows = 0
         self.admitted_bytes = 0
         self.released_rows = 0
