@@ -261,7 +261,7 @@ class Daemon:
                  intake_paused=self.ingress.paused, threads=threading.active_count())
 
     def request_leave(self) -> None:
-        """SIGUSR1: retire this member losslessly (README "Running a fleet", retiring a member)."""
+        """SIGUSR1: retire this member losslessly (docs/fleets.md#retiring-a-member)."""
         if self.leaving or self.stopping.is_set():
             return
         self.leaving = True

@@ -262,7 +262,7 @@ def relay(port: int, topic: str, prefix: str) -> None:
 
     It stays in this script's session, with the device, while the agent has a session of its own. Linux
     schedules each session as a group (autogroup), so when other work keeps the host busy this placement
-    favours the relay (README "Performance"). In a session of its own, paho's relay fell behind in one of its
+    favours the relay (docs/performance.md). In a session of its own, paho's relay fell behind in one of its
     two phases in each of five runs on a quiet host (p99 72 - 1,311 ms), which is no floor to compare with."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-relay", protocol=paho.MQTTv311)
     client.max_inflight_messages_set(1000)

@@ -1,6 +1,6 @@
 """Replay workloads: task arrivals with sizes and true service times, and the world they run in.
 
-The default mix (``DEFAULT_WORKLOAD``, also in README "The offloading decision"):
+The default mix (``DEFAULT_WORKLOAD``, also in docs/decision.md):
 
 - ``sensor.stats``: Poisson arrivals at 8/s (a district's traffic, parking and weather rows), inputs uniform in
   120–400 bytes (CityPulse rows as JSON), 1 ms + 20 ns/byte on the gateway, 2× faster in the cloud, 350-byte
