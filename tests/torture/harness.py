@@ -23,7 +23,10 @@ from support import ROOT, free_port, wait_for
 
 
 def env_int(name: str, default: int) -> int:
-    """A test parameter an operator may raise for a longer soak, e.g. ``EDGE_AGENT_TORTURE_MESSAGES=200000``."""
+    """A test parameter an operator may raise for a longer soak, e.g. ``TORTURE_MESSAGES=200000``.
+
+    Named outside ``EDGE_AGENT_``: the agent refuses any name under its prefix that is not one of its settings.
+    """
     raw = os.environ.get(name, "").strip()
     return int(raw) if raw else default
 

@@ -7,7 +7,7 @@ says what a message must give (docs/design.md#mqtt-contract and #tasks), the ans
 ``task_failed`` (a task crashing on its input) is never acceptable. At the end the daemon must still be alive,
 healthy, have answered each message exactly once, and stop cleanly.
 
-``EDGE_AGENT_FUZZ_EXAMPLES`` raises the number of examples for a longer run.
+``FUZZ_EXAMPLES`` raises the number of examples for a longer run.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from support import Agent, Collector, Mosquitto, free_port, publisher, wait_for
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = env_int("EDGE_AGENT_FUZZ_EXAMPLES", 300)
+EXAMPLES = env_int("FUZZ_EXAMPLES", 300)
 MAX_PAYLOAD = 65_536
 MAX_READINGS = 1024  # sensor.stats refuses messages with more numeric readings (README: split it up)
 ANSWER_TIMEOUT_S = 20.0

@@ -9,10 +9,10 @@ and the agent's memory stays bounded.
 
 The parameters are module constants with environment overrides for a longer soak, e.g.::
 
-    EDGE_AGENT_TORTURE_MESSAGES=200000 EDGE_AGENT_TORTURE_KILLS=100 EDGE_AGENT_TORTURE_RESTARTS=40 \
-        EDGE_AGENT_TORTURE_RATE=500 .venv/bin/python -m pytest tests/torture/test_torture_stream.py -s
+    TORTURE_MESSAGES=200000 TORTURE_KILLS=100 TORTURE_RESTARTS=40 \
+        TORTURE_RATE=500 .venv/bin/python -m pytest tests/torture/test_torture_stream.py -s
 
-The seed is printed; ``EDGE_AGENT_TORTURE_SEED`` replays a schedule (the timing of a real system still varies).
+The seed is printed; ``TORTURE_SEED`` replays a schedule (the timing of a real system still varies).
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ from support import CITYPULSE, Agent, Collector, Mosquitto, citypulse_rows, free
 
 pytestmark = pytest.mark.integration
 
-MESSAGES = env_int("EDGE_AGENT_TORTURE_MESSAGES", 20_000)
-KILLS = env_int("EDGE_AGENT_TORTURE_KILLS", 10)  # SIGKILLs of the agent (with its worker pool)
-RESTARTS = env_int("EDGE_AGENT_TORTURE_RESTARTS", 5)  # broker restarts on the same port
-CLOUD_OUTAGES = env_int("EDGE_AGENT_TORTURE_CLOUD_OUTAGES", 2)  # devcloud SIGKILLed, later started again
-RATE = env_float("EDGE_AGENT_TORTURE_RATE", 300.0)  # messages per second offered by the devices
-SEED = env_int("EDGE_AGENT_TORTURE_SEED", random.SystemRandom().randrange(1 << 32))
+MESSAGES = env_int("TORTURE_MESSAGES", 20_000)
+KILLS = env_int("TORTURE_KILLS", 10)  # SIGKILLs of the agent (with its worker pool)
+RESTARTS = env_int("TORTURE_RESTARTS", 5)  # broker restarts on the same port
+CLOUD_OUTAGES = env_int("TORTURE_CLOUD_OUTAGES", 2)  # devcloud SIGKILLed, later started again
+RATE = env_float("TORTURE_RATE", 300.0)  # messages per second offered by the devices
+SEED = env_int("TORTURE_SEED", random.SystemRandom().randrange(1 << 32))
 
 # The agent's bounds. The store bound is small so that a backlog after a kill, a broker restart or a slow
 # cloud fills it and intake pauses (the broker keeps the messages).
@@ -54,7 +54,7 @@ BROKER_INFLIGHT = 100  # Mosquitto's max_inflight_messages: its Receive Maximum,
 # Peak RSS of the agent's main process. It peaks near 75 MB draining a 100,000-message backlog
 # (benchmarks/throughput.py); 120 MB leaves room for a noisy machine but not for a queue that grows with the
 # stream.
-MAX_RSS_MB = env_float("EDGE_AGENT_TORTURE_MAX_RSS_MB", 120.0)
+MAX_RSS_MB = env_float("TORTURE_MAX_RSS_MB", 120.0)
 
 TRAFFIC_ROUTE = {"topic": "city/+/traffic/+/data", "task": "sensor.stats", "placement": "auto"}
 PARKING_ROUTE = {"topic": "city/+/parking/+/data", "task": "sensor.stats", "placement": "cloud"}
@@ -192,7 +192,7 @@ def run_chaos(events: list[tuple[float, str]], start: float, rng: random.Random,
 def test_stream_survives_kills_broker_restarts_and_cloud_outages(tmp_path: Path) -> None:
     started = time.monotonic()
     rng = random.Random(SEED)
-    print(f"\ntorture seed {SEED} (EDGE_AGENT_TORTURE_SEED={SEED} replays the schedule)")
+    print(f"\ntorture seed {SEED} (TORTURE_SEED={SEED} replays the schedule)")
     messages = build_stream(MESSAGES, rng)
     expected = {m.key: m.expect for m in messages}
     duration_s = MESSAGES / RATE
