@@ -1,7 +1,7 @@
 """The agent's exception tree.
 
     AgentError
-    ├── ConfigError          a setting is invalid: start-up stops with exit status 78 (EX_CONFIG)
+    ├── ConfigError          settings are invalid or unknown: start-up stops with exit status 78 (EX_CONFIG)
     ├── PayloadError         a device message cannot become a result; ``reason`` is the dead-letter code
     │   ├── InvalidJson      reason ``invalid_json``
     │   └── InvalidPayload   reason ``invalid_payload``
@@ -12,18 +12,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class AgentError(Exception):
     """Base of every error the agent raises on purpose."""
 
 
 class ConfigError(AgentError):
-    """A setting is invalid. ``variable`` names the environment variable at fault."""
+    """Settings are invalid. ``problems`` lists every (variable, problem) found, so that an operator fixes them
+    in one go; ``variable`` and ``problem`` are the first's. Its text is one ``variable: problem`` line each."""
 
-    def __init__(self, variable: str, problem: str) -> None:
-        super().__init__(f"{variable}: {problem}")
+    def __init__(self, variable: str, problem: str, *more: tuple[str, str]) -> None:
+        self.problems = [(variable, problem), *more]
+        super().__init__("\n".join(f"{name}: {text}" for name, text in self.problems))
         self.variable = variable
         self.problem = problem
+
+    @classmethod
+    def listing(cls, problems: Sequence[tuple[str, str]]) -> ConfigError:
+        """One error for several problems (at least one)."""
+        first, *more = problems
+        return cls(*first, *more)
 
 
 class PayloadError(AgentError):
