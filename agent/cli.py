@@ -8,12 +8,12 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.config import DEFAULT_ENV_FILE, Settings, load_settings, redacted
+from agent.config import DEFAULT_ENV_FILE, Route, Settings, load_settings, redacted
 from agent.errors import ConfigError
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus=78 stops restart loops
@@ -120,11 +120,21 @@ _positive_float = _number(float, 0.0, strict=True)
 
 def _settings(args: argparse.Namespace) -> Settings:
     explicit = args.env_file is not None
-    from agent.tasks import default_registry  # late: entry points load only once settings parse
 
-    settings = load_settings(args.env_file if explicit else DEFAULT_ENV_FILE, explicit=explicit)
-    default_registry().check_routes(settings.routes)
-    return settings
+    def check_routes(routes: Sequence[Route]) -> list[tuple[str, str]]:
+        from agent.tasks import default_registry  # late: entry points load only once the routes parse
+
+        return default_registry().route_problems(routes)
+
+    return load_settings(args.env_file if explicit else DEFAULT_ENV_FILE, explicit=explicit,
+                         check_routes=check_routes)
+
+
+def _config_error(exc: ConfigError) -> int:
+    # One line per problem, each naming its variable, so that all of them are fixed in one go.
+    for variable, problem in exc.problems:
+        print(f"edge-agent: configuration error: {variable}: {problem}", file=sys.stderr)
+    return EX_CONFIG
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,8 +162,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         settings = _settings(args)
     except ConfigError as exc:
-        print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _config_error(exc)
 
     if args.command == "check-config":
         json.dump(redacted(settings), sys.stdout, indent=2, sort_keys=True)
@@ -176,8 +185,7 @@ def _main(argv: list[str] | None) -> int:
         return daemon.run(settings, reload=lambda: _settings(args))
     except ConfigError as exc:
         # Raised while opening the store or the TLS context: still before connecting anywhere.
-        print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _config_error(exc)
 
 
 def _explain(args: argparse.Namespace, settings: Settings) -> int:
@@ -222,8 +230,7 @@ def _replay(args: argparse.Namespace) -> int:
         decision = load_settings(args.env_file, explicit=True).decision if args.env_file else DecisionSettings()
         workload = load_workload(args.workload) if args.workload else DEFAULT_WORKLOAD
     except ConfigError as exc:
-        print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _config_error(exc)
     except ValueError as exc:
         print(f"edge-agent replay: {exc}", file=sys.stderr)
         return EX_USAGE

@@ -1,19 +1,28 @@
 """Typed settings from the environment, an env file and systemd credentials (docs/design.md#settings).
 
-Every variable is ``EDGE_AGENT_`` + the field path joined by ``__`` (``EDGE_AGENT_MQTT__PORT``). Secrets are
-``SecretStr`` and may also come from files named like the variable in ``$CREDENTIALS_DIRECTORY`` (systemd's
-``LoadCredential=EDGE_AGENT_CLOUD__TOKEN:edge-agent.cloud-token``, from ``/etc/credstore/``).
-:func:`load_settings` turns every validation problem into one :class:`~agent.errors.ConfigError` naming the
-variable.
+Every variable is ``EDGE_AGENT_`` + the field path joined by ``__`` (``EDGE_AGENT_MQTT__PORT``); a section may
+also be given whole as JSON (``EDGE_AGENT_MQTT``), and a JSON object setting key by key
+(``EDGE_AGENT_DECISION__KINDS__<kind>__<key>``). Secrets are ``SecretStr`` and may also come from files named like
+the variable in ``$CREDENTIALS_DIRECTORY`` (systemd's ``LoadCredential=EDGE_AGENT_CLOUD__TOKEN:edge-agent.cloud-token``,
+from ``/etc/credstore/``).
+
+:func:`load_settings` is strict: an ``EDGE_AGENT_*`` name that is no setting (a typo would otherwise leave the
+default in force unnoticed), a value that is not valid JSON where JSON is expected, and every validation problem
+are all collected into one :class:`~agent.errors.ConfigError`, each naming its variable. The names in
+:data:`NOT_SETTINGS` belong to the project's other commands and are let through.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import socket
+import types
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -24,10 +33,15 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
     NestedSecretsSettingsSource,
     PydanticBaseSettingsSource,
+    SecretsSettingsSource,
     SettingsConfigDict,
     SettingsError,
 )
@@ -39,6 +53,11 @@ DEFAULT_ENV_FILE = Path("/etc/edge-agent/agent.env")
 Placement = Literal["auto", "local", "cloud"]
 # Top-level settings a reload (SIGHUP) applies to the running agent; every other change waits for a restart.
 RELOADABLE = frozenset({"routes", "decision"})
+# Names under the prefix that are not the agent's settings but belong to the project's other commands, which
+# operators may export in the same shell or unit as the agent: the agent accepts them and never reads them.
+NOT_SETTINGS = {
+    "EDGE_AGENT_DEVCLOUD_TOKEN": "the bearer token of `edge-agent devcloud`",
+}
 
 
 def _default_agent_id() -> str:
@@ -383,8 +402,8 @@ class DecisionSettings(_Frozen):
         return value
 
 
-class Settings(BaseSettings):
-    """All settings of one agent. Built by :func:`load_settings`."""
+class _Sourced(BaseSettings):
+    """Where settings come from: the environment, then the env file, then systemd credentials."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -393,6 +412,42 @@ class Settings(BaseSettings):
         extra="ignore",
         frozen=True,
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if credentials and Path(credentials).is_dir():
+            sources.append(_credentials(file_secret_settings, credentials))
+        for source in sources:
+            if isinstance(source, EnvSettingsSource):
+                # What load_settings reports is not read: the rest validates as if it were not there, so a typo
+                # in a section is one line in the operator's words rather than a second, cryptic one.
+                source.env_vars = {name: value for name, value in source.env_vars.items()
+                                   if _screen(name, value) is None}
+        return tuple(sources)
+
+
+def _credentials(file_secret_settings: PydanticBaseSettingsSource, directory: str) -> NestedSecretsSettingsSource:
+    # Credential files are named like the variable: EDGE_AGENT_MQTT__PASSWORD, EDGE_AGENT_CLOUD__TOKEN.
+    return NestedSecretsSettingsSource(
+        file_secret_settings,
+        secrets_dir=directory,
+        secrets_prefix=ENV_PREFIX,
+        secrets_nested_delimiter="__",
+        secrets_dir_missing="ok",
+    )
+
+
+class Settings(_Sourced):
+    """All settings of one agent. Built by :func:`load_settings`."""
 
     agent_id: str = Field(
         default_factory=_default_agent_id,
@@ -441,29 +496,194 @@ class Settings(BaseSettings):
     def client_id(self) -> str:
         return self.mqtt.client_id or f"edge-agent-{self.agent_id}"
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
-        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-        if credentials and Path(credentials).is_dir():
-            # Credential files are named like the variable: EDGE_AGENT_MQTT__PASSWORD, EDGE_AGENT_CLOUD__TOKEN.
-            sources.append(
-                NestedSecretsSettingsSource(
-                    file_secret_settings,
-                    secrets_dir=credentials,
-                    secrets_prefix=ENV_PREFIX,
-                    secrets_nested_delimiter="__",
-                    secrets_dir_missing="ok",
-                )
-            )
-        return tuple(sources)
+
+
+class _RoutesOnly(_Sourced):
+    """The routes alone, read from the same sources: their tasks and options are checked, and reported with
+    everything else, even when another setting is bad."""
+
+    routes: list[Route] = Field(default_factory=_default_routes)
+
+
+# --- Names: which variables are settings ------------------------------------------------------------------------
+
+
+def strip_optional(annotation: Any) -> Any:
+    """``X | None`` → ``X``; any other annotation as it is."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _model(annotation: Any) -> type[BaseModel] | None:
+    annotation = strip_optional(annotation)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _entry_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of each entry of a JSON object setting (``dict[str, KindPrior]`` → KindPrior)."""
+    annotation = strip_optional(annotation)
+    return _model(get_args(annotation)[1]) if get_origin(annotation) is dict else None
+
+
+def leaves(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    """Every setting as (dotted path, field), nested models flattened in declaration order."""
+    for name, field in model.model_fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        inner = _model(field.annotation)
+        if inner is not None:
+            yield from leaves(inner, path)
+        else:
+            yield path, field
+
+
+def _sections(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    """Every nested model's dotted path (``mqtt``, ``mqtt.tls``): each may also be given whole as JSON."""
+    for name, field in model.model_fields.items():
+        inner = _model(field.annotation)
+        if inner is not None:
+            path = f"{prefix}.{name}" if prefix else name
+            yield path
+            yield from _sections(inner, path)
+
+
+def variable(path: str) -> str:
+    """The variable of a dotted setting path: ``mqtt.tls.ca_file`` → ``EDGE_AGENT_MQTT__TLS__CA_FILE``."""
+    return ENV_PREFIX + path.replace(".", "__").upper()
+
+
+def _prefixed(name: str) -> bool:
+    return name[: len(ENV_PREFIX)].upper() == ENV_PREFIX
+
+
+def _target(name: str) -> Any:
+    """What a variable sets (a section's model, a setting's type, an entry of a JSON object setting), or None
+    when it sets nothing. Case-insensitive, as the settings are."""
+    annotation: Any = Settings
+    for part in name[len(ENV_PREFIX):].lower().split("__"):
+        model = _model(annotation)
+        if model is not None:
+            field = model.model_fields.get(part)
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif get_origin(strip_optional(annotation)) is dict and part:
+            # pydantic-settings fills a JSON object setting key by key: EDGE_AGENT_DECISION__KINDS__<kind>[__<key>]
+            annotation = get_args(strip_optional(annotation))[1]
+        else:
+            return None
+    return strip_optional(annotation)
+
+
+UNKNOWN = "unknown setting"
+
+
+def _screen(name: str, value: str | None) -> str | None:
+    """Why the agent will not read the variable ``name``: it is no setting (:data:`UNKNOWN`), or its value is not
+    the JSON it must be. None when it will, and for names outside the prefix or in :data:`NOT_SETTINGS`."""
+    if not _prefixed(name) or name.upper() in NOT_SETTINGS:
+        return None
+    target = _target(name)
+    if target is None:
+        return UNKNOWN
+    if value is not None and (_model(target) is not None or get_origin(target) in (list, dict)):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as exc:
+            return f"not valid JSON ({exc})"
+        except (ValueError, RecursionError):
+            return "not valid JSON"
+    return None
+
+
+def closest(given: str, choices: Iterable[str]) -> list[str]:
+    """The choices ``given`` most likely misspells: one equal to it but for case and the number of underscores
+    in a row (``MQTT_HOST`` for ``MQTT__HOST``), else the most similar ones (difflib), at most three."""
+
+    def fold(text: str) -> str:
+        return re.sub("_+", "_", text.upper())
+
+    unique = list(dict.fromkeys(choices))
+    same = [choice for choice in unique if fold(choice) == fold(given)]
+    if same:
+        return same[:3]
+    scored = sorted(((difflib.SequenceMatcher(None, given.upper(), choice.upper()).ratio(), choice)
+                     for choice in unique), key=lambda pair: (-pair[0], pair[1]))
+    best = scored[0][0] if scored else 0.0
+    return [choice for ratio, choice in scored if ratio >= max(0.6, best - 0.02)][:3]
+
+
+def suggestion(found: Sequence[str]) -> str:
+    """`` — did you mean X?`` (or ``X or Y?``), or nothing when nothing was found."""
+    if not found:
+        return ""
+    listed = found[0] if len(found) == 1 else f"{', '.join(found[:-1])} or {found[-1]}"
+    return f" — did you mean {listed}?"
+
+
+def did_you_mean(given: str, choices: Iterable[str]) -> str:
+    """:func:`suggestion` of the :func:`closest` choices."""
+    return suggestion(closest(given, choices))
+
+
+def _setting_names(given: str) -> list[str]:
+    """Every variable name that sets something, as suggestions for ``given``; below a JSON object setting of
+    models, the keys of an entry under the entry name given."""
+    names = [variable(path) for path in _sections(Settings)] + [variable(path) for path, _ in leaves(Settings)]
+    upper = given.upper()
+    for path, field in leaves(Settings):
+        entry = _entry_model(field.annotation)
+        head = variable(path) + "__"
+        if entry is not None and upper.startswith(head):
+            key = upper[len(head):].split("__")[0]
+            names += [f"{head}{key}__{name.upper()}" for name in entry.model_fields]
+    return names
+
+
+def _unknown_setting(name: str, places: list[str]) -> tuple[str, str]:
+    # Compared without the prefix, which every name shares and which would make them all look alike.
+    stem = name[len(ENV_PREFIX):]
+    choices = [choice[len(ENV_PREFIX):] for choice in _setting_names(name)]
+    found = closest(stem, choices)
+    if not found:  # below a setting that takes no deeper names (EDGE_AGENT_ROUTES__0__TOPIC): that setting
+        found = sorted((choice for choice in choices if stem.upper().startswith(choice + "__")), key=len)[-1:]
+    return name, f"{UNKNOWN} (from {' and '.join(places)})" + suggestion([ENV_PREFIX + stem for stem in found])
+
+
+def _sources_for(env_file: Path | None) -> Iterator[tuple[str, EnvSettingsSource]]:
+    """The sources :class:`Settings` reads, each with the words that tell an operator where it is."""
+    yield "the environment", EnvSettingsSource(Settings)
+    if env_file is not None:
+        yield str(env_file), DotEnvSettingsSource(Settings, env_file=env_file)
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and Path(credentials).is_dir():
+        try:
+            yield f"the credentials in {credentials}", _credentials(SecretsSettingsSource(Settings), credentials)
+        except SettingsError:
+            return  # reading the settings fails the same way and says why
+
+
+def _screened(env_file: Path | None) -> list[tuple[str, str]]:
+    """A problem for every variable the sources hold that the agent will not read."""
+    unknown: dict[str, list[str]] = {}
+    problems: list[tuple[str, str]] = []
+    for place, source in _sources_for(env_file):
+        # The environment's order means nothing; the env file's is the operator's, and credentials come sorted.
+        given = sorted(source.env_vars.items()) if place == "the environment" else source.env_vars.items()
+        for name, value in given:
+            reason = _screen(name, value)
+            if reason == UNKNOWN:
+                unknown.setdefault(name.upper(), []).append(place)
+            elif reason is not None:
+                problems.append((name.upper(), reason))
+    return [_unknown_setting(name, places) for name, places in unknown.items()] + problems
+
+
+# --- Loading ------------------------------------------------------------------------------------------------------
+
+RouteCheck = Callable[[Sequence[Route]], list[tuple[str, str]]]
 
 
 def variable_name(loc: tuple[int | str, ...]) -> str:
@@ -478,6 +698,35 @@ def variable_name(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + "__".join(parts) + suffix
 
 
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    annotation: Any = Settings
+    for part in loc:
+        model = _model(annotation)
+        if model is not None:
+            field = model.model_fields.get(str(part))
+            if field is None:
+                return None
+            annotation = field.annotation
+        else:
+            args = get_args(strip_optional(annotation))
+            if not args:
+                return None
+            annotation = args[-1]  # list[X] → X, dict[str, X] → X
+    return _model(annotation)
+
+
+def _problem(error: ErrorDetails) -> tuple[str, str]:
+    loc = tuple(error["loc"])
+    if error["type"] == "extra_forbidden" and len(loc) > 1:
+        # A key inside a JSON value (EDGE_AGENT_MQTT='{"hst": …}'): a misspelt variable never gets this far.
+        model = _model_at(loc[:-1])
+        keys = list(model.model_fields) if model is not None else []
+        return f"{variable_name(loc[:-1])}.{loc[-1]}", "unknown key" + did_you_mean(str(loc[-1]), keys)
+    given = error.get("input")
+    shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {_redact_input(loc, given)!r})"
+    return variable_name(loc), _plain(error["msg"]) + shown
+
+
 def _field_of_settings_error(message: str) -> str:
     # pydantic-settings says: error parsing value for field "routes" from source "EnvSettingsSource"
     if 'field "' in message:
@@ -486,8 +735,18 @@ def _field_of_settings_error(message: str) -> str:
     return "configuration"
 
 
-def load_settings(env_file: Path | None = None, *, explicit: bool = False) -> Settings:
-    """Build the settings from the environment and ``env_file``.
+def _routes_alone(env_file: Path | None) -> list[Route] | None:
+    try:
+        return _RoutesOnly(_env_file=env_file).routes
+    except (ValidationError, SettingsError):
+        return None
+
+
+def load_settings(env_file: Path | None = None, *, explicit: bool = False,
+                  check_routes: RouteCheck | None = None) -> Settings:
+    """Build the settings from the environment, ``env_file`` and the credentials, or raise one ConfigError
+    listing every problem: unknown ``EDGE_AGENT_*`` names, bad values and, through ``check_routes`` (the task
+    registry's), routes naming tasks or keys that are not installed.
 
     A missing env file is an error only when the operator named it (``explicit``); the default path is optional
     so the agent also runs from the environment alone.
@@ -503,18 +762,53 @@ def load_settings(env_file: Path | None = None, *, explicit: bool = False) -> Se
             raise ConfigError("--env-file", f"{env_file} cannot be read: {exc.strerror}") from exc
         except UnicodeDecodeError as exc:
             raise ConfigError("--env-file", f"{env_file} is not UTF-8 text (byte {exc.start})") from None
+    problems = _screened(env_file)
+    settings: Settings | None = None
+    routes: list[Route] | None = None
     try:
-        return Settings(_env_file=env_file)
+        settings = Settings(_env_file=env_file)
+        routes = settings.routes
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        loc = tuple(error["loc"])
-        given = error.get("input")
-        shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {_redact_input(loc, given)!r})"
-        raise ConfigError(variable_name(loc), _plain(error["msg"]) + shown) from None
+        errors = exc.errors(include_url=False)
+        problems += [_problem(error) for error in errors]
+        if check_routes is not None and not any(error["loc"][:1] == ("routes",) for error in errors):
+            routes = _routes_alone(env_file)
     except SettingsError as exc:
         cause = exc.__cause__
         detail = f"not valid JSON ({cause})" if isinstance(cause, json.JSONDecodeError) else str(cause or exc)
-        raise ConfigError(_field_of_settings_error(str(exc)), detail) from None
+        problems.append((_field_of_settings_error(str(exc)), detail))
+    if routes is not None and check_routes is not None:
+        problems += check_routes(routes)
+    if settings is not None and not problems:
+        return settings
+    raise ConfigError.listing(list(dict.fromkeys(problems)))
+
+
+# --- Reloading ----------------------------------------------------------------------------------------------------
+
+
+def _value(settings: BaseModel, path: str) -> Any:
+    value: Any = settings
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _changed(old: Settings, new: Settings) -> list[str]:
+    return [path for path, _ in leaves(Settings) if _value(old, path) != _value(new, path)]
+
+
+def changed_variables(old: Settings, new: Settings) -> list[str]:
+    """The variables whose values differ, one per setting (``EDGE_AGENT_MQTT__HOST``), in declaration order."""
+    return [variable(path) for path in _changed(old, new)]
+
+
+def split_reload(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
+    """What a reload runs with — ``new``, except that the settings outside :data:`RELOADABLE` keep their
+    ``old`` values — and the variables changed among those, which take effect at the next start."""
+    waiting = [path for path in _changed(old, new) if path.split(".")[0] not in RELOADABLE]
+    kept = {path.split(".")[0] for path in waiting}
+    return new.model_copy(update={key: getattr(old, key) for key in kept}), [variable(path) for path in waiting]
 
 
 def _redact_input(loc: tuple[int | str, ...], given: object) -> object:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import annotated_types
 from pydantic import BaseModel, SecretStr
@@ -19,7 +18,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from agent.config import (
-    ENV_PREFIX,
+    NOT_SETTINGS,
     RELOADABLE,
     DecisionSettings,
     KindPrior,
@@ -27,7 +26,11 @@ from agent.config import (
     Settings,
     _default_kind_priors,
     _default_routes,
+    leaves,
+    strip_optional,
+    variable,
 )
+from agent.tasks import noise_spectrum, sensor_stats
 
 # Defaults computed at start-up, in words; a new factory default without an entry here fails the generator.
 DYNAMIC_DEFAULTS = {
@@ -58,19 +61,16 @@ HEADER = """\
 Every setting is an environment variable: `EDGE_AGENT_` and the setting's path, with `__` between levels. The
 agent reads them from its environment and from the env file (`--env-file`, default `/etc/edge-agent/agent.env`);
 secrets may also come from `$CREDENTIALS_DIRECTORY` (see [Settings and routes](../configuration.md)). Names are
-case-insensitive. A bad value stops start-up with exit status 78 and a line naming the variable.
+case-insensitive. A section may also be given whole as a JSON object (`EDGE_AGENT_MQTT`, `EDGE_AGENT_MQTT__TLS`).
+
+A bad value, or an `EDGE_AGENT_` name that is none of these settings (a misspelt one would leave the default in
+force), stops start-up and `edge-agent check-config` with exit status 78 and one line per problem, each naming
+its variable, with the closest settings for a misspelt name.
+{not_settings}
 
 **Reload**: *yes* means `systemctl reload edge-agent` (SIGHUP) applies a change to the running agent;
 *restart* means the reload names it in `reload_needs_restart` and it takes effect at the next start.
 """
-
-
-def _strip_optional(annotation: Any) -> Any:
-    if get_origin(annotation) in (Union, types.UnionType):
-        args = [a for a in get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
 
 
 def _bounds(field: FieldInfo) -> str:
@@ -90,7 +90,7 @@ def _number(value: Any) -> str:
 
 def type_of(field: FieldInfo) -> str:
     """The field's type in an operator's words, with its bounds."""
-    annotation = _strip_optional(field.annotation)
+    annotation = strip_optional(field.annotation)
     if get_origin(annotation) is Literal:
         text = " | ".join(f"`{v}`" for v in get_args(annotation))
     elif annotation is SecretStr:
@@ -132,21 +132,6 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def leaves(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
-    """Every setting as (dotted path, field), nested models flattened in declaration order."""
-    for name, field in model.model_fields.items():
-        path = f"{prefix}.{name}" if prefix else name
-        annotation = _strip_optional(field.annotation)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            yield from leaves(annotation, path)
-        else:
-            yield path, field
-
-
-def variable(path: str) -> str:
-    return ENV_PREFIX + path.replace(".", "__").upper()
-
-
 def _settings_tables() -> Iterator[str]:
     by_section: dict[str, list[tuple[str, FieldInfo]]] = {}
     for path, field in leaves(Settings):
@@ -182,17 +167,28 @@ def _keys_table(model: type[BaseModel], default: bool = True) -> Iterator[str]:
         yield "| " + " | ".join([*cells, _cell(field.description)]) + " |"
 
 
+def _words(names: list[str]) -> str:
+    quoted = [f"`{name}`" for name in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=2)
 
 
 def markdown() -> str:
     """The whole reference page."""
-    lines = [HEADER, *_settings_tables()]
+    accepted = "; ".join(f"`{name}` ({what})" for name, what in sorted(NOT_SETTINGS.items()))
+    lines = [HEADER.format(not_settings=f"Not settings, and let through for the project's other commands: {accepted}."),
+             *_settings_tables()]
+    takes = ", ".join(f"`{name}` takes {_words(sorted(options))}" for name, options in
+                      (("sensor.stats", sensor_stats.OPTIONS), ("noise.spectrum", noise_spectrum.OPTIONS)))
     lines += [
         "## Route keys\n",
         "Each element of `EDGE_AGENT_ROUTES` is a JSON object with these keys; any other key is an option of "
-        "its task (see [Settings and routes](../configuration.md)).\n",
+        f"its task (see [Settings and routes](../configuration.md)) and must be one the task takes: {takes}; a "
+        "user task takes those it declares, or any key when it declares none. An unknown key stops start-up "
+        "like an unknown setting.\n",
         *_keys_table(Route),
         "",
         "The default routes:\n",
@@ -202,7 +198,9 @@ def markdown() -> str:
         "## Kind priors\n",
         "`EDGE_AGENT_DECISION__KINDS` maps a task kind (or `*`) to what the agent assumes of it before it has "
         "measured it: service time = fixed part + per byte × input bytes, on each side. Measurements replace "
-        "these within a few dozen executions. Every key is required.\n",
+        "these within a few dozen executions. Every key is required. A kind may also be given on its own, as "
+        "`EDGE_AGENT_DECISION__KINDS__<kind>` (a JSON object) or key by key as "
+        "`EDGE_AGENT_DECISION__KINDS__<kind>__<KEY>`; a kind named this way is lower-cased.\n",
         *_keys_table(KindPrior, default=False),
         "",
         "The default priors:\n",

@@ -33,7 +33,7 @@ def clean_environ() -> dict[str, str]:
     return {
         name: value
         for name, value in os.environ.items()
-        if not name.startswith(ENV_PREFIX) and name != "CREDENTIALS_DIRECTORY"
+        if not name.upper().startswith(ENV_PREFIX) and name != "CREDENTIALS_DIRECTORY"
     }
 
 
@@ -41,7 +41,7 @@ def clean_environ() -> dict[str, str]:
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """For in-process load_settings: the same clean environment as the subprocesses get."""
     for name in list(os.environ):
-        if name.startswith(ENV_PREFIX) or name == "CREDENTIALS_DIRECTORY":
+        if name.upper().startswith(ENV_PREFIX) or name == "CREDENTIALS_DIRECTORY":
             monkeypatch.delenv(name)
     return monkeypatch
 

@@ -130,7 +130,7 @@ def test_register_refuses_a_second_task_of_the_same_name() -> None:
     assert len(registry) == 1
 
 
-def test_check_routes_names_the_first_unknown_task() -> None:
+def test_check_routes_names_every_unknown_task() -> None:
     routes = [Route(topic="city/+/+/+/data", task="sensor.stats"),
               Route(topic="city/+/air/+/data", task="air.quality"),
               Route(topic="city/+/x/+/data", task="also.missing")]
@@ -139,9 +139,29 @@ def test_check_routes_names_the_first_unknown_task() -> None:
     with pytest.raises(ConfigError) as caught:
         registry.check_routes(routes)
 
+    known = ", ".join(registry.names())
     assert caught.value.variable == "EDGE_AGENT_ROUTES[1].task"
-    assert caught.value.problem == f"unknown task 'air.quality'; known tasks: {', '.join(registry.names())}"
+    assert caught.value.problem == f"unknown task 'air.quality'; known tasks: {known}"
+    assert caught.value.problems == [
+        ("EDGE_AGENT_ROUTES[1].task", f"unknown task 'air.quality'; known tasks: {known}"),
+        ("EDGE_AGENT_ROUTES[2].task", f"unknown task 'also.missing'; known tasks: {known}"),
+    ]
     assert str(caught.value).startswith("EDGE_AGENT_ROUTES[1].task: unknown task 'air.quality'")
+
+
+def test_the_built_ins_declare_their_options_and_refuse_other_keys() -> None:
+    registry = default_registry()
+    assert registry.get("sensor.stats").options == {"window", "ignore"}
+    assert registry.get("noise.spectrum").options == {"sample_rate", "offset_db"}
+    assert registry.route_problems([
+        Route(topic="a/#", task="sensor.stats", window=10, ignore=["id"]),
+        Route(topic="b/#", task="sensor.stats", windows=10, window=1),
+        Route(topic="c/#", task="noise.spectrum", offset_dB=3.0),
+    ]) == [
+        ("EDGE_AGENT_ROUTES[1].windows", "unknown key — did you mean window?"),
+        ("EDGE_AGENT_ROUTES[1]", "route option 'window' must be a whole number of readings from 2 to 100000, got 1"),
+        ("EDGE_AGENT_ROUTES[2].offset_dB", "unknown key — did you mean offset_db?"),
+    ]
 
 
 def test_check_routes_accepts_the_default_routes_and_their_options() -> None:

@@ -24,6 +24,9 @@ OCTAVE_BANDS: tuple[tuple[str, float], ...] = tuple(
 _HALF_OCTAVE = math.sqrt(2.0)
 
 
+OPTIONS = frozenset({"sample_rate", "offset_db"})  # route options this task takes; any other key stops start-up
+
+
 def read_options(options: Mapping[str, Any]) -> tuple[int, float]:
     """``sample_rate`` and ``offset_db``; a bad value is a configuration mistake, hence ValueError."""
     sample_rate = options.get("sample_rate", DEFAULT_SAMPLE_RATE)

@@ -1,15 +1,21 @@
-"""Task names → callables: the two built-ins plus user tasks from the ``edge_agent.tasks`` entry points."""
+"""Task names → callables: the two built-ins plus user tasks from the ``edge_agent.tasks`` entry points.
+
+A user task may declare the route options it takes as an ``options`` attribute of the callable: a set (or any
+collection) of option names, or a mapping keyed by them (e.g. name → description). A route giving it any other
+key then stops start-up with a "did you mean" line, as for the built-ins. A user task that declares nothing is
+given every key of its route unchecked.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib.metadata
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from agent.config import Route
+from agent.config import Route, did_you_mean
 from agent.errors import ConfigError, UnknownTask
 from agent.tasks import noise_spectrum, sensor_stats
 from agent.telemetry import get_logger
@@ -44,8 +50,10 @@ class StatefulTask(Protocol):
 class TaskSpec:
     """A task: ``heavy`` ones run in the process pool, light ones inline on the daemon's event loop.
 
-    ``check_options``, when given, validates a route's options at start-up and raises ValueError with a
-    message for the operator; without it a bad option would fail every message instead.
+    ``options`` names the route options the task takes: any other key in its route stops start-up (a misspelt
+    option would otherwise silently keep its default). None: the task takes any key (user tasks that declare
+    nothing). ``check_options``, when given, validates a route's options at start-up and raises ValueError with
+    a message for the operator; without it a bad option would fail every message instead.
 
     ``sequenced``, when given, is what the daemon calls instead of ``fn`` for a light task, with the task's
     sequence besides: a task whose state must not take the same task twice (``sensor.stats``, when a task
@@ -58,6 +66,7 @@ class TaskSpec:
     heavy: bool
     check_options: OptionsCheck | None = None
     sequenced: SequencedTaskFn | None = None
+    options: frozenset[str] | None = None
 
 
 class TaskRegistry:
@@ -91,29 +100,43 @@ class TaskRegistry:
     def __len__(self) -> int:
         return len(self._specs)
 
-    def check_routes(self, routes: Sequence[Route]) -> None:
-        """Stop start-up on the first route naming a task that is not here or giving it a bad option."""
+    def route_problems(self, routes: Sequence[Route]) -> list[tuple[str, str]]:
+        """Every route naming a task that is not here, a key its task does not take, or a bad option value."""
+        problems: list[tuple[str, str]] = []
         for i, route in enumerate(routes):
-            if route.task not in self._specs:
-                raise ConfigError(
-                    f"EDGE_AGENT_ROUTES[{i}].task",
-                    f"unknown task {route.task!r}; known tasks: {', '.join(self.names())}",
-                )
-            check = self._specs[route.task].check_options
-            if check is not None:
+            spec = self._specs.get(route.task)
+            if spec is None:
+                problems.append((f"EDGE_AGENT_ROUTES[{i}].task",
+                                 f"unknown task {route.task!r}; known tasks: {', '.join(self.names())}"))
+                continue
+            if spec.options is not None:
+                keys = [*Route.model_fields, *sorted(spec.options)]
+                for key in route.options:
+                    if key not in spec.options:
+                        hint = did_you_mean(key, keys) or f"; a {spec.name} route takes {', '.join(keys)}"
+                        problems.append((f"EDGE_AGENT_ROUTES[{i}].{key}", f"unknown key{hint}"))
+            if spec.check_options is not None:
                 try:
-                    check(route.options)
+                    spec.check_options(route.options)
                 except ValueError as exc:
-                    raise ConfigError(f"EDGE_AGENT_ROUTES[{i}]", str(exc)) from None
+                    problems.append((f"EDGE_AGENT_ROUTES[{i}]", str(exc)))
+        return problems
+
+    def check_routes(self, routes: Sequence[Route]) -> None:
+        """Stop start-up with every problem :meth:`route_problems` finds."""
+        problems = self.route_problems(routes)
+        if problems:
+            raise ConfigError.listing(problems)
 
 
 def builtin_specs() -> list[TaskSpec]:
     """Fresh built-ins (a new, empty ``sensor.stats`` state each call)."""
     stats = sensor_stats.SensorStats()
     return [
-        TaskSpec("sensor.stats", stats, heavy=False, check_options=sensor_stats.check_options, sequenced=stats),
+        TaskSpec("sensor.stats", stats, heavy=False, check_options=sensor_stats.check_options, sequenced=stats,
+                 options=sensor_stats.OPTIONS),
         TaskSpec("noise.spectrum", noise_spectrum.noise_spectrum, heavy=True,
-                 check_options=noise_spectrum.check_options),
+                 check_options=noise_spectrum.check_options, options=noise_spectrum.OPTIONS),
     ]
 
 
@@ -128,8 +151,16 @@ def _plugin_spec(entry_point: importlib.metadata.EntryPoint) -> TaskSpec | None:
         log.warning("task_plugin_failed", name=entry_point.name,
                     error=f"{entry_point.value} is not callable (got {type(fn).__name__})")
         return None
+    declared = getattr(fn, "options", None)
+    if declared is not None and (isinstance(declared, (str, bytes)) or not isinstance(declared, Collection)
+                                 or not all(isinstance(name, str) for name in declared)):
+        log.warning("task_plugin_failed", name=entry_point.name,
+                    error=f"{entry_point.value}.options must be a set of option names or a mapping keyed by them "
+                    f"(got {type(declared).__name__})")
+        return None
     # Heavy unless the plugin says otherwise: running a slow task inline would stall the event loop.
-    return TaskSpec(entry_point.name, fn, heavy=bool(getattr(fn, "heavy", True)))
+    return TaskSpec(entry_point.name, fn, heavy=bool(getattr(fn, "heavy", True)),
+                    options=None if declared is None else frozenset(declared))
 
 
 @functools.cache

@@ -36,6 +36,9 @@ _BIG_ENDIAN = sys.byteorder == "big"  # saved windows are little-endian whatever
 Reading = tuple[str, int | float, float]  # (field name, value as reported, value as float)
 
 
+OPTIONS = frozenset({"window", "ignore"})  # route options this task takes; any other key stops start-up
+
+
 def window_option(options: Mapping[str, Any]) -> int:
     """The route's ``window`` option; a bad one is a configuration mistake, hence ValueError."""
     window = options.get("window", DEFAULT_WINDOW)
