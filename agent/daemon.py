@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from agent.cloud import CircuitState, CloudClient
-from agent.config import RELOADABLE, Route, Settings
+from agent.config import Route, Settings, split_reload
 from agent.decision import Policy
 from agent.dispatch import Dispatcher
 from agent.egress import Publisher
@@ -305,7 +305,8 @@ class Daemon:
             new = self._reload_settings()
             self.registry.check_routes(new.routes)
         except ConfigError as exc:
-            log.error("reload_failed", variable=exc.variable, problem=exc.problem, kept="the running settings")
+            for variable, problem in exc.problems:  # every one, as a start would print them
+                log.error("reload_failed", variable=variable, problem=problem, kept="the running settings")
         else:
             self._apply(new)
         self.notifier.ready(self._status_line())
@@ -316,14 +317,9 @@ class Daemon:
             self._apply_routes(new.routes, old.routes)
         if new.decision != old.decision:
             self.policy.reconfigure(new.decision)
-        changed = sorted(
-            key for key in type(new).model_fields
-            if key not in RELOADABLE and getattr(new, key) != getattr(old, key)
-        )
-        self.settings = new.model_copy(update={key: getattr(old, key) for key in changed})
-        if changed:
-            log.warning("reload_needs_restart", settings=[f"EDGE_AGENT_{k.upper()}" for k in changed],
-                        detail="these take effect at the next start")
+        self.settings, waiting = split_reload(old, new)
+        if waiting:
+            log.warning("reload_needs_restart", settings=waiting, detail="these take effect at the next start")
         log.info("reload_applied", routes=[r.topic for r in new.routes],
                  decision_changed=new.decision != old.decision)
 

@@ -206,6 +206,41 @@ def test_sighup_reloads_routes_without_losing_messages(broker: Mosquitto, agents
     assert agent.terminate() == 0
 
 
+def test_sighup_with_unknown_names_keeps_running_and_logs_every_problem(  # type: ignore[no-untyped-def]
+        broker: Mosquitto, agents) -> None:
+    agent = agents(broker)
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    agent.start()
+    assert agent.proc is not None
+    shipped = agent.env_file.read_text()
+
+    # A typo in the edited file and a misspelt route option: the reload fails with both, nothing changes.
+    agent.write_env(EDGE_AGENT_MQTT_HOST="broker.example",
+                    EDGE_AGENT_ROUTES=json.dumps([{**TRAFFIC_ROUTE, "windw": 5}]))
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_logged("reload_failed")
+    wait_for(lambda: sum(e.get("event") == "reload_failed" for e in agent.events()) == 2, 10, "both problems")
+    failed = [e for e in agent.events() if e.get("event") == "reload_failed"]
+    assert [(e["variable"], e["problem"]) for e in failed] == [
+        ("EDGE_AGENT_MQTT_HOST", f"unknown setting (from {agent.env_file}) — did you mean EDGE_AGENT_MQTT__HOST?"),
+        ("EDGE_AGENT_ROUTES[0].windw", "unknown key — did you mean window?"),
+    ]
+    assert all(e["level"] == "error" and e["kept"] == "the running settings" for e in failed)
+    device = publisher(broker.port)
+    device.publish("city/a/traffic/1/data", b'{"speed": 1}', qos=1)
+    wait_for(lambda: len(collector.snapshot()) == 1, 20, "a result with the running settings")
+
+    # Fixed, with settings that wait for a restart: each is named by its variable.
+    agent.env_file.write_text(shipped)
+    agent.write_env(EDGE_AGENT_MQTT__KEEPALIVE_S="45", EDGE_AGENT_STORE__MAX_TASKS="5000",
+                    EDGE_AGENT_ROUTES=json.dumps([{**TRAFFIC_ROUTE, "window": 5}]))
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_logged("reload_applied")
+    (restart,) = [e for e in agent.events() if e.get("event") == "reload_needs_restart"]
+    assert restart["settings"] == ["EDGE_AGENT_MQTT__KEEPALIVE_S", "EDGE_AGENT_STORE__MAX_TASKS"]
+    assert agent.terminate() == 0
+
+
 def test_sigusr1_to_every_process_retires_the_agent_cleanly(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
     """`systemctl kill --signal=SIGUSR1` signals every process of the unit, not only the agent: its workers and
     multiprocessing's resource tracker must live through it while the agent finishes what it holds and leaves."""
