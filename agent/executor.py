@@ -9,17 +9,18 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import resource_tracker
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.config import Settings
 from agent.tasks import TaskSpec, default_registry, run_task
 from agent.telemetry import configure_logging, get_logger
 
 log = get_logger(__name__)
+_T = TypeVar("_T")
 
 
 class WorkerDied(Exception):
@@ -35,6 +36,7 @@ def _worker_init(parent_pid: int, settings: Settings | None) -> None:
     # SIGUSR1 asks the daemon to leave its group; `systemctl kill -s USR1` sends it to every process of the unit,
     # and its default action would end a worker.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})  # blocked from the spawn on (_submit)
     # If the agent is SIGKILLed outside systemd (no cgroup to clean up), its workers must not live on.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -80,8 +82,18 @@ class LocalExecutor:
 
     async def warm_up(self) -> None:
         """Start the worker processes now rather than on the first heavy task."""
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self._pool, _warm) for _ in range(self.workers)))
+        await asyncio.gather(*(self._submit(self._pool, _warm) for _ in range(self.workers)))
+
+    @staticmethod
+    def _submit(pool: ProcessPoolExecutor, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        # The pool starts a worker inside submit(). Until its initializer ignores SIGUSR1, a SIGUSR1 sent to the
+        # whole unit would end it (the default action) and break the pool; a worker started while SIGUSR1 is
+        # blocked inherits the mask, so the signal waits, ignored, until the initializer unblocks it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        try:
+            return asyncio.wrap_future(pool.submit(fn, *args))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     @staticmethod
     def run_inline(spec: TaskSpec, payload: bytes, options: Mapping[str, Any],
@@ -94,10 +106,9 @@ class LocalExecutor:
 
     async def run_in_pool(self, kind: str, payload: bytes,
                           options: Mapping[str, Any]) -> tuple[dict[str, Any], float]:
-        loop = asyncio.get_running_loop()
         pool = self._pool
         try:
-            return await loop.run_in_executor(pool, run_task, kind, payload, dict(options))
+            return await self._submit(pool, run_task, kind, payload, dict(options))
         except BrokenProcessPool as exc:
             if pool is self._pool:
                 log.error("worker_pool_broken_restarting")
