@@ -335,3 +335,33 @@ def test_warn_if_world_readable(tmp_path: Path, mode: int, content: str, warned:
         assert event["mode"] == f"{mode:04o}"
     else:
         assert captured == []
+
+
+def test_recent_problems_keep_one_line_per_event_latest_first() -> None:
+    problems = telemetry.RecentProblems(size=3)
+    for i in range(5):
+        problems.record("warning", {"event": "dead_letter", "timestamp": f"t{i}", "reason": "invalid_json"})
+    problems.record("error", {"event": "mqtt_subscribe_refused", "timestamp": "t5", "filters": ["a/#"]})
+    problems.record("warning", {"event": "x", "timestamp": "t6", "exception": "Traceback (most recent call last):"
+                                "\n  File ...\nValueError: boom"})
+    problems.record("warning", {"event": "y", "timestamp": "t7"})
+    latest = problems.latest()
+    assert [(p["event"], p["count"]) for p in latest] == [("y", 1), ("x", 1), ("mqtt_subscribe_refused", 1)]
+    assert latest[1]["detail"] == "exception=ValueError: boom"
+    assert latest[2]["detail"] == 'filters=["a/#"]'
+    problems.record("warning", {"event": "mqtt_subscribe_refused", "timestamp": "t8"})  # another level: its own
+    assert [p["event"] for p in problems.latest()][:2] == ["mqtt_subscribe_refused", "y"]
+
+
+def test_warnings_and_errors_reach_the_recent_problems_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What `edge-agent status` shows: agent and library events alike, after redaction, info events not at all.
+    configured(monkeypatch, CLOUD__TOKEN=TOKEN)
+    telemetry.PROBLEMS.clear()
+    module_log.info("agent_stats", received=1)
+    module_log.warning("cloud_offload_failed", error=f"401 with {TOKEN}")
+    logging.getLogger("httpx").error("connection reset")
+    latest = telemetry.PROBLEMS.latest()
+    assert [(p["event"], p["level"], p["logger"]) for p in latest] == [
+        ("connection reset", "error", "httpx"), ("cloud_offload_failed", "warning", "agent.tests.telemetry")]
+    assert latest[1]["detail"] == f"error=401 with {telemetry.MASK}"
+    assert latest[1]["time"].startswith(str(datetime.now(UTC).year))
