@@ -15,6 +15,7 @@ are all collected into one :class:`~agent.errors.ConfigError`, each naming its v
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -280,7 +281,21 @@ class CloudSettings(_Frozen):
 class MetricsSettings(_Frozen):
     port: int = Field(
         default=9108, ge=0, le=65535,
-        description="port of /metrics (Prometheus), /healthz and /readyz on 127.0.0.1; 0: off")
+        description="port of /metrics (Prometheus), /healthz, /readyz, /status and /explain; 0: off")
+    host: str = Field(
+        default="127.0.0.1",
+        description="IP address that port listens on: `127.0.0.1` (this gateway only), a management "
+        "interface's address, or `0.0.0.0` / `::` (every interface: firewall it). /status and /explain answer "
+        "clients on this gateway only, whatever the address")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # An address, not a name: resolving a name at start-up would make the bind depend on DNS.
+        try:
+            return str(ipaddress.ip_address(value.strip().strip("[]")))
+        except ValueError:
+            raise ValueError(f"not an IP address: {value!r} (e.g. 127.0.0.1, 10.0.8.4, 0.0.0.0 or ::)") from None
 
 
 class StoreSettings(_Frozen):
