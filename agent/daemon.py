@@ -13,12 +13,12 @@ from collections.abc import Callable
 
 from agent.cloud import CircuitState, CloudClient
 from agent.config import Route, Settings, split_reload
-from agent.decision import Policy
 from agent.dispatch import Dispatcher
 from agent.egress import Publisher
 from agent.errors import ConfigError
 from agent.executor import LocalExecutor
 from agent.ingress import Ingress
+from agent.introspect import build_policy
 from agent.metrics import AgentCollector, Gauge, LabelledCounter, LabelledHistogram, MetricsServer
 from agent.mqtt import MqttLink
 from agent.store import Committed, Store, ensure_writable
@@ -84,8 +84,7 @@ class Daemon:
     def _build(self, loop: asyncio.AbstractEventLoop) -> None:
         s, store = self.settings, self.store
         self.executor = LocalExecutor(s.local.workers, s)
-        self.policy = Policy(s.decision, local_workers=s.local.workers, lease_idle_s=s.cloud.lease_idle_s,
-                             inline_kinds=[name for name in self.registry.names() if not self.registry.get(name).heavy])
+        self.policy = build_policy(s, self.registry)  # as `edge-agent explain` builds its own
         # No URL, no offloading: the policy then keeps every task local with reason no_cloud.
         self.cloud = CloudClient(s.cloud, observer=self.policy) if s.cloud.url else None
         self.dispatcher = Dispatcher(agent_id=s.agent_id, registry=self.registry, executor=self.executor,

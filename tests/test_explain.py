@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,13 +29,15 @@ def env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         if name.startswith("EDGE_AGENT_") or name == "CREDENTIALS_DIRECTORY":
             monkeypatch.delenv(name)
     path = tmp_path / "agent.env"
-    path.write_text(f"EDGE_AGENT_STATE_DIR={tmp_path / 'state'}\nEDGE_AGENT_LOCAL__WORKERS=2\n")
+    # A cloud URL: without one every task stays on the gateway (no_cloud), which is not what most tests ask.
+    path.write_text(f"EDGE_AGENT_STATE_DIR={tmp_path / 'state'}\nEDGE_AGENT_LOCAL__WORKERS=2\n"
+                    "EDGE_AGENT_CLOUD__URL=http://cloud.example.net\n")
     return path
 
 
-def explain_json(env_file: Path, capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
+def explain_json(env_file: Path, capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
     assert main(["explain", "--env-file", str(env_file), "--json", *args]) == 0
-    out: dict[str, object] = json.loads(capsys.readouterr().out)
+    out: dict[str, Any] = json.loads(capsys.readouterr().out)
     return out
 
 
@@ -130,3 +133,91 @@ def test_a_cold_lease_that_alone_keeps_a_task_local_is_started(env_file: Path,
                  "--uplink-mbps", "20", "--backlog", "4"]) == 0
     text = capsys.readouterr().out
     assert "runs on the gateway" in text and "starts a lease now" in text
+
+
+def write(env_file: Path, *lines: str) -> Path:
+    env_file.write_text(env_file.read_text() + "".join(f"{line}\n" for line in lines))
+    return env_file
+
+
+def test_without_a_cloud_url_the_task_stays_on_the_gateway(tmp_path: Path, env_file: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # What the daemon does with no EDGE_AGENT_CLOUD__URL: no cloud client, so reason no_cloud.
+    bare = tmp_path / "bare.env"
+    bare.write_text(f"EDGE_AGENT_STATE_DIR={tmp_path / 'state'}\nEDGE_AGENT_LOCAL__WORKERS=2\n")
+    figures = ("--kind", "noise.spectrum", "--bytes", "160000", "--uplink-mbps", "50", "--warm")
+    assert explain_json(env_file, capsys, *figures)["target"] == "cloud"  # with a URL the model offloads it
+    out = explain_json(bare, capsys, *figures)
+    assert (out["target"], out["reason"]) == ("local", "no_cloud")
+    assert main(["explain", "--env-file", str(bare), *figures]) == 0
+    assert "runs on the gateway (no cloud is configured (EDGE_AGENT_CLOUD__URL unset))" in capsys.readouterr().out
+
+
+ROUTES = ('EDGE_AGENT_ROUTES=[{"topic": "city/+/noise/+/pcm", "task": "noise.spectrum", "placement": "local"}, '
+          '{"topic": "city/#", "task": "sensor.stats"}, {"topic": "city/+/noise/#", "task": "noise.spectrum"}]')
+
+
+def test_a_topic_takes_the_first_matching_route(env_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write(env_file, ROUTES, "EDGE_AGENT_MAX_PAYLOAD_BYTES=500000")
+    fast = ("--uplink-mbps", "50", "--warm")
+    out = explain_json(env_file, capsys, "--topic", "city/aarhus/noise/3/pcm", "--bytes", "160000", *fast)
+    assert out["kind"] == "noise.spectrum" and out["route"]["topic"] == "city/+/noise/+/pcm"
+    assert (out["target"], out["reason"]) == ("local", "placement")  # the model alone would offload it
+    # The same topic with the route's placement replaced: the model's choice again.
+    out = explain_json(env_file, capsys, "--topic", "city/aarhus/noise/3/pcm", "--bytes", "160000", "--placement",
+                       "auto", *fast)
+    assert (out["target"], out["reason"]) == ("cloud", "model")
+    # A deeper topic misses the first route and is taken by the second: sensor.stats, run on the event loop.
+    out = explain_json(env_file, capsys, "--topic", "city/aarhus/noise/3/pcm/extra", "--bytes", "300")
+    assert out["kind"] == "sensor.stats" and out["route"]["topic"] == "city/#" and out["inline"] is True
+
+    assert main(["explain", "--env-file", str(env_file), "--topic", "city/aarhus/noise/3/pcm", "--bytes",
+                 "160000", *fast]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("Topic city/aarhus/noise/3/pcm → route city/+/noise/+/pcm: task noise.spectrum, "
+                           "placement local.")
+    assert "runs on the gateway (the route's placement setting)" in text
+    assert main(["explain", "--env-file", str(env_file), "--topic", "city/a/b/c/data", "--bytes", "300",
+                 "--backlog", "3"]) == 0
+    assert "wait for the event loop" in capsys.readouterr().out
+
+
+def test_a_topic_no_route_takes_or_a_payload_too_large_is_a_dead_letter(
+        env_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write(env_file, ROUTES, "EDGE_AGENT_MAX_PAYLOAD_BYTES=500000")
+    out = explain_json(env_file, capsys, "--topic", "plant/7/pcm", "--bytes", "300")
+    assert out["dead_letter"]["reason"] == "unknown_task" and "target" not in out
+    out = explain_json(env_file, capsys, "--topic", "city/aarhus/noise/3/pcm", "--bytes", "600000")
+    assert out["dead_letter"]["reason"] == "too_large"
+    assert main(["explain", "--env-file", str(env_file), "--kind", "noise.spectrum", "--bytes", "600000"]) == 0
+    assert "→ a dead letter (too_large): payload of 600000 bytes exceeds EDGE_AGENT_MAX_PAYLOAD_BYTES=500000" \
+        in capsys.readouterr().out
+
+
+def test_a_kind_that_contradicts_the_route_is_a_usage_error(env_file: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    write(env_file, ROUTES)
+    assert main(["explain", "--env-file", str(env_file), "--topic", "city/aarhus/noise/3/pcm", "--kind",
+                 "sensor.stats", "--bytes", "300"]) == 2
+    assert "is routed to task noise.spectrum" in capsys.readouterr().err
+    assert main(["explain", "--env-file", str(env_file), "--bytes", "300"]) == 2
+    assert "give --kind, --topic or both" in capsys.readouterr().err
+
+
+def test_without_a_topic_a_route_that_fixes_the_placement_is_noted(env_file: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    write(env_file, ROUTES)
+    assert main(["explain", "--env-file", str(env_file), "--kind", "noise.spectrum", "--bytes", "1000"]) == 0
+    assert ("Note: routes that fix where noise.spectrum runs: city/+/noise/+/pcm → local; --topic applies the "
+            "route a message would take") in capsys.readouterr().out
+
+
+def test_an_unknown_kind_is_warned_about(env_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--env-file", str(env_file), "--kind", "noise.spectrm", "--bytes", "1000"]) == 0
+    captured = capsys.readouterr()
+    assert "edge-agent explain: warning: no installed task is named 'noise.spectrm' (installed: " in captured.err
+    assert "noise.spectrum" in captured.err
+    assert captured.out.startswith("noise.spectrm, 1,000 bytes → runs")
+    out = explain_json(env_file, capsys, "--kind", "noise.spectrum", "--bytes", "1000")
+    assert out["warnings"] == [] and out["installed"] is True
+    assert capsys.readouterr().err == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,14 +30,19 @@ class Scenario:
     circuit_open: bool = False
 
 
-def explain(settings: DecisionSettings, scenario: Scenario) -> tuple[Decision, dict[str, Any]]:
-    """Build a fresh policy whose priors are the scenario's figures, load its queues, and decide."""
+def explain(settings: DecisionSettings, scenario: Scenario, *, inline_kinds: Collection[str] = (),
+            lease_idle_s: float = 60.0) -> tuple[Decision, dict[str, Any]]:
+    """Build a fresh policy whose priors are the scenario's figures, load its queues, and decide.
+
+    ``inline_kinds`` and ``lease_idle_s`` as the daemon builds its policy (light kinds wait for the event loop,
+    not for a worker)."""
     updates: dict[str, Any] = {"probe_interval_s": 0.0}  # explain the model's choice, not an exploration step
     for name in ("uplink_mbps", "downlink_mbps", "rtt_s", "provisioning_s"):
         value = getattr(scenario, name)
         if value is not None:
             updates[name] = value
-    policy = Policy(settings.model_copy(update=updates), local_workers=scenario.local_workers)
+    policy = Policy(settings.model_copy(update=updates), local_workers=scenario.local_workers,
+                    inline_kinds=inline_kinds, lease_idle_s=lease_idle_s)
     now = 0.0
     for _ in range(scenario.local_backlog):
         policy.task_started("local", Task(scenario.kind, scenario.in_bytes), now)
@@ -55,6 +61,24 @@ def explain(settings: DecisionSettings, scenario: Scenario) -> tuple[Decision, d
     return decision, policy.snapshot(now)
 
 
+def as_json(kind: str, in_bytes: int, decision: Decision, snapshot: dict[str, Any], settings: DecisionSettings,
+            *, inline: bool) -> dict[str, Any]:
+    """One decision as plain data: what ``explain --json`` prints, what the agent's /explain answers, and what
+    :func:`render` reads. ``inline``: the kind runs on the event loop (its wait is the loop's, not a worker's)."""
+
+    def finite(value: float) -> float | None:
+        return value if math.isfinite(value) else None
+
+    return {
+        "kind": kind, "bytes": in_bytes, "target": decision.target, "reason": decision.reason,
+        "t_local_s": decision.t_local_s, "t_cloud_s": decision.t_cloud_s, "terms": dict(decision.terms),
+        "margin_s": max(settings.margin_s, settings.margin_ratio * decision.t_local_s),
+        "probe": decision.probe, "prewarm": decision.prewarm,
+        "hedge_after_s": finite(decision.hedge_after_s), "upload_by_s": finite(decision.upload_by_s),
+        "inline": inline, "estimates": snapshot,
+    }
+
+
 def _mbps(bytes_per_s: float) -> str:
     return f"{bytes_per_s * 8 / 1e6:.2f} Mbit/s"
 
@@ -67,46 +91,92 @@ _WHY = {
 }
 
 
-def render(scenario: Scenario, decision: Decision, snapshot: dict[str, Any], settings: DecisionSettings) -> str:
+def render(data: dict[str, Any], asked: str | None = None) -> str:
+    """``explain``'s text from its JSON (:func:`as_json` and the context ``edge-agent explain`` adds: source,
+    topic, route, dead letter, notes): what was asked of whom, then the decision term by term, or why there is
+    none. ``asked``: the address of the running agent that answered."""
+    lines: list[str] = []
+    if data.get("source") == "live":
+        lines.append(f"Asked the running agent {data['agent_id']} at {asked}: its estimates, queues and lease now.")
+    route = data.get("route")
+    if data.get("topic") is not None and route is not None:
+        placed = f"placement {route['placement']}"
+        if data["placement"] != route["placement"]:
+            placed = f"placement {data['placement']} as asked (the route says {route['placement']})"
+        lines.append(f"Topic {data['topic']} → route {route['topic']}: task {route['task']}, {placed}.")
+    if lines:
+        lines.append("")
+    dead = data.get("dead_letter")
+    if dead is not None:
+        what = data["topic"] if data.get("topic") is not None else data["kind"]
+        lines.append(f"{what}, {data['bytes']:,} bytes → a dead letter ({dead['reason']}): {dead['detail']}. "
+                     "No decision is made.")
+    else:
+        lines += _decision(data)
+    lines += [f"Note: {note}" for note in data.get("notes", ())]
+    return "\n".join(lines)
+
+
+def _decision(data: dict[str, Any]) -> list[str]:
     """Both totals and every term, one per line, with the estimate each term came from."""
-    t = decision.terms
-    kind = snapshot["kinds"][scenario.kind]
-    winner = "on the gateway" if decision.target == "local" else "in the cloud"
-    faster = "cloud" if decision.t_cloud_s < decision.t_local_s else "gateway"
-    margin = max(settings.margin_s, settings.margin_ratio * decision.t_local_s)
+    t = data["terms"]
+    snapshot = data["estimates"]
+    kind = snapshot["kinds"][data["kind"]]
+    t_local, t_cloud, in_bytes = data["t_local_s"], data["t_cloud_s"], data["bytes"]
+    winner = "on the gateway" if data["target"] == "local" else "in the cloud"
+    why = "a probe: the cloud's estimates are stale" if data["probe"] else _WHY[data["reason"]]
+    faster = "cloud" if t_cloud < t_local else "gateway"
     up = snapshot["uplink_mbps"] * 1e6 / 8
     down = snapshot["downlink_mbps"] * 1e6 / 8
+    if data["inline"]:
+        wait_label = "  wait for the event loop"
+        ahead = f"{snapshot['inline_tasks']} light task(s) ahead, run one at a time"
+    else:
+        wait_label = "  wait for a worker"
+        ahead = f"{snapshot['local_tasks']} task(s) ahead, {snapshot['local_workers']} worker(s)"
     lines = [
-        f"{scenario.kind}, {scenario.in_bytes:,} bytes → runs {winner} ({_WHY[decision.reason]}).",
-        f"Expected: {decision.t_local_s:.3f} s on the gateway, {decision.t_cloud_s:.3f} s in the cloud; "
-        f"the {faster} is faster by {abs(decision.t_local_s - decision.t_cloud_s):.3f} s "
-        f"(the cloud must win by more than {margin:.3f} s).",
+        f"{data['kind']}, {in_bytes:,} bytes → runs {winner} ({why}).",
+        f"Expected: {t_local:.3f} s on the gateway, {t_cloud:.3f} s in the cloud; "
+        f"the {faster} is faster by {abs(t_local - t_cloud):.3f} s "
+        f"(the cloud must win by more than {data['margin_s']:.3f} s).",
         "",
-        f"{'on the gateway':<32}{decision.t_local_s:>9.3f} s",
-        f"{'  wait for a worker':<32}{t['local_wait_s']:>9.3f} s   "
-        f"{scenario.local_backlog} task(s) ahead, {scenario.local_workers} worker(s)",
+        f"{'on the gateway':<32}{t_local:>9.3f} s",
+        f"{wait_label:<32}{t['local_wait_s']:>9.3f} s   {ahead}",
         f"{'  service time':<32}{t['local_service_s']:>9.3f} s   "
-        f"{kind['local_fixed_s']:.4f} s + {kind['local_per_byte_s'] * 1e6:.3f} µs/byte",
-        f"{'in the cloud':<32}{decision.t_cloud_s:>9.3f} s",
+        f"{_fixed(kind['local_fixed_s'])} + {kind['local_per_byte_s'] * 1e6:.3f} µs/byte"
+        f"{_samples(kind['local_samples'])}",
+        f"{'in the cloud':<32}{t_cloud:>9.3f} s",
         f"{'  provisioning':<32}{t['provisioning_s']:>9.3f} s   "
         + ("a ready lease is warm" if t["provisioning_s"] == 0 else "no warm lease: one must be started"),
         f"{'  round trip':<32}{t['rtt_s']:>9.3f} s",
         f"{'  uplink queue':<32}{t['uplink_queue_s']:>9.3f} s   "
         f"{snapshot['uplink_queued_bytes']:,} bytes ahead at {_mbps(up)}",
-        f"{'  upload':<32}{t['upload_s']:>9.3f} s   {scenario.in_bytes:,} bytes at {_mbps(up)}",
+        f"{'  upload':<32}{t['upload_s']:>9.3f} s   {in_bytes:,} bytes at {_mbps(up)}",
         f"{'  wait for a cloud slot':<32}{t['cloud_wait_s']:>9.3f} s   "
         f"{snapshot['cloud_tasks']} task(s) in the cloud, {snapshot['cloud_slots']} slot(s)",
         f"{'  cloud service time':<32}{t['cloud_service_s']:>9.3f} s   "
-        f"{kind['cloud_fixed_s']:.4f} s + {kind['cloud_per_byte_s'] * 1e6:.3f} µs/byte",
+        f"{_fixed(kind['cloud_fixed_s'])} + {kind['cloud_per_byte_s'] * 1e6:.3f} µs/byte"
+        f"{_samples(kind['cloud_samples'])}",
         f"{'  download the result':<32}{t['download_s']:>9.3f} s   "
         f"{kind['out_bytes']:,.0f} bytes at {_mbps(down)}",
     ]
-    if decision.prewarm:
+    if data["prewarm"]:
         lines.append("Without provisioning the cloud would win: the agent starts a lease now for the next tasks.")
-    if math.isfinite(decision.hedge_after_s):
-        lines.append(f"If the cloud's answer has not come {decision.hedge_after_s:.3f} s after the decision, the task "
+    hedge_after, upload_by = data["hedge_after_s"], data["upload_by_s"]
+    if hedge_after is not None:
+        lines.append(f"If the cloud's answer has not come {hedge_after:.3f} s after the decision, the task "
                      "also runs on the gateway; the first result counts and the other copy is cancelled.")
-    if decision.upload_by_s < decision.hedge_after_s:
-        lines.append(f"So does it if its upload has not ended {decision.upload_by_s:.3f} s after the decision "
-                     "(an upload that late has met a fade or an outage).")
-    return "\n".join(lines)
+        if upload_by is not None and upload_by < hedge_after:
+            lines.append(f"So does it if its upload has not ended {upload_by:.3f} s after the decision "
+                         "(an upload that late has met a fade or an outage).")
+    return lines
+
+
+def _fixed(seconds: float) -> str:
+    # Light tasks cost microseconds: at four decimals of a second they would all read 0.0000 s.
+    return f"{seconds:.4f} s" if seconds >= 0.001 else f"{seconds * 1e6:.1f} µs"
+
+
+def _samples(n: float) -> str:
+    # The effective weight of measured runs still counting (they fade by count and by age), not a total.
+    return f", learned from ~{n:,.0f} recent run(s)" if n >= 0.5 else ", the prior"
