@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.config import DEFAULT_ENV_FILE, Route, Settings, load_settings, redacted
+from agent.config import DEFAULT_ENV_FILE, Route, Settings, Sources, load_settings, redacted
 from agent.errors import ConfigError
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus=78 stops restart loops
@@ -43,17 +43,27 @@ def _parser() -> argparse.ArgumentParser:
     env_file_option(run)
     check = sub.add_parser("check-config", help="validate the settings and print them with secrets redacted")
     env_file_option(check)
+    reload = sub.add_parser(
+        "reload", help="make a running agent re-read its settings (SIGHUP) and wait for the outcome",
+        description="Sends SIGHUP to the agent, waits until it has read its settings again and prints what it "
+        "found: every problem, and each changed setting that waits for a restart. Exit status 1 when the new "
+        "settings are invalid (the agent keeps its running ones), the reload was ignored or no outcome came. "
+        "The units run it as ExecReload=, so `systemctl reload` waits for it and fails with it.")
+    reload.add_argument("--pid", type=_positive_int, required=True, help="the agent's process id ($MAINPID)")
+    reload.add_argument("--state-dir", type=Path, default=None,
+                        help="where the agent writes the outcome: its state directory (default: $STATE_DIRECTORY, "
+                        "which systemd sets for ExecReload=, else /var/lib/edge-agent)")
+    reload.add_argument("--timeout", type=_positive_float, default=30.0,
+                        help="seconds to wait for the outcome (default 30)")
 
     explain = sub.add_parser(
         "explain",
         help="show both expected totals of one task, term by term, and where it would run",
-        description="The settings decide as the agent would (priors, routes, cloud URL, payload bound); the "
-        "figures below replace the priors.",
+        description="Priors come from the settings; the options below replace them with the figures to explain.",
     )
     env_file_option(explain)
-    explain.add_argument("--kind", help="task kind, e.g. noise.spectrum (default: the task of --topic's route)")
+    explain.add_argument("--kind", required=True, help="task kind, e.g. noise.spectrum")
     explain.add_argument("--bytes", type=_non_negative_int, required=True, help="input size in bytes")
-    explain.add_argument("--topic", help="a message's topic: its first matching route gives the task and placement")
     explain.add_argument("--uplink-mbps", type=_positive_float, help="uplink bandwidth (default: the prior)")
     explain.add_argument("--downlink-mbps", type=_positive_float, help="downlink bandwidth (default: the prior)")
     explain.add_argument("--rtt-ms", type=_non_negative_float, help="round trip to the cloud (default: the prior)")
@@ -64,8 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--uplink-queued-bytes", type=_non_negative_int, default=0,
                          help="other inputs already waiting on the uplink")
     explain.add_argument("--workers", type=_positive_int, help="gateway workers (default: EDGE_AGENT_LOCAL__WORKERS)")
-    explain.add_argument("--placement", choices=("auto", "local", "cloud"),
-                         help="instead of the route's (default: the route's with --topic, else auto)")
+    explain.add_argument("--placement", choices=("auto", "local", "cloud"), default="auto")
     explain.add_argument("--no-cloud", action="store_true", help="as if EDGE_AGENT_CLOUD__URL were unset")
     explain.add_argument("--circuit-open", action="store_true", help="as if the cloud circuit breaker were open")
     explain.add_argument("--json", action="store_true", help="print the decision and estimates as JSON")
@@ -121,7 +130,7 @@ _non_negative_float = _number(float, 0.0, strict=False)
 _positive_float = _number(float, 0.0, strict=True)
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _sources(args: argparse.Namespace) -> Sources:
     explicit = args.env_file is not None
 
     def check_routes(routes: Sequence[Route]) -> list[tuple[str, str]]:
@@ -129,8 +138,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
         return default_registry().route_problems(routes)
 
-    return load_settings(args.env_file if explicit else DEFAULT_ENV_FILE, explicit=explicit,
-                         check_routes=check_routes)
+    return Sources(args.env_file if explicit else DEFAULT_ENV_FILE, explicit=explicit, check_routes=check_routes)
 
 
 def _config_error(exc: ConfigError) -> int:
@@ -162,8 +170,11 @@ def _main(argv: list[str] | None) -> int:
         from agent.demo.run import main as run_demo
 
         return run_demo(args)
+    if args.command == "reload":
+        return _reload(args)  # reads no settings: the file it is about may be the invalid one
+    sources = _sources(args)
     try:
-        settings = _settings(args)
+        settings = sources.load()
     except ConfigError as exc:
         return _config_error(exc)
 
@@ -185,40 +196,58 @@ def _main(argv: list[str] | None) -> int:
     telemetry.warn_if_world_readable(env_file, telemetry.get_logger("agent.cli"))
     try:
         # SIGHUP re-reads the same sources; a bad new value is logged and the running settings stay.
-        return daemon.run(settings, reload=lambda: _settings(args))
+        return daemon.run(settings, reload=sources.reload)
     except ConfigError as exc:
         # Raised while opening the store or the TLS context: still before connecting anywhere.
         return _config_error(exc)
 
 
-def _explain(args: argparse.Namespace, settings: Settings) -> int:
-    from agent import introspect
-    from agent.decision.explain import Scenario, render
-    from agent.ingress import Router
-    from agent.tasks import default_registry
+def _reload(args: argparse.Namespace) -> int:
+    from agent.config import default_state_dir
+    from agent.reload import ReloadError, describe, request
 
-    if args.kind is None and args.topic is None:
-        print("edge-agent explain: give --kind, --topic or both", file=sys.stderr)
-        return EX_USAGE
-    scenario = Scenario(
-        kind=args.kind or "", in_bytes=args.bytes, uplink_mbps=args.uplink_mbps,
-        downlink_mbps=args.downlink_mbps, rtt_s=None if args.rtt_ms is None else args.rtt_ms / 1000.0,
-        provisioning_s=args.provisioning_s, local_backlog=args.backlog, uplink_queued_bytes=args.uplink_queued_bytes,
-        lease_warm=args.warm, local_workers=args.workers or settings.local.workers, cloud_available=not args.no_cloud,
-        circuit_open=args.circuit_open)
+    directory = args.state_dir or default_state_dir()
     try:
-        out = introspect.explain_settings(settings, default_registry(), Router(settings.routes), scenario,
-                                          kind=args.kind, topic=args.topic, placement=args.placement)
-    except introspect.Unanswerable as exc:
-        print(f"edge-agent explain: {exc}", file=sys.stderr)
-        return EX_USAGE
-    for warning in out["warnings"]:
-        print(f"edge-agent explain: warning: {warning}", file=sys.stderr)
+        outcome = request(args.pid, directory, args.timeout)
+    except ReloadError as exc:
+        print(f"edge-agent reload: {exc}", file=sys.stderr)
+        return 1
+    lines, ok = describe(outcome)
+    # Failures on stderr, the rest on stdout: under systemd both reach the journal and `systemctl status`.
+    for line in lines:
+        print(f"edge-agent reload: {line}", file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def _explain(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.decision.explain import Scenario, explain, render
+
+    scenario = Scenario(
+        kind=args.kind,
+        in_bytes=args.bytes,
+        uplink_mbps=args.uplink_mbps,
+        downlink_mbps=args.downlink_mbps,
+        rtt_s=None if args.rtt_ms is None else args.rtt_ms / 1000.0,
+        provisioning_s=args.provisioning_s,
+        local_backlog=args.backlog,
+        uplink_queued_bytes=args.uplink_queued_bytes,
+        lease_warm=args.warm,
+        local_workers=args.workers or settings.local.workers,
+        placement=args.placement,
+        cloud_available=not args.no_cloud,
+        circuit_open=args.circuit_open,
+    )
+    decision, snapshot = explain(settings.decision, scenario)
     if args.json:
+        out = {"target": decision.target, "reason": decision.reason, "t_local_s": decision.t_local_s,
+               "t_cloud_s": decision.t_cloud_s, "terms": dict(decision.terms),
+               "hedge_after_s": decision.hedge_after_s if math.isfinite(decision.hedge_after_s) else None,
+               "upload_by_s": decision.upload_by_s if math.isfinite(decision.upload_by_s) else None,
+               "prewarm": decision.prewarm, "estimates": snapshot}
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(render(out))
+        print(render(scenario, decision, snapshot, settings.decision))
     return 0
 
 

@@ -22,6 +22,8 @@ import re
 import socket
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -66,7 +68,7 @@ def _default_agent_id() -> str:
     return socket.gethostname().split(".")[0] or "edge-agent"
 
 
-def _default_state_dir() -> Path:
+def default_state_dir() -> Path:
     # systemd's StateDirectory= sets $STATE_DIRECTORY (colon-separated when several are configured).
     state = os.environ.get("STATE_DIRECTORY", "")
     return Path(state.split(":")[0]) if state else Path("/var/lib/edge-agent")
@@ -447,6 +449,8 @@ class _Sourced(BaseSettings):
                 # in a section is one line in the operator's words rather than a second, cryptic one.
                 source.env_vars = {name: value for name, value in source.env_vars.items()
                                    if _screen(name, value) is None}
+        if isinstance(env_settings, EnvSettingsSource):
+            _hide_file_copies(env_settings)
         return tuple(sources)
 
 
@@ -476,7 +480,7 @@ class Settings(_Sourced):
     max_payload_bytes: int = Field(
         default=1_048_576, ge=1, le=256 * 1024 * 1024,
         description="larger messages go to the dead-letter topic (`too_large`)")
-    state_dir: Path = Field(default_factory=_default_state_dir,
+    state_dir: Path = Field(default_factory=default_state_dir,
                             description="directory of the store (SQLite database and its WAL)")
     local: LocalSettings = LocalSettings()
     cloud: CloudSettings = CloudSettings()
@@ -669,7 +673,7 @@ def _unknown_setting(name: str, places: list[str]) -> tuple[str, str]:
 
 def _sources_for(env_file: Path | None) -> Iterator[tuple[str, EnvSettingsSource]]:
     """The sources :class:`Settings` reads, each with the words that tell an operator where it is."""
-    yield "the environment", EnvSettingsSource(Settings)
+    yield "the environment", _hide_file_copies(EnvSettingsSource(Settings))
     if env_file is not None:
         yield str(env_file), DotEnvSettingsSource(Settings, env_file=env_file)
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -800,6 +804,83 @@ def load_settings(env_file: Path | None = None, *, explicit: bool = False,
 
 
 # --- Reloading ----------------------------------------------------------------------------------------------------
+
+# Environment names (lower case) that are copies of the env file's lines, set only while Sources.reload reads: the
+# environment source leaves them out, so the file as it is now decides.
+_file_copies: ContextVar[frozenset[str]] = ContextVar("_file_copies", default=frozenset())
+
+
+def _hide_file_copies(source: EnvSettingsSource) -> EnvSettingsSource:
+    hidden = _file_copies.get()
+    if hidden:
+        source.env_vars = {name: value for name, value in source.env_vars.items() if name.lower() not in hidden}
+    return source
+
+
+def _environment() -> dict[str, str]:
+    return {name.lower(): value for name, value in os.environ.items() if _prefixed(name)}
+
+
+def _file_lines(env_file: Path | None) -> dict[str, str]:
+    """The env file's ``EDGE_AGENT_*`` lines as the agent reads them (lower-case names); {} without a file."""
+    if env_file is None or not env_file.is_file():
+        return {}
+    lines = DotEnvSettingsSource(Settings, env_file=env_file).env_vars
+    return {name.lower(): value for name, value in lines.items() if _prefixed(name) and value is not None}
+
+
+@dataclass(frozen=True)
+class Reread:
+    """What a reload read: the settings, and the variables whose line in the env file changed since the start
+    but which the environment sets, so the environment's value stays (highest priority first)."""
+
+    settings: Settings
+    environment_wins: list[str]
+
+
+class Sources:
+    """One agent's sources, read at start and again, the same way, at each reload (SIGHUP).
+
+    ``EnvironmentFile=`` in a unit (or a shell that sourced the file) copies the env file into the process
+    environment once, at start, where it would win over the same file read again at a reload. So a variable whose
+    environment value equals the file's line at start counts as the file's: a reload takes it from the file as it
+    is then, or leaves it at its default once the line is gone. Any other environment value is the environment's
+    and keeps winning over the file; a reload names those whose line the operator changed
+    (:attr:`Reread.environment_wins`).
+    """
+
+    def __init__(self, env_file: Path | None, *, explicit: bool = False,
+                 check_routes: RouteCheck | None = None) -> None:
+        self.env_file = env_file
+        self.explicit = explicit
+        self.check_routes = check_routes
+        self._lines_at_start: dict[str, str] = {}
+        self._copies: frozenset[str] = frozenset()
+
+    def _load(self) -> Settings:
+        return load_settings(self.env_file, explicit=self.explicit, check_routes=self.check_routes)
+
+    def load(self) -> Settings:
+        """The settings at start; remembers which environment values are copies of the env file."""
+        settings = self._load()
+        self._lines_at_start = _file_lines(self.env_file)
+        environment = _environment()
+        self._copies = frozenset(name for name, value in self._lines_at_start.items()
+                                 if environment.get(name) == value)
+        return settings
+
+    def reload(self) -> Reread:
+        """The settings now (or a ConfigError listing every problem), the env file's copies read afresh."""
+        token = _file_copies.set(self._copies)
+        try:
+            settings = self._load()
+        finally:
+            _file_copies.reset(token)
+        lines, environment = _file_lines(self.env_file), _environment()
+        wins = [name.upper() for name in sorted(lines.keys() | self._lines_at_start.keys())
+                if name in environment and name not in self._copies and name.upper() not in NOT_SETTINGS
+                and lines.get(name) != self._lines_at_start.get(name)]
+        return Reread(settings, wins)
 
 
 def _value(settings: BaseModel, path: str) -> Any:

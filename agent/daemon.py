@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import signal
 import sys
 import threading
@@ -12,15 +13,16 @@ import time
 from collections.abc import Callable
 
 from agent.cloud import CircuitState, CloudClient
-from agent.config import Route, Settings, split_reload
+from agent.config import Reread, Route, Settings, split_reload
+from agent.decision import Policy
 from agent.dispatch import Dispatcher
 from agent.egress import Publisher
 from agent.errors import ConfigError
 from agent.executor import LocalExecutor
 from agent.ingress import Ingress
-from agent.introspect import build_policy
 from agent.metrics import AgentCollector, Gauge, LabelledCounter, LabelledHistogram, MetricsServer
 from agent.mqtt import MqttLink
+from agent.reload import Outcome, outcome_dir, write_outcome
 from agent.store import Committed, Store, ensure_writable
 from agent.systemd import Notifier
 from agent.tasks import StatefulTask, default_registry
@@ -33,13 +35,16 @@ STATUS_EVERY_S = 5.0
 STATE_BATCH = 500  # windows a save hands to the store at once: at most ~1.7 MB of readings at the defaults
 SUBSCRIPTIONS_KEY = "subscriptions"
 LEAVING_KEY = "leaving"  # set while a leave (SIGUSR1) is under way, so a crash or power cut does not undo it
-Reloader = Callable[[], Settings]
+Reloader = Callable[[], Reread]
 
 
 STUCK_AFTER_S = 10.0
 # Leaving the group ends once nothing has arrived for this long after the broker confirmed the UNSUBSCRIBE:
 # Mosquitto pushes a session's queue as fast as we acknowledge (in milliseconds), so silence means it is empty.
 LEAVE_QUIET_S = 2.0
+# A reload reports once the broker has confirmed its routes, so that what is published after `systemctl reload`
+# returns is routed by them; a broker slower than this is reported as not having confirmed them yet.
+RELOAD_SUBACK_WAIT_S = 10.0
 
 
 def health(loop_age_s: float, network_alive: bool, store_healthy: bool) -> tuple[bool, str]:
@@ -71,6 +76,7 @@ class Daemon:
         self.leaving = False  # SIGUSR1: leaving the shared group (``_leave``)
         self._end_session = False  # set once the leave is complete: the stop then discards the session
         self._leave_task: asyncio.Future[None] | None = None
+        self._reloading = asyncio.Lock()  # one reload at a time, each reading its sources after its SIGHUP
         self.loop_tick = time.monotonic()
 
     def request_stop(self, reason: str) -> None:
@@ -84,7 +90,8 @@ class Daemon:
     def _build(self, loop: asyncio.AbstractEventLoop) -> None:
         s, store = self.settings, self.store
         self.executor = LocalExecutor(s.local.workers, s)
-        self.policy = build_policy(s, self.registry)  # as `edge-agent explain` builds its own
+        self.policy = Policy(s.decision, local_workers=s.local.workers, lease_idle_s=s.cloud.lease_idle_s,
+                             inline_kinds=[name for name in self.registry.names() if not self.registry.get(name).heavy])
         # No URL, no offloading: the policy then keeps every task local with reason no_cloud.
         self.cloud = CloudClient(s.cloud, observer=self.policy) if s.cloud.url else None
         self.dispatcher = Dispatcher(agent_id=s.agent_id, registry=self.registry, executor=self.executor,
@@ -293,25 +300,37 @@ class Daemon:
         self.store.call(lambda: self.store.set_meta(LEAVING_KEY, "1" if on else ""))
 
     async def _reload(self) -> None:
-        """SIGHUP: apply new routes without a restart; other changes are named and wait for one."""
-        if self.leaving:
-            log.warning("reload_ignored", reason="leaving the group: routes are no longer subscribed")
-            return
-        self.notifier.reloading()
-        try:
-            if self._reload_settings is None:
-                raise ConfigError("SIGHUP", "this agent was started without a settings file to reload")
-            new = self._reload_settings()
-            self.registry.check_routes(new.routes)
-        except ConfigError as exc:
-            for variable, problem in exc.problems:  # every one, as a start would print them
-                log.error("reload_failed", variable=variable, problem=problem, kept="the running settings")
-        else:
-            self._apply(new)
-        self.notifier.ready(self._status_line())
+        """SIGHUP: apply new routes without a restart; other changes are named and wait for one. The outcome goes
+        to the state directory for `edge-agent reload` (agent/reload.py)."""
+        async with self._reloading:
+            started = time.monotonic_ns()
+            if self.leaving:
+                log.warning("reload_ignored", reason="leaving the group: routes are no longer subscribed")
+                self._report_reload(Outcome(os.getpid(), started, "ignored",
+                                            detail="the agent is leaving its group (SIGUSR1)"))
+                return
+            self.notifier.reloading()
+            try:
+                if self._reload_settings is None:
+                    raise ConfigError("SIGHUP", "this agent was started without a settings file to reload")
+                reread = self._reload_settings()
+                self.registry.check_routes(reread.settings.routes)
+            except ConfigError as exc:
+                for variable, problem in exc.problems:  # every one, as a start would print them
+                    log.error("reload_failed", variable=variable, problem=problem, kept="the running settings")
+                outcome = Outcome(os.getpid(), started, "failed", problems=list(exc.problems),
+                                  routes=[r.topic for r in self.settings.routes])
+            else:
+                waiting = self._apply(reread)
+                outcome = Outcome(os.getpid(), started, "applied", needs_restart=waiting,
+                                  environment_wins=reread.environment_wins,
+                                  routes=[r.topic for r in self.settings.routes],
+                                  subscribed=await self._routes_confirmed())
+            self._report_reload(outcome)
+            self.notifier.ready(self._status_line())
 
-    def _apply(self, new: Settings) -> None:
-        old = self.settings
+    def _apply(self, reread: Reread) -> list[str]:
+        old, new = self.settings, reread.settings
         if new.routes != old.routes:
             self._apply_routes(new.routes, old.routes)
         if new.decision != old.decision:
@@ -319,8 +338,25 @@ class Daemon:
         self.settings, waiting = split_reload(old, new)
         if waiting:
             log.warning("reload_needs_restart", settings=waiting, detail="these take effect at the next start")
+        if reread.environment_wins:
+            log.warning("reload_environment_wins", settings=reread.environment_wins,
+                        detail="changed in the env file, but the agent's environment sets them and wins")
         log.info("reload_applied", routes=[r.topic for r in new.routes],
                  decision_changed=new.decision != old.decision)
+        return waiting
+
+    async def _routes_confirmed(self) -> bool:
+        deadline = time.monotonic() + RELOAD_SUBACK_WAIT_S
+        while self.link.connected.is_set() and self.link.subscribe_pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.link.connected.is_set() and not self.link.subscribe_pending
+
+    def _report_reload(self, outcome: Outcome) -> None:
+        directory = outcome_dir(self.settings.state_dir)
+        try:
+            write_outcome(directory, outcome)
+        except OSError as exc:  # `edge-agent reload` then times out and says where it looked
+            log.warning("reload_outcome_not_written", path=str(directory), error=str(exc))
 
     def _apply_routes(self, routes: list[Route], previous: list[Route]) -> None:
         self.ingress.set_routes(routes)

@@ -741,6 +741,11 @@ class MqttLink:
         except Exception:
             log.exception("callback_failed", callback="on_connect")
 
+    @property
+    def subscribe_pending(self) -> bool:
+        """A SUBSCRIBE of this connection still waits for the broker's SUBACK."""
+        return bool(self._subscribing)
+
     def set_subscriptions(self, topic_filters: Sequence[tuple[str, int]], unsubscribe: Sequence[str]) -> None:
         """New routes (SIGHUP): subscribe now when connected, and after every later CONNACK."""
         if self._leaving is not None:
