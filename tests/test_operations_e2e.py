@@ -265,3 +265,78 @@ def test_sigusr1_to_every_process_retires_the_agent_cleanly(broker: Mosquitto, a
     assert {"leaving_group", "left_group_drained", "left_group"} <= {e.get("event") for e in events}
     device.loop_stop()
     device.disconnect()
+
+
+def test_sighup_applies_the_env_file_also_copied_into_the_environment(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    """systemd's EnvironmentFile= puts the file's lines into the agent's environment at start, where they used to
+    win over the same file read again at a reload: `reload_applied` then listed the old routes."""
+    agent = agents(broker)
+    lines = dict(line.split("=", 1) for line in agent.env_file.read_text().splitlines())
+    agent.process_env = lines  # as EnvironmentFile= does
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    agent.start()
+    assert agent.proc is not None
+    parking = [{"topic": "city/+/parking/+/data", "task": "sensor.stats"}]
+    agent.write_env(EDGE_AGENT_ROUTES=json.dumps(parking))
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_logged("reload_applied")
+    applied = next(e for e in agent.events() if e.get("event") == "reload_applied")
+    assert applied["routes"] == ["city/+/parking/+/data"]
+    wait_for(lambda: any("city/+/parking/+/data" in e.get("filters", ()) for e in agent.events()
+                         if e.get("event") == "mqtt_subscribed"), 20, "the broker to confirm the new route")
+    device = publisher(broker.port)
+    device.publish("city/a/parking/2/data", b'{"free": 10}', qos=1)
+    wait_for(lambda: any("/parking/" in t for t, _ in collector.snapshot()), 20, "a result on the new route")
+    assert agent.terminate() == 0
+
+
+def reload_command(agent: Agent, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    assert agent.proc is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_") and k != "STATE_DIRECTORY"}
+    return subprocess.run([sys.executable, "-m", "agent", "reload", "--pid", str(agent.proc.pid),
+                           "--state-dir", str(agent.workdir / "state"), "--timeout", str(timeout)],
+                          capture_output=True, text=True, timeout=timeout + 30, env=env)
+
+
+def test_reload_command_waits_for_the_outcome_and_fails_on_an_invalid_file(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(broker)
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    agent.start()
+    assert agent.proc is not None
+    device = publisher(broker.port)
+    shipped = agent.env_file.read_text()
+
+    # Applied, and done when the command returns: the broker has confirmed the new route, so a message
+    # published right away is routed by it.
+    agent.write_env(EDGE_AGENT_ROUTES=json.dumps([{"topic": "city/+/parking/+/data", "task": "sensor.stats"}]),
+                    EDGE_AGENT_MQTT__KEEPALIVE_S="45")
+    done = reload_command(agent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "edge-agent reload: EDGE_AGENT_MQTT__KEEPALIVE_S: changed; takes effect at the next start (restart the agent)",
+        "edge-agent reload: reload applied; routes: city/+/parking/+/data"]
+    device.publish("city/a/parking/1/data", b'{"free": 10}', qos=1)
+    wait_for(lambda: len(collector.snapshot()) == 1, 20, "a result on the new route")
+
+    # Invalid: exit status 1 with every problem; the running settings keep working.
+    agent.write_env(EDGE_AGENT_ROUTES="[{broken", EDGE_AGENT_MQTT_HOST="broker.example")
+    done = reload_command(agent)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"edge-agent reload: configuration error: EDGE_AGENT_MQTT_HOST: unknown setting (from {agent.env_file})"
+        " — did you mean EDGE_AGENT_MQTT__HOST?",
+        "edge-agent reload: configuration error: EDGE_AGENT_ROUTES: not valid JSON (Expecting property name "
+        "enclosed in double quotes: line 1 column 3 (char 2))",
+        "edge-agent reload: reload failed (2 problems); the agent keeps running with its previous settings"]
+    device.publish("city/a/parking/2/data", b'{"free": 9}', qos=1)
+    wait_for(lambda: len(collector.snapshot()) == 2, 20, "a result with the running settings")
+
+    # No answer (the event loop stopped): a timeout, not a success.
+    agent.env_file.write_text(shipped)
+    agent.proc.send_signal(signal.SIGSTOP)
+    try:
+        done = reload_command(agent, timeout=1)
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
+    assert done.returncode == 1 and "did not report the reload within 1 s" in done.stderr
+    assert agent.terminate() == 0
