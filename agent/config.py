@@ -320,6 +320,18 @@ class StoreSettings(_Frozen):
         "besides the save at a clean stop; a power cut loses at most this much of it; 0: only at a clean stop")
 
 
+class DeadLetterSettings(_Frozen):
+    # Dead letters are rare but a misconfigured device can send nothing else: the bound keeps the newest.
+    max_count: int = Field(
+        default=10_000, ge=0, le=10_000_000,
+        description="dead letters whose payload the store keeps for `edge-agent dead-letters` (show, replay); "
+        "beyond it the oldest are dropped; 0: keep none")
+    max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=0, le=64 * 1024 * 1024 * 1024,
+        description="bytes of dead-letter payloads the store keeps at most, beside `EDGE_AGENT_STORE__MAX_BYTES`; "
+        "beyond it the oldest are dropped")
+
+
 class LogSettings(_Frozen):
     level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="least level logged")
     format: Literal["auto", "json", "console"] = Field(
@@ -486,6 +498,7 @@ class Settings(_Sourced):
     cloud: CloudSettings = CloudSettings()
     metrics: MetricsSettings = MetricsSettings()
     store: StoreSettings = StoreSettings()
+    dead_letters: DeadLetterSettings = DeadLetterSettings()
     log: LogSettings = LogSettings()
     decision: DecisionSettings = DecisionSettings()
     shutdown_timeout_s: float = Field(

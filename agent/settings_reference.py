@@ -48,6 +48,7 @@ SECTIONS = {
     "cloud": "Cloud (resource API)",
     "metrics": "Metrics and health",
     "store": "Store",
+    "dead_letters": "Dead letters",
     "log": "Logging",
     "decision": "Decision model",
 }

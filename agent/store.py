@@ -7,6 +7,9 @@ A row is one task through its life::
     state 2 PUBLISHED  tombstone: keeps the inbound (mid, topic, crc) → task_id so a redelivered message that
                        was already committed keeps its task_id instead of becoming a second task
 
+Dead letters also leave a copy of their payload in the ``dead_letters`` table (agent/deadletters.py), written
+in the same group commit as their dead-letter message and bounded on its own.
+
 A light task's result usually skips state 1: published straight away, its row goes from 0 to 2 when the broker
 acknowledges it (see ``egress.Publisher.offer``).
 
@@ -17,7 +20,9 @@ Under load the groups grow by themselves; when idle a single message commits alo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import operator
 import queue
 import sqlite3
@@ -30,13 +35,14 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from agent.deadletters import DeadLetter, Replay
 from agent.errors import ConfigError, StoreError
 from agent.telemetry import get_logger
 
 log = get_logger(__name__)
 
 PENDING, OUTBOX, PUBLISHED = 0, 1, 2
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_GROUP = 4000  # operations per transaction: bounds the time acknowledgements wait behind one commit
 # A group of this many new rows is committed without waiting out the commit interval: the broker may allow no
 # more unacknowledged messages than this (Mosquitto's max_inflight_messages defaults to 20), and then waiting
@@ -45,6 +51,8 @@ GATHER_ROWS = 16
 INLINE_READ_BYTES = 4096  # read-backs carry inputs up to this size; larger ones are read when they run
 TOMBSTONES_KEPT = 70_000  # > 65,535 packet ids, so any id the broker may still redeliver is remembered
 PRUNE_EVERY = 100  # ingested rows between prunes, each dropping at most twice as many old tombstones
+REPLAY_READ_BYTES = 16 * 1024 * 1024  # payloads one read of requested replays hands over at most
+DEAD_LETTER_ID_KEY = "dead_letter_id"  # meta: the highest dead-letter id given out, never to be given again
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -77,6 +85,30 @@ CREATE TABLE IF NOT EXISTS task_state (
 CREATE INDEX IF NOT EXISTS outbox_order ON tasks (out_seq) WHERE state = 1;
 """
 
+# Each step brings a store of the version before it to its own version, in place and in one transaction with
+# the new version number: statements, not a script (executescript would commit half-way).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: (
+        # Dead letters' payloads for `edge-agent dead-letters` (agent/deadletter_admin.py). ``payload`` is the
+        # whole message, or its first bytes when ``truncated``; ``replay`` is set by the command and cleared,
+        # with the row, by the commit that re-admits it as a new task.
+        """CREATE TABLE IF NOT EXISTS dead_letters (
+            id          INTEGER PRIMARY KEY,
+            task_id     TEXT    NOT NULL,
+            topic       TEXT    NOT NULL,
+            reason      TEXT    NOT NULL,
+            detail      TEXT    NOT NULL,
+            size        INTEGER NOT NULL,
+            received_at REAL    NOT NULL,
+            dead_at     REAL    NOT NULL,
+            payload     BLOB    NOT NULL,
+            truncated   INTEGER NOT NULL DEFAULT 0,
+            replay      INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX IF NOT EXISTS dead_letters_replay ON dead_letters (received_at, id) WHERE replay = 1",
+    ),
+}
+
 
 class NewTask(NamedTuple):
     """A message accepted by ingress, not yet committed. ``out_*`` set means it is a dead letter already."""
@@ -96,6 +128,7 @@ class NewTask(NamedTuple):
     # The route's options as JSON, without the topic (the row has it), built once per route: what the row
     # keeps of ``options``, so the writer does not serialise a dict for every message.
     route_options: str | None = None
+    dead_letter: DeadLetter | None = None  # a dead letter's copy to keep
 
 
 class TaskRef(NamedTuple):
@@ -137,7 +170,17 @@ CommitHook = Callable[[Committed], None]
 Finished = tuple[int, int, str, bytes]
 
 
-_BARRIERS = frozenset({"load_pending", "load_outbox", "call"})
+@dataclass(slots=True)
+class DeadLetterTotals:
+    """The kept dead letters as the writer counts them; read by the metrics thread."""
+
+    kept: int = 0
+    bytes: int = 0
+    dropped: int = 0  # dropped by the bound since the start
+    top: int = 0  # the highest id committed (also kept in meta, for when its copy is gone)
+
+
+_BARRIERS = frozenset({"load_pending", "load_outbox", "load_replays", "call"})
 
 # Read-backs (see Store._read_page): the rows as one JSON array, each with its payload's length, and their
 # payloads concatenated in the same order (JSON cannot hold arbitrary bytes; hex doubled them and cost a
@@ -166,10 +209,13 @@ class Store:
     """Durable store with a single writer thread. Public methods are safe to call from any thread."""
 
     def __init__(self, state_dir: Path, *, max_tasks: int, max_bytes: int, synchronous: str = "full",
-                 commit_interval_s: float = 0.0) -> None:
+                 commit_interval_s: float = 0.0, dead_letter_max_count: int = 10_000,
+                 dead_letter_max_bytes: int = 64 * 1024 * 1024) -> None:
         self.path = state_dir / "edge-agent.db"
         self.max_tasks = max_tasks
         self.max_bytes = max_bytes
+        self.dead_letter_max_count = dead_letter_max_count
+        self.dead_letter_max_bytes = dead_letter_max_bytes
         self._synchronous = synchronous.upper()
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         # Group commit with a floor on the spacing of commits (see _gather). _gathered is written by the
@@ -218,13 +264,46 @@ class Store:
         ).fetchone()
         self.admitted_rows, self.admitted_bytes = int(rows), int(size)
         self._next_seq, self._next_id = int(seq) + 1, int(top) + 1
+        # Replaced as a whole after each commit that changed it, so the metrics thread reads one consistent copy.
+        self.dead_letters = self._count_dead_letters(DeadLetterTotals())
+        given = int(self.get_meta(DEAD_LETTER_ID_KEY) or 0)
+        self.dead_letters.top = max(self.dead_letters.top, given)
+        # Ids are given out on the event loop (the dead-letter message carries one before its commit). One that
+        # was committed is never given again, even after its copy was dropped, purged or replayed; one lost in
+        # a crash before its commit was never published either.
+        self._dead_ids = itertools.count(self.dead_letters.top + 1)
+        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if self._over_dead_letter_bound(self.dead_letters):  # the bound may have been lowered since
+            self._db.execute("BEGIN IMMEDIATE")
+            totals = dataclasses.replace(self.dead_letters)
+            self._bound_dead_letters(totals)
+            self._db.execute("COMMIT")
+            self.dead_letters = totals
 
     def _check_schema(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise StoreError(f"store schema {row[0]} is not {SCHEMA_VERSION}; move {self.path} aside")
+        # No row: a new store, which _SCHEMA has just made at version 1.
+        version = 1 if row is None else int(row[0])
+        if version > SCHEMA_VERSION:
+            raise ConfigError("EDGE_AGENT_STATE_DIR", f"the store {self.path} has schema {version}, newer than this "
+                              f"version of the agent knows ({SCHEMA_VERSION}): run the newer version, or move the "
+                              "store aside")
+        if row is not None and version == SCHEMA_VERSION:
+            return
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    db.execute(statement)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        if row is not None:
+            log.info("store_schema_upgraded", store=str(self.path), old=version, new=SCHEMA_VERSION)
 
     # ------------------------------------------------------------------ reads at start-up (before threads)
 
@@ -292,6 +371,52 @@ class Store:
         row = self._reader.execute("SELECT payload FROM tasks WHERE id=?", (row_id,)).fetchone()
         return None if row is None else row[0]
 
+    # ------------------------------------------------------------------ dead letters
+
+    def new_dead_letter_id(self) -> int:
+        """The id of a new dead letter (event loop): its message names it before the commit that keeps it."""
+        return next(self._dead_ids)
+
+    def _count_dead_letters(self, totals: DeadLetterTotals) -> DeadLetterTotals:
+        kept, size, top = self._db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(max(id), 0) FROM dead_letters").fetchone()
+        totals.kept, totals.bytes, totals.top = int(kept), int(size), max(totals.top, int(top))
+        return totals
+
+    def _over_dead_letter_bound(self, totals: DeadLetterTotals) -> bool:
+        return totals.kept > self.dead_letter_max_count or totals.bytes > self.dead_letter_max_bytes
+
+    def _bound_dead_letters(self, totals: DeadLetterTotals) -> None:
+        """Drop the oldest kept dead letters until the bound holds (writer, in its transaction). Those waiting
+        for a replay are spared: they leave the table at the replay's commit anyway."""
+        if not self._over_dead_letter_bound(totals):
+            return
+        cut = dropped = freed = 0
+        for row_id, size in self._db.execute(
+                "SELECT id, length(payload) FROM dead_letters WHERE replay=0 ORDER BY id"):
+            cut, dropped, freed = row_id, dropped + 1, freed + size
+            if (totals.kept - dropped <= self.dead_letter_max_count
+                    and totals.bytes - freed <= self.dead_letter_max_bytes):
+                break
+        if dropped:
+            self._db.execute("DELETE FROM dead_letters WHERE replay=0 AND id<=?", (cut,))
+            totals.kept -= dropped
+            totals.bytes -= freed
+            totals.dropped += dropped
+
+    def _refresh_dead_letters(self, totals: DeadLetterTotals) -> None:
+        """Count again when another connection (``edge-agent dead-letters``) changed the table since."""
+        version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version:
+            self._data_version = version
+            self._count_dead_letters(totals)
+
+    def load_replays(self, limit: int, reply: Callable[[list[Replay]], None]) -> None:
+        """The oldest dead letters waiting for a replay, in the order they were received: a read in the writer's
+        order, so a replay the loop has handed back (:meth:`submit`'s ``replayed``) is never read again."""
+        self._queue.put(_Op("load_replays", (limit, reply)))
+        self._wake.set()
+
     # ------------------------------------------------------------------ state
 
     @property
@@ -347,9 +472,11 @@ class Store:
         self.admitted_rows += 1
         self.admitted_bytes += stored_size(row)
 
-    def submit(self, rows: Sequence[NewTask], acks: Sequence[tuple[int, int]]) -> None:
-        """Admitted rows to commit soon; the acknowledgements follow the commit."""
-        self._queue.put(_Op("ingest", (rows, acks)))
+    def submit(self, rows: Sequence[NewTask], acks: Sequence[tuple[int, int]],
+               replayed: Sequence[int] = ()) -> None:
+        """Admitted rows to commit soon; the acknowledgements follow the commit. ``replayed``: the dead letters
+        these rows replay, which leave the store in the same commit (so a replay runs once)."""
+        self._queue.put(_Op("ingest", (rows, acks, replayed)))
         if self._gathering:
             self._gathered += len(rows)
             if self._gathered >= GATHER_ROWS:
@@ -361,9 +488,10 @@ class Store:
             self.admit(row)
         self.submit(rows, acks)
 
-    def complete(self, results: Sequence[Finished]) -> None:
-        """Tasks done: (row id, input size, result topic, result payload) each, committed as one group."""
-        self._queue.put(_Op("complete", (results,)))
+    def complete(self, results: Sequence[Finished], dead: Sequence[tuple[int, DeadLetter]] = ()) -> None:
+        """Tasks done: (row id, input size, result topic, result payload) each, committed as one group.
+        ``dead``: (row id, copy) of those that are dead letters; each keeps its row's input."""
+        self._queue.put(_Op("complete", (results, dead)))
 
     def published(self, row_ids: Iterable[tuple[int, int]]) -> None:
         """Rows whose result the broker acknowledged: (row id, bytes the row held: its result payload, or its
@@ -468,12 +596,12 @@ class Store:
     def _commit_group(self, batch: list[_Op]) -> None:
         started = time.perf_counter()
         self.busy_since = time.monotonic()
-        next_id, next_seq = self._next_id, self._next_seq
+        next_id, next_seq, data_version = self._next_id, self._next_seq, self._data_version
         while True:
             committed = Committed()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                released_rows, released_bytes = self._apply(batch, committed)
+                released_rows, released_bytes, dead_letters = self._apply(batch, committed)
                 prune = self._since_prune + committed.ingested >= PRUNE_EVERY
                 if prune:
                     self._prune()  # in the group's transaction: no fsync of its own
@@ -484,9 +612,11 @@ class Store:
                 # the broker keeps our unacknowledged messages meanwhile.
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                self._next_id, self._next_seq = next_id, next_seq
+                self._next_id, self._next_seq, self._data_version = next_id, next_seq, data_version
                 log.error("store_commit_failed", error=str(exc), retry_in_s=1.0)
                 time.sleep(1.0)
+        if dead_letters is not None:
+            self.dead_letters = dead_letters
         self.released_rows += released_rows
         self.released_bytes += released_bytes
         self.busy_since = None
@@ -499,8 +629,9 @@ class Store:
             log.exception("store_post_commit_failed")
         self._since_prune = 0 if prune else self._since_prune + committed.ingested
 
-    def _apply(self, batch: list[_Op], committed: Committed) -> tuple[int, int]:
-        """Write a group as a few multi-row statements; returns the rows and bytes it released.
+    def _apply(self, batch: list[_Op], committed: Committed) -> tuple[int, int, DeadLetterTotals | None]:
+        """Write a group as a few multi-row statements; returns the rows and bytes it released, and the kept
+        dead letters' new totals when they changed.
 
         One statement per kind rather than one per row: sqlite3 lets go of the GIL for every statement it
         steps, and each time this thread then waits for the event loop to hand the GIL back.
@@ -510,6 +641,9 @@ class Store:
         dead: list[Any] = []
         completes: list[Any] = []
         published: list[int] = []
+        kept: list[Any] = []  # dead letters' copies: 9 values a row from ingress …
+        copied: list[Any] = []  # … 4 from the dispatcher, whose input the writer copies from the task row
+        replayed: list[int] = []
         released_rows = released_bytes = 0
         tasks, outbox = committed.tasks, committed.outbox
         for op in batch:
@@ -522,17 +656,21 @@ class Store:
                         self._hand_outbox = False
                 continue
             if op.kind == "ingest":
-                rows, acks = op.args
+                rows, acks, replays = op.args
                 for row in rows:
                     row_id = self._next_id
                     self._next_id += 1
-                    if row.out_topic is not None:  # a dead letter: straight to the outbox, no input kept
+                    if row.out_topic is not None:  # a dead letter: straight to the outbox, its copy kept aside
                         assert row.out_payload is not None
                         seq = self._take_seq()
                         dead.extend((row_id, row.task_id, row.topic, None, None, None, None, row.size,
                                      row.received_at, row.mid, row.crc, OUTBOX, row.out_topic, row.out_payload, seq))
                         if self._hand_outbox:
                             outbox.append(OutboxEntry(row_id, row.out_topic, row.out_payload, seq))
+                        copy = row.dead_letter
+                        if copy is not None:
+                            kept.extend((copy.id, row.task_id, row.topic, copy.reason, copy.detail, row.size,
+                                         row.received_at, copy.payload or b"", int(copy.truncated)))
                     else:
                         assert row.kind is not None and row.placement is not None
                         options = row.options or {}
@@ -544,7 +682,10 @@ class Store:
                                                  row.payload, row.size, row.received_at))
                 committed.acks.extend(acks)
                 committed.ingested += len(rows)
+                replayed.extend(replays)
             elif op.kind == "complete":
+                for row_id, copy in op.args[1]:
+                    copied.extend((copy.id, copy.reason, copy.detail, row_id))
                 for row_id, size, out_topic, out_payload in op.args[0]:
                     seq = self._take_seq()
                     completes.extend((row_id, out_topic, out_payload, seq))
@@ -566,11 +707,40 @@ class Store:
             db.execute(_insert_sql(rows), chunk)
         for rows, chunk in _chunks(dead, 15):
             db.execute(_insert_dead_sql(rows), chunk)
+        # Before the completes below, which drop the inputs the dispatcher's dead letters keep.
+        dead_letters = self._keep_dead_letters(kept, copied, replayed) if kept or copied or replayed else None
         for rows, chunk in _chunks(completes, 4):
             db.execute(_complete_sql(rows), chunk)
         for rows, chunk in _chunks(published, 1):
             db.execute(_published_sql(rows), chunk)
-        return released_rows, released_bytes
+        return released_rows, released_bytes, dead_letters
+
+    def _keep_dead_letters(self, kept: list[Any], copied: list[Any], replayed: list[int]) -> DeadLetterTotals:
+        """Keep a group's dead letters, forget those replayed, and hold the bound (in the group's transaction:
+        dead letters are rare, and a flood of them shares the group's fsync)."""
+        db = self._db
+        totals = dataclasses.replace(self.dead_letters)
+        self._refresh_dead_letters(totals)
+        if replayed:
+            for rows, chunk in _chunks(replayed, 1):
+                db.execute(_forget_dead_sql(rows), chunk)
+            self._count_dead_letters(totals)
+        top = max(max(kept[::9], default=0), max(copied[::4], default=0))
+        if self.dead_letter_max_count > 0:
+            now = time.time()
+            for rows, chunk in _chunks(kept, 9):
+                sizes = db.execute(_keep_dead_sql(rows), [now, *chunk]).fetchall()
+                totals.kept += len(sizes)
+                totals.bytes += sum(size for (size,) in sizes)
+            for rows, chunk in _chunks(copied, 4):
+                sizes = db.execute(_copy_dead_sql(rows), [now, *chunk]).fetchall()
+                totals.kept += len(sizes)
+                totals.bytes += sum(size for (size,) in sizes)
+            self._bound_dead_letters(totals)
+        if top > totals.top:
+            totals.top = top
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (DEAD_LETTER_ID_KEY, str(top)))
+        return totals
 
     def _barrier(self, op: _Op) -> None:
         try:
@@ -591,6 +761,21 @@ class Store:
                     self._hand_outbox = True
                     self._caught_up["outbox"] = self.commits
                 reply(entries)
+            elif op.kind == "load_replays":
+                limit, reply = op.args
+                totals = dataclasses.replace(self.dead_letters)
+                self._refresh_dead_letters(totals)  # so the gauges follow a purge or replay soon
+                self.dead_letters = totals
+                replays: list[Replay] = []
+                held = 0
+                for row_id, topic, payload in self._db.execute(
+                        "SELECT id, topic, payload FROM dead_letters WHERE replay=1 AND truncated=0 "
+                        "ORDER BY received_at, id LIMIT ?", (limit,)):
+                    replays.append(Replay(int(row_id), str(topic), bytes(payload)))
+                    held += len(payload)
+                    if held >= REPLAY_READ_BYTES:
+                        break
+                reply(replays)
             else:
                 op.args[0]()
         except sqlite3.Error as exc:
@@ -724,6 +909,30 @@ def _insert_dead_sql(rows: int) -> str:
     return ("INSERT INTO tasks (id, task_id, topic, kind, placement, options, payload, size, received_at, "  # noqa: S608
             f"mid, crc, state, out_topic, out_payload, out_seq) SELECT * FROM (VALUES {values}) "
             "WHERE column1 IS NOT NULL")
+
+
+@functools.cache
+def _keep_dead_sql(rows: int) -> str:
+    # OR IGNORE: an id already kept (only a hand-edited store has one) must not stop every commit after it.
+    values = ",".join(["(" + ",".join("?" * 9) + ")"] * rows)
+    return ("INSERT OR IGNORE INTO dead_letters (id, task_id, topic, reason, detail, size, received_at, "  # noqa: S608
+            f"payload, truncated, dead_at) SELECT *, ?1 FROM (VALUES {values}) WHERE column1 IS NOT NULL "
+            "RETURNING length(payload)")
+
+
+@functools.cache
+def _copy_dead_sql(rows: int) -> str:
+    # The task's input, still in its pending row (the complete in the same transaction drops it afterwards).
+    values = ",".join(["(?,?,?,?)"] * rows)
+    return ("INSERT OR IGNORE INTO dead_letters (id, task_id, topic, reason, detail, size, received_at, "  # noqa: S608
+            "dead_at, payload, truncated) SELECT v.column1, t.task_id, t.topic, v.column2, v.column3, t.size, "
+            f"t.received_at, ?1, t.payload, 0 FROM (VALUES {values}) AS v JOIN tasks AS t ON t.id = v.column4 "
+            "WHERE t.state = 0 AND t.payload IS NOT NULL RETURNING length(payload)")
+
+
+@functools.cache
+def _forget_dead_sql(rows: int) -> str:
+    return f"DELETE FROM dead_letters WHERE id IN ({','.join('?' * rows)})"  # noqa: S608
 
 
 @functools.cache
