@@ -79,14 +79,11 @@ def verify_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A root with the units installed as install.sh installs them, systemd's own units, and stand-ins.
 
     verify resolves dependencies (network-online.target, sysinit.target…) and executables inside --root, so
-    the root needs systemd's unit directory and /bin/kill; ExecStart's program only has to be executable.
+    the root needs systemd's unit directory; the program of ExecStart= and ExecReload= only has to be executable.
     """
     root = tmp_path_factory.mktemp("verify-root")
     system_units = next(p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir())
     shutil.copytree(system_units, root / "usr/lib/systemd/system", symlinks=True)
-    (root / "usr/bin").mkdir(parents=True)
-    (root / "bin").symlink_to("usr/bin")
-    shutil.copy2(shutil.which("kill") or "/bin/kill", root / "usr/bin/kill")
     program = root / "opt/edge-agent/venv/bin/edge-agent"
     program.parent.mkdir(parents=True)
     program.write_text("#!/bin/sh\nexit 0\n")
@@ -145,7 +142,9 @@ def test_unit_has_the_lifecycle_the_daemon_implements() -> None:
     assert one(unit, "WatchdogSec") == "30s"
     assert one(unit, "Restart") == "on-failure"
     assert one(unit, "RestartPreventExitStatus") == str(EX_CONFIG)
-    assert one(unit, "ExecReload") == "/bin/kill -HUP $MAINPID"
+    # Not /bin/kill (procps is missing from minimal systems, and kill returns before the reload happened): the
+    # agent's own command, which waits for the outcome and fails when the new settings are invalid.
+    assert one(unit, "ExecReload") == "/opt/edge-agent/venv/bin/edge-agent reload --pid $MAINPID"
     assert one(unit, "KillMode") == "mixed"  # SIGTERM to the agent only; its workers finish the drain
     # The drain must end before systemd's SIGKILL.
     stop_s = int(one(unit, "TimeoutStopSec").removesuffix("s"))
@@ -154,7 +153,9 @@ def test_unit_has_the_lifecycle_the_daemon_implements() -> None:
 
 def test_unit_reads_configuration_and_state_where_the_agent_expects_them() -> None:
     unit = parse_unit(UNIT)
-    assert one(unit, "EnvironmentFile") == "-/etc/edge-agent/agent.env"
+    # The agent alone reads the env file, at start and at each reload: EnvironmentFile= would copy it into the
+    # environment once, at start, for a second parser.
+    assert "EnvironmentFile" not in unit["Service"] and "Environment" not in unit["Service"]
     assert one(unit, "ExecStart") == "/opt/edge-agent/venv/bin/edge-agent run --env-file /etc/edge-agent/agent.env"
     assert one(unit, "StateDirectory") == "edge-agent"  # → $STATE_DIRECTORY, the store's default
     assert one(unit, "StateDirectoryMode") == "0750"
@@ -203,8 +204,7 @@ def test_credentials_are_optional_and_named_as_the_agent_reads_them(
 # The template's lines that differ from the plain unit, each with its expected value.
 TEMPLATE_ONLY = {
     "Description": ["edge-agent %i, smart-city gateway daemon (MQTT tasks, local or cloud execution)"],
-    "Environment": ["EDGE_AGENT_AGENT_ID=%i"],
-    "EnvironmentFile": ["-/etc/edge-agent/%i.env"],
+    "SetCredential": ["EDGE_AGENT_AGENT_ID:%i"],
     "ExecStart": ["/opt/edge-agent/venv/bin/edge-agent run --env-file /etc/edge-agent/%i.env"],
     "LoadCredential": ["EDGE_AGENT_MQTT__PASSWORD:edge-agent@%i.mqtt-password",
                        "EDGE_AGENT_CLOUD__TOKEN:edge-agent@%i.cloud-token"],
@@ -223,12 +223,26 @@ def test_template_differs_from_the_unit_only_per_instance() -> None:
                 assert template[section].get(key) == unit[section].get(key), f"[{section}] {key} drifted"
 
 
-def test_template_lets_the_env_file_override_the_instance_agent_id() -> None:
-    # systemd applies EnvironmentFile= over Environment= whatever their order; keeping Environment= first
-    # says so to the reader too.
-    lines = [line for line in TEMPLATE.read_text().splitlines()
-             if line.startswith(("Environment=", "EnvironmentFile="))]
-    assert lines == ["Environment=EDGE_AGENT_AGENT_ID=%i", "EnvironmentFile=-/etc/edge-agent/%i.env"]
+def test_template_makes_the_instance_name_the_agent_id_unless_the_env_file_sets_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A credential, the agent's lowest source, so NAME.env can override it; Environment= would win over the file.
+    template = parse_unit(TEMPLATE)["Service"]
+    assert "Environment" not in template and "EnvironmentFile" not in template
+    (credential,) = [value.split(":", 1) for value in template["SetCredential"]]
+    assert credential == ["EDGE_AGENT_AGENT_ID", "%i"]
+    for key in list(os.environ):
+        if key.startswith("EDGE_AGENT_"):
+            monkeypatch.delenv(key)
+    credentials = tmp_path / "credentials"  # what systemd makes of it for edge-agent@north
+    credentials.mkdir()
+    (credentials / credential[0]).write_text(credential[1].replace("%i", "north"))
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    env_file = tmp_path / "north.env"
+    env_file.write_text(f"EDGE_AGENT_STATE_DIR={tmp_path / 'state'}\n")
+    assert load_settings(env_file, explicit=True).agent_id == "north"
+    env_file.write_text(env_file.read_text() + "EDGE_AGENT_AGENT_ID=gw-north-1\n")
+    assert load_settings(env_file, explicit=True).agent_id == "gw-north-1"
 
 
 # --- the real agent under the unit's restrictions -------------------------------------------------------
