@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from agent.cloud import CircuitState, CloudClient
 from agent.config import Reread, Route, Settings, split_reload
+from agent.deadletters import REPLAY_BATCH, DeadLetterLog, DropLog, Replay
 from agent.decision import Policy
 from agent.dispatch import Dispatcher
 from agent.egress import Publisher
@@ -70,7 +71,9 @@ class Daemon:
         self.registry = default_registry()
         self.store = Store(settings.state_dir, max_tasks=settings.store.max_tasks,
                            max_bytes=settings.store.max_bytes, synchronous=settings.store.synchronous,
-                           commit_interval_s=settings.store.commit_interval_ms / 1000)
+                           commit_interval_s=settings.store.commit_interval_ms / 1000,
+                           dead_letter_max_count=settings.dead_letters.max_count,
+                           dead_letter_max_bytes=settings.dead_letters.max_bytes)
         self.notifier = Notifier()
         self.stopping = asyncio.Event()
         self.leaving = False  # SIGUSR1: leaving the shared group (``_leave``)
@@ -90,15 +93,16 @@ class Daemon:
     def _build(self, loop: asyncio.AbstractEventLoop) -> None:
         s, store = self.settings, self.store
         self.executor = LocalExecutor(s.local.workers, s)
+        self.dead_log, self.dead_drops, self._reading_replays = DeadLetterLog(), DropLog(), False
         self.policy = Policy(s.decision, local_workers=s.local.workers, lease_idle_s=s.cloud.lease_idle_s,
                              inline_kinds=[name for name in self.registry.names() if not self.registry.get(name).heavy])
         # No URL, no offloading: the policy then keeps every task local with reason no_cloud.
         self.cloud = CloudClient(s.cloud, observer=self.policy) if s.cloud.url else None
         self.dispatcher = Dispatcher(agent_id=s.agent_id, registry=self.registry, executor=self.executor,
-                                     store=store, policy=self.policy, cloud=self.cloud)
+                                     store=store, policy=self.policy, cloud=self.cloud, dead_log=self.dead_log)
         self.ingress = Ingress(agent_id=s.agent_id, routes=s.routes, max_payload_bytes=s.max_payload_bytes,
                                store=store, ack=self._ack, request_redelivery=self._request_redelivery,
-                               throttle=self._throttle)
+                               throttle=self._throttle, dead_log=self.dead_log)
         # Every packet id, not only a Receive Maximum's worth: a broker resuming a session may have more of our
         # messages unacknowledged than that (Mosquitto 2.0 does), and any of them can come back as a duplicate.
         self.ingress.remember(store.recent_deliveries(65_535))
@@ -228,7 +232,31 @@ class Daemon:
             if state_every > 0 and now - last_state >= state_every and self._state_saved.done():
                 self._state_saved = asyncio.ensure_future(self._save_task_state())
                 last_state = now
+            self._dead_letter_chores()
             await asyncio.sleep(interval)
+
+    def _dead_letter_chores(self) -> None:
+        """Summaries of the dead-letter log and of the bound's drops; the replays `edge-agent dead-letters
+        replay` asked for, read one batch at a time (the next read waits until this one is handed back)."""
+        self._summarise_dead_letters()
+        if not self._reading_replays and not self.stopping.is_set():
+            self._reading_replays = True
+            loop = self._loop
+
+            def reply(items: list[Replay]) -> None:
+                loop.call_soon_threadsafe(self._readmit, items)
+
+            self.store.load_replays(REPLAY_BATCH, reply)
+
+    def _readmit(self, items: list[Replay]) -> None:
+        self._reading_replays = False
+        self.ingress.readmit(items)
+
+    def _summarise_dead_letters(self, force: bool = False) -> None:
+        self.dead_log.flush(force)
+        totals = self.store.dead_letters
+        self.dead_drops.check(totals.dropped, force=force, kept=totals.kept, kept_bytes=totals.bytes,
+                              max_count=self.store.dead_letter_max_count, max_bytes=self.store.dead_letter_max_bytes)
 
     def _healthy(self) -> tuple[bool, str]:
         return health(time.monotonic() - self.loop_tick, self.link.alive(within_s=STUCK_AFTER_S),
@@ -391,6 +419,7 @@ class Daemon:
                 log.warning("left_group", session="not ended: the broker could not be reached",
                             detail="it holds no subscription and expires after EDGE_AGENT_MQTT__SESSION_EXPIRY_S")
         self.executor.shutdown()
+        self._summarise_dead_letters(force=True)
         self.store.stop()
         if self.metrics is not None:
             self.metrics.stop()
@@ -470,6 +499,11 @@ class Daemon:
                             lambda: {(): ingress.counters.duplicates}),
             LabelledCounter("edge_agent_store_commits", "Group commits of the store.", (),
                             lambda: {(): store.commits}),
+            LabelledCounter("edge_agent_dead_letters_dropped", "Kept dead letters dropped, oldest first, to hold "
+                            "EDGE_AGENT_DEAD_LETTERS__MAX_COUNT and __MAX_BYTES.", (),
+                            lambda: {(): store.dead_letters.dropped}),
+            LabelledCounter("edge_agent_dead_letters_replayed", "Dead letters re-admitted as new tasks by "
+                            "`edge-agent dead-letters replay`.", (), lambda: {(): ingress.counters.replayed}),
         ]
         c.histograms.append(LabelledHistogram(
             "edge_agent_task_duration_seconds", "Measured service time of each task, by placement and kind.",
@@ -506,6 +540,10 @@ class Daemon:
                   lambda: float(link.connected.is_set())),
             Gauge("edge_agent_intake_paused", "1 while the store is full and intake is paused.",
                   lambda: float(ingress.paused)),
+            Gauge("edge_agent_dead_letters_kept", "Dead letters whose payload the store keeps.",
+                  lambda: store.dead_letters.kept),
+            Gauge("edge_agent_dead_letters_kept_bytes", "Bytes of the dead-letter payloads the store keeps.",
+                  lambda: store.dead_letters.bytes),
         ]
         return c
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, cast
 
 from agent.cloud import CircuitOpen, CloudClient, CloudError, TransientCloudError
+from agent.deadletters import DeadLetter, DeadLetterLog
 from agent.decision import Decision, Placement, Policy, Task
 from agent.egress import dead_letter, result_message
 from agent.errors import PayloadError, UnknownTask
@@ -89,8 +90,10 @@ class Dispatcher:
         clock: Callable[[], float] = time.monotonic,
         memory_cap_bytes: int = 16 * 1024 * 1024,
         memory_cap_tasks: int = 3_000,
+        dead_log: DeadLetterLog | None = None,
     ) -> None:
         self._agent_id = agent_id
+        self._dead_log = dead_log or DeadLetterLog()
         self._registry = registry
         self._executor = executor
         self._store = store
@@ -112,6 +115,7 @@ class Dispatcher:
         self._heavy_limit = executor.workers * 2  # keep the pool's queue fed without hoarding tasks
         self._scheduled = False
         self._done: list[Finished] = []  # results of this loop turn, for the store
+        self._dead: list[tuple[int, DeadLetter]] = []  # … the copies to keep of those that are dead letters
         self._direct: list[Finished] = []  # … of light tasks, offered to the publisher first
         # Set by connect_publisher: publishes results without the outbox where it can and returns the rest; and
         # how many it takes now.
@@ -486,14 +490,19 @@ class Dispatcher:
                 return
             self._hedged.pop(ref.id, None)
         self._finished(item)
+        number = self._store.new_dead_letter_id()
         if isinstance(exc, (PayloadError, UnknownTask)):
             reason, detail = exc.reason, str(exc)
+            self._dead_log.record(reason, id=number, topic=ref.topic, task_id=ref.task_id, size=ref.size,
+                                  detail=detail)
         else:
             reason, detail = "task_failed", f"{type(exc).__name__}: {exc}"[:500]
-            log.warning("task_failed", kind=ref.kind, topic=ref.topic, task_id=ref.task_id, error=detail)
+            self._dead_log.record(reason, "task_failed", id=number, kind=ref.kind, topic=ref.topic,
+                                  task_id=ref.task_id, error=detail)
         self.dead_lettered += 1
         self.dead_by_reason[reason] = self.dead_by_reason.get(reason, 0) + 1
-        topic, body = dead_letter(self._agent_id, ref.topic, reason, detail, ref.size, ref.received_at)
+        topic, body = dead_letter(self._agent_id, ref.topic, reason, detail, ref.size, ref.received_at, number)
+        self._dead.append((ref.id, DeadLetter(number, reason, detail)))  # keeps the row's input
         self._finish_row(ref, topic, body)
 
     def _finish_row(self, ref: TaskRef, topic: str, body: bytes, direct: bool = False) -> None:
@@ -506,12 +515,13 @@ class Dispatcher:
 
     def _flush_done(self) -> None:
         done, self._done = self._done, []
+        dead, self._dead = self._dead, []
         if self._direct:
             assert self._publish_direct is not None
             direct, self._direct = self._direct, []
             done += self._publish_direct(direct)
         if done:
-            self._store.complete(done)
+            self._store.complete(done, dead)
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop starting tasks and wait for the running ones; True when all finished in time.

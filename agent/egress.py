@@ -34,8 +34,10 @@ def dead_letter_topic(agent_id: str, topic: str) -> str:
 
 
 def dead_letter(agent_id: str, topic: str, reason: str, detail: str, size: int,
-                received_at: float) -> tuple[str, bytes]:
-    body = {"topic": topic, "reason": reason, "detail": detail, "size": size, "received_at": received_at}
+                received_at: float, dead_letter_id: int) -> tuple[str, bytes]:
+    """``dead_letter_id``: the store's id of the kept copy (``edge-agent dead-letters show ID``)."""
+    body = {"topic": topic, "reason": reason, "detail": detail, "size": size, "received_at": received_at,
+            "id": dead_letter_id}
     return dead_letter_topic(agent_id, topic), codec.dumps(body)
 
 

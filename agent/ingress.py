@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 import zlib
 from array import array
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 from agent import codec
 from agent.config import Route
+from agent.deadletters import TRUNCATED_KEEP, DeadLetter, DeadLetterLog, Replay
 from agent.egress import dead_letter
 from agent.mqtt import InboundMessage
 from agent.store import NewTask, Store
@@ -101,6 +103,7 @@ class IngressCounters:
     dead_lettered: int = 0
     duplicates: int = 0
     held_back: int = 0  # not acknowledged because the store was full (the broker redelivers them)
+    replayed: int = 0  # dead letters re-admitted as new tasks (`edge-agent dead-letters replay`)
     by_route: dict[str, int] = field(default_factory=dict)  # accepted messages per route filter
     dead_by_reason: dict[str, int] = field(default_factory=dict)
 
@@ -116,8 +119,10 @@ class Ingress:
         ack: Callable[[int, int], None],
         request_redelivery: Callable[[], None],
         throttle: Callable[[bool], None] = lambda on: None,
+        dead_log: DeadLetterLog | None = None,
     ) -> None:
         self._agent_id = agent_id
+        self._dead_log = dead_log or DeadLetterLog()
         self.router = Router(routes)
         self._max_payload = max_payload_bytes
         self._store = store
@@ -228,11 +233,53 @@ class Ingress:
     def _dead(self, msg: InboundMessage, task_id: str, crc: int, reason: str, detail: str) -> NewTask:
         self.counters.dead_lettered += 1
         self.counters.dead_by_reason[reason] = self.counters.dead_by_reason.get(reason, 0) + 1
-        out_topic, out_payload = dead_letter(self._agent_id, msg.topic, reason, detail, len(msg.payload),
-                                             msg.received_at)
-        log.warning("dead_letter", reason=reason, topic=msg.topic, detail=detail)
-        return NewTask(task_id, msg.topic, None, None, None, None, len(msg.payload), msg.received_at,
-                       msg.mid if msg.qos else None, crc if msg.qos else None, out_topic, out_payload)
+        size = len(msg.payload)
+        number = self._store.new_dead_letter_id()
+        out_topic, out_payload = dead_letter(self._agent_id, msg.topic, reason, detail, size, msg.received_at,
+                                             number)
+        self._dead_log.record(reason, id=number, topic=msg.topic, task_id=task_id, size=size, detail=detail)
+        # A message over the size limit is kept only in part (agent/deadletters.py says why).
+        kept = msg.payload if size <= self._max_payload else msg.payload[:TRUNCATED_KEEP]
+        return NewTask(task_id, msg.topic, None, None, None, None, size, msg.received_at,
+                       msg.mid if msg.qos else None, crc if msg.qos else None, out_topic, out_payload,
+                       dead_letter=DeadLetter(number, reason, detail, kept, truncated=len(kept) < size))
+
+    def readmit(self, replays: Sequence[Replay]) -> None:
+        """Dead letters that ``edge-agent dead-letters replay`` asked for, oldest first: each becomes a new task
+        through the current routes (or a new dead letter), committed together with the removal of its kept
+        copy, so it runs once. What does not fit in the store now, or comes while stopping, stays asked for
+        and is read again later."""
+        if self.closing or not replays:
+            return
+        store, rows, replayed = self._store, [], []
+        for item in replays:
+            size = len(item.payload)
+            if self.paused or not store.has_room(size if size <= self._max_payload else 0):
+                break
+            msg = InboundMessage(item.topic, item.payload, 0, 0, False, time.time())
+            task_id = self._ids.next()
+            route = self.router.match(item.topic)
+            if size > self._max_payload:
+                row = self._dead(msg, task_id, 0, "too_large",
+                                 f"payload of {size} bytes exceeds EDGE_AGENT_MAX_PAYLOAD_BYTES={self._max_payload}")
+            elif route is None:
+                row = self._dead(msg, task_id, 0, "unknown_task",
+                                 f"no route matches topic {item.topic!r} (replayed dead letter {item.id})")
+            else:
+                row = NewTask(task_id, item.topic, route.task, route.placement,
+                              {**self.router.options[route.topic], "topic": item.topic}, item.payload, size,
+                              msg.received_at, None, None, route_options=self.router.stored_options[route.topic])
+            store.admit(row)
+            rows.append(row)
+            replayed.append(item.id)
+            self.counters.replayed += 1
+            # task None: dead-lettered again (logged as such).
+            log.info("dead_letter_replayed", id=item.id, task_id=task_id, topic=item.topic, task=row.kind)
+        if rows:
+            # Straight to the store, not through this turn's batch: the next read of requested replays is then
+            # queued behind this commit, which forgets these.
+            store.submit(rows, [], replayed)
+            self.uncommitted += len(rows)
 
     def _hold_back(self, msg: InboundMessage) -> None:
         if not self.paused:

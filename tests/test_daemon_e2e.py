@@ -192,7 +192,8 @@ def test_each_dead_letter_reason(broker: Mosquitto, agents, tmp_path: Path) -> N
     assert by_topic["city/a/boom/6/data"]["reason"] == "task_failed"
     assert "RuntimeError" in by_topic["city/a/boom/6/data"]["detail"]
     for body in by_topic.values():
-        assert set(body) == {"topic", "reason", "detail", "size", "received_at"}
+        assert set(body) == {"topic", "reason", "detail", "size", "received_at", "id"}
+    assert len({body["id"] for body in by_topic.values()}) == 7
     assert "city/a/traffic/7/data" not in by_topic
     assert second.terminate() == 0
 

@@ -71,7 +71,7 @@ async def run_pipeline(tmp_path: Path, n: int, *, publish_cap: int, dispatch_cap
         publisher._store = store
     if outbox_rows is not None:
         complete = store.complete
-        store.complete = lambda results: (outbox_rows.append(len(results)), complete(results))[1]  # type: ignore[method-assign]
+        store.complete = lambda results, *dead: (outbox_rows.append(len(results)), complete(results, *dead))[1]  # type: ignore[method-assign]
     store.start(lambda c: loop.call_soon_threadsafe(deliver, c))
     dispatcher.start(loop)
     publisher.start(loop)

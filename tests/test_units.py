@@ -76,10 +76,10 @@ def test_result_and_dead_letter_shapes() -> None:
     )
     assert topic == "edge/gw1/results/city/a/traffic/1/data"
     assert set(json.loads(body)) == {"task_id", "kind", "topic", "placement", "decision", "timings", "result"}
-    topic, body = dead_letter("gw1", "city/a/x", "invalid_json", "bad", 12, 1.5)
+    topic, body = dead_letter("gw1", "city/a/x", "invalid_json", "bad", 12, 1.5, 7)
     assert topic == "edge/gw1/dead-letter/city/a/x"
     assert json.loads(body) == {"topic": "city/a/x", "reason": "invalid_json", "detail": "bad", "size": 12,
-                                "received_at": 1.5}
+                                "received_at": 1.5, "id": 7}
 
 
 def test_results_stay_strict_json() -> None:
