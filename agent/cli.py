@@ -59,25 +59,37 @@ def _parser() -> argparse.ArgumentParser:
     explain = sub.add_parser(
         "explain",
         help="show both expected totals of one task, term by term, and where it would run",
-        description="Priors come from the settings; the options below replace them with the figures to explain.",
+        description="The settings decide as the agent would (priors, routes, cloud URL, payload bound); the "
+        "figures below replace the priors. --live asks the running agent instead, with its own estimates.",
     )
     env_file_option(explain)
-    explain.add_argument("--kind", required=True, help="task kind, e.g. noise.spectrum")
+    explain.add_argument("--kind", help="task kind, e.g. noise.spectrum (default: the task of --topic's route)")
     explain.add_argument("--bytes", type=_non_negative_int, required=True, help="input size in bytes")
+    explain.add_argument("--topic", help="a message's topic: its first matching route gives the task and placement")
+    explain.add_argument("--live", action="store_true",
+                         help="ask the running agent (its metrics port): its estimates, queues and lease now")
     explain.add_argument("--uplink-mbps", type=_positive_float, help="uplink bandwidth (default: the prior)")
     explain.add_argument("--downlink-mbps", type=_positive_float, help="downlink bandwidth (default: the prior)")
     explain.add_argument("--rtt-ms", type=_non_negative_float, help="round trip to the cloud (default: the prior)")
     explain.add_argument("--provisioning-s", type=_non_negative_float, help="time to start a lease")
     explain.add_argument("--warm", action="store_true", help="a ready lease exists (no provisioning term)")
-    explain.add_argument("--backlog", type=_non_negative_int, default=0,
-                         help="tasks of this kind and size already queued or running on the gateway")
-    explain.add_argument("--uplink-queued-bytes", type=_non_negative_int, default=0,
-                         help="other inputs already waiting on the uplink")
+    explain.add_argument("--backlog", type=_non_negative_int,
+                         help="tasks of this kind and size already queued or running on the gateway (default 0)")
+    explain.add_argument("--uplink-queued-bytes", type=_non_negative_int,
+                         help="other inputs already waiting on the uplink (default 0)")
     explain.add_argument("--workers", type=_positive_int, help="gateway workers (default: EDGE_AGENT_LOCAL__WORKERS)")
-    explain.add_argument("--placement", choices=("auto", "local", "cloud"), default="auto")
+    explain.add_argument("--placement", choices=("auto", "local", "cloud"),
+                         help="instead of the route's (default: the route's with --topic, else auto)")
     explain.add_argument("--no-cloud", action="store_true", help="as if EDGE_AGENT_CLOUD__URL were unset")
     explain.add_argument("--circuit-open", action="store_true", help="as if the cloud circuit breaker were open")
     explain.add_argument("--json", action="store_true", help="print the decision and estimates as JSON")
+
+    status = sub.add_parser(
+        "status", help="one screen from the running agent: broker, routes, rates, backlog, store, cloud, errors",
+        description="Asks the running agent over its metrics port (EDGE_AGENT_METRICS__HOST, __PORT in the "
+        "settings file). Exit status 3 when it is not running, 4 when it serves no status (metrics off).")
+    env_file_option(status)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
 
     replay = sub.add_parser(
         "replay",
@@ -184,6 +196,8 @@ def _main(argv: list[str] | None) -> int:
         return 0
     if args.command == "explain":
         return _explain(args, settings)
+    if args.command == "status":
+        return _status(args, settings)
 
     import faulthandler
 
@@ -219,35 +233,69 @@ def _reload(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _explain(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.decision.explain import Scenario, explain, render
+_WHAT_IFS = ("uplink_mbps", "downlink_mbps", "rtt_ms", "provisioning_s", "warm", "backlog", "uplink_queued_bytes",
+             "workers", "no_cloud", "circuit_open")
 
-    scenario = Scenario(
-        kind=args.kind,
-        in_bytes=args.bytes,
-        uplink_mbps=args.uplink_mbps,
-        downlink_mbps=args.downlink_mbps,
-        rtt_s=None if args.rtt_ms is None else args.rtt_ms / 1000.0,
-        provisioning_s=args.provisioning_s,
-        local_backlog=args.backlog,
-        uplink_queued_bytes=args.uplink_queued_bytes,
-        lease_warm=args.warm,
-        local_workers=args.workers or settings.local.workers,
-        placement=args.placement,
-        cloud_available=not args.no_cloud,
-        circuit_open=args.circuit_open,
-    )
-    decision, snapshot = explain(settings.decision, scenario)
+
+def _explain(args: argparse.Namespace, settings: Settings) -> int:
+    from agent import introspect, status
+    from agent.decision.explain import Scenario, render
+    from agent.ingress import Router
+    from agent.tasks import default_registry
+
+    if args.kind is None and args.topic is None:
+        print("edge-agent explain: give --kind, --topic or both", file=sys.stderr)
+        return EX_USAGE
+    url = None
+    try:
+        if args.live:
+            given = [f"--{name.replace('_', '-')}" for name in _WHAT_IFS if getattr(args, name) not in (None, False)]
+            if given:
+                print(f"edge-agent explain: --live explains with the running agent's own figures; leave out "
+                      f"{', '.join(given)}", file=sys.stderr)
+                return EX_USAGE
+            params = {"bytes": str(args.bytes), "kind": args.kind, "topic": args.topic, "placement": args.placement}
+            url = status.agent_url(settings)
+            out = status.fetch(settings, "/explain", {k: v for k, v in params.items() if v is not None})
+        else:
+            scenario = Scenario(
+                kind=args.kind or "", in_bytes=args.bytes, uplink_mbps=args.uplink_mbps,
+                downlink_mbps=args.downlink_mbps, rtt_s=None if args.rtt_ms is None else args.rtt_ms / 1000.0,
+                provisioning_s=args.provisioning_s, local_backlog=args.backlog or 0,
+                uplink_queued_bytes=args.uplink_queued_bytes or 0, lease_warm=args.warm,
+                local_workers=args.workers or settings.local.workers, cloud_available=not args.no_cloud,
+                circuit_open=args.circuit_open)
+            out = introspect.explain_settings(settings, default_registry(), Router(settings.routes), scenario,
+                                              kind=args.kind, topic=args.topic, placement=args.placement)
+    except introspect.Unanswerable as exc:
+        print(f"edge-agent explain: {exc}", file=sys.stderr)
+        return EX_USAGE
+    except status.AgentUnreachable as exc:
+        print(f"edge-agent explain: {exc}", file=sys.stderr)
+        return exc.exit_status
+    for warning in out["warnings"]:
+        print(f"edge-agent explain: warning: {warning}", file=sys.stderr)
     if args.json:
-        out = {"target": decision.target, "reason": decision.reason, "t_local_s": decision.t_local_s,
-               "t_cloud_s": decision.t_cloud_s, "terms": dict(decision.terms),
-               "hedge_after_s": decision.hedge_after_s if math.isfinite(decision.hedge_after_s) else None,
-               "upload_by_s": decision.upload_by_s if math.isfinite(decision.upload_by_s) else None,
-               "prewarm": decision.prewarm, "estimates": snapshot}
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(render(scenario, decision, snapshot, settings.decision))
+        print(render(out, url))
+    return 0
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from agent import status
+
+    try:
+        out = status.fetch(settings, "/status")
+    except status.AgentUnreachable as exc:
+        print(f"edge-agent status: {exc}", file=sys.stderr)
+        return exc.exit_status
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(status.render_status(out))
     return 0
 
 

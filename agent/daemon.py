@@ -15,12 +15,12 @@ from collections.abc import Callable
 from agent.cloud import CircuitState, CloudClient
 from agent.config import Reread, Route, Settings, split_reload
 from agent.deadletters import REPLAY_BATCH, DeadLetterLog, DropLog, Replay
-from agent.decision import Policy
 from agent.dispatch import Dispatcher
 from agent.egress import Publisher
 from agent.errors import ConfigError
 from agent.executor import LocalExecutor
 from agent.ingress import Ingress
+from agent.introspect import Introspection, build_policy
 from agent.metrics import AgentCollector, Gauge, LabelledCounter, LabelledHistogram, MetricsServer
 from agent.mqtt import MqttLink
 from agent.reload import Outcome, outcome_dir, write_outcome
@@ -94,8 +94,7 @@ class Daemon:
         s, store = self.settings, self.store
         self.executor = LocalExecutor(s.local.workers, s)
         self.dead_log, self.dead_drops, self._reading_replays = DeadLetterLog(), DropLog(), False
-        self.policy = Policy(s.decision, local_workers=s.local.workers, lease_idle_s=s.cloud.lease_idle_s,
-                             inline_kinds=[name for name in self.registry.names() if not self.registry.get(name).heavy])
+        self.policy = build_policy(s, self.registry)  # as `edge-agent explain` builds its own
         # No URL, no offloading: the policy then keeps every task local with reason no_cloud.
         self.cloud = CloudClient(s.cloud, observer=self.policy) if s.cloud.url else None
         self.dispatcher = Dispatcher(agent_id=s.agent_id, registry=self.registry, executor=self.executor,
@@ -116,10 +115,15 @@ class Daemon:
         )
         self.publisher = Publisher(store, self.link.send, window=s.mqtt.publish_window)
         self.publisher.on_room = self.dispatcher.connect_publisher(self.publisher.offer, self.publisher.room)
+        self.introspection = Introspection(
+            settings=lambda: self.settings, registry=self.registry, ingress=self.ingress, dispatcher=self.dispatcher,
+            store=store, link=self.link, publisher=self.publisher, cloud=self.cloud, healthy=self._healthy,
+            ready=self._ready)
         self.metrics: MetricsServer | None = None
         if s.metrics.port:
             self.metrics = MetricsServer(s.metrics.port, self._collector(), healthy=self._healthy,
-                                         ready=self._ready)
+                                         ready=self._ready, host=s.metrics.host,
+                                         endpoints=self.introspection.endpoints())
 
     def _ack(self, mid: int, qos: int) -> None:
         self.link.ack(mid, qos)
@@ -183,6 +187,7 @@ class Daemon:
         self.store.start(self._on_commit)
         self.dispatcher.start(loop)
         self.publisher.start(loop)
+        self.introspection.start(loop)
         if any(self.registry.get(r.task).heavy for r in s.routes):
             await self.executor.warm_up()  # a light-only gateway never starts worker processes
         # Everything built so far lives as long as the process: keep it out of the collector's full passes,

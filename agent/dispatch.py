@@ -14,6 +14,7 @@ is published, whose ``placement`` says where it ran and whose decision says ``"h
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import math
 import time
@@ -199,9 +200,7 @@ class Dispatcher:
         decision: Decision | None = None
         if spec is not None:
             cloud = self.cloud
-            decision = self.policy.decide(task, now, placement=cast(Placement, ref.placement),
-                                          cloud_available=cloud is not None,
-                                          circuit_open=cloud is not None and cloud.circuit_open(now))
+            decision = self._decide(self.policy, task, cast(Placement, ref.placement), now)
             if decision.prewarm and cloud is not None:
                 cloud.prewarm()  # the model wants a warm lease for the tasks to come
             key = (decision.target, decision.reason)
@@ -217,6 +216,19 @@ class Dispatcher:
         else:
             (self._heavy if spec is not None and spec.heavy else self._light).append(item)
         self._queued_bytes += ref.size
+
+    def _decide(self, policy: Policy, task: Task, placement: Placement, now: float) -> Decision:
+        cloud = self.cloud
+        return policy.decide(task, now, placement=placement, cloud_available=cloud is not None,
+                             circuit_open=cloud is not None and cloud.circuit_open(now))
+
+    def preview(self, task: Task, placement: Placement) -> tuple[Decision, dict[str, Any]]:
+        """The decision ``task`` would get if it were admitted now, and the estimates and queues it was made on
+        (``edge-agent explain --live``). The same call as for a real task, on a copy of the policy: asking
+        must not start a probe's timer or a lease, nor add a kind to the estimates."""
+        now = self._clock()
+        policy = copy.deepcopy(self.policy)
+        return self._decide(policy, task, placement, now), policy.snapshot(now)
 
     def _load_more(self) -> None:
         if self.closing or not self._readback.start_read():

@@ -379,6 +379,9 @@ class MqttLink:
         self._leaving: list[str] | None = None
         self._leave_mid: int | None = None
         self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE packet id → its filters, until the SUBACK
+        # This connection's subscriptions as the broker answered them (``edge-agent status``): filter as
+        # subscribed ($share/… included) → "pending", "subscribed" or "refused: <reason code>".
+        self.subscriptions: dict[str, str] = {}
         self.left = threading.Event()
         self._rng = random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -602,6 +605,11 @@ class MqttLink:
         self._client._sock_close()  # paho's own teardown: socket callbacks, then close
         self._connection_ended()
 
+    @property
+    def last_connect_error(self) -> str | None:
+        """Why the latest attempt to connect failed; None once the broker has accepted a connection."""
+        return self._last_refusal
+
     def _connection_ended(self) -> None:
         if self._awaiting_connack and not self._dropping:
             self._refused_before_connack()
@@ -610,6 +618,7 @@ class MqttLink:
             self._lost = True
         self._dropping = False
         self._subscribing.clear()
+        self.subscriptions = {}
         self.subscribed.clear()
         self.connected.clear()
         self._poke()
@@ -826,6 +835,7 @@ class MqttLink:
             else:
                 subscriptions.append((full, qos))
         # Always resubscribe: the broker may have lost the session (restart without persistence).
+        self.subscriptions = {full: "pending" for full, _ in subscriptions}
         if subscriptions:
             _, mid = self._client.subscribe(subscriptions)
             if mid is not None:  # None: paho refused it (not connected); the next CONNACK subscribes again
@@ -839,6 +849,9 @@ class MqttLink:
             self.subscribed.set()  # answered, refusals included: those are logged, and waiting would not help
             filters = self._subscribing.pop(mid, None) or ["?"] * len(reason_codes)
             pairs = list(zip(filters, reason_codes, strict=False))
+            for topic_filter, code in pairs:
+                if topic_filter in self.subscriptions:
+                    self.subscriptions[topic_filter] = f"refused: {code}" if code.is_failure else "subscribed"
             failed = [str(code) for _, code in pairs if code.is_failure]
             if failed:
                 log.error("mqtt_subscribe_refused", reasons=failed,

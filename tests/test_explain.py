@@ -221,3 +221,20 @@ def test_an_unknown_kind_is_warned_about(env_file: Path, capsys: pytest.CaptureF
     out = explain_json(env_file, capsys, "--kind", "noise.spectrum", "--bytes", "1000")
     assert out["warnings"] == [] and out["installed"] is True
     assert capsys.readouterr().err == ""
+
+
+def test_live_refuses_figures_of_its_own(env_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--env-file", str(env_file), "--live", "--kind", "noise.spectrum", "--bytes", "1000",
+                 "--uplink-mbps", "5", "--warm"]) == 2
+    assert "leave out --uplink-mbps, --warm" in capsys.readouterr().err
+
+
+def test_live_without_a_running_agent_says_so(env_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from support import free_port
+
+    write(env_file, f"EDGE_AGENT_METRICS__PORT={free_port()}")
+    assert main(["explain", "--env-file", str(env_file), "--live", "--kind", "noise.spectrum", "--bytes", "1"]) == 3
+    assert "the agent is not running, or not at http://127.0.0.1:" in capsys.readouterr().err
+    write(env_file, "EDGE_AGENT_METRICS__PORT=0")
+    assert main(["explain", "--env-file", str(env_file), "--live", "--kind", "noise.spectrum", "--bytes", "1"]) == 4
+    assert "metrics are off (EDGE_AGENT_METRICS__PORT=0)" in capsys.readouterr().err

@@ -250,6 +250,21 @@ class CloudClient:
             provisioning=any(lease.stage in ("pending", "provisioning") for lease in self._leases),
         )
 
+    def describe(self) -> dict[str, Any]:
+        """The circuit and the leases as plain data (``edge-agent status``); times in seconds from now."""
+        now = self._clock()
+        retry_in = self._breaker.retry_in(now)
+        return {
+            "circuit": self._breaker.state.value,
+            "circuit_retry_in_s": retry_in if self._breaker.state is CircuitState.OPEN else None,
+            "leases": [
+                {"id": lease.id, "stage": lease.stage, "vcpus": lease.quantity, "in_use": lease.reserved,
+                 "expires_in_s": lease.expires_at - now if math.isfinite(lease.expires_at) else None,
+                 "idle_s": now - lease.last_used if lease.last_used and not lease.reserved else None}
+                for lease in self._leases if lease.stage != "gone"
+            ],
+        }
+
     def prewarm(self) -> None:
         """Request a lease before a task needs it (the policy's ``Decision.prewarm``).
 
