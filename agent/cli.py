@@ -120,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Runs everything on this machine: an MQTT broker (amqtt, unless --broker), the devcloud, "
         "devices replaying CityPulse Aarhus rows and synthetic audio, a cloud uplink following a real bandwidth "
         "trace, and the agent as a subprocess. Ctrl-C stops it all."))
+
+    from agent.deadletter_admin import add_parser as dead_letter_options  # imports no store, no paho
+
+    dead_letter_options(sub, env_file_option)
     return parser
 
 
@@ -196,6 +200,13 @@ def _main(argv: list[str] | None) -> int:
         return 0
     if args.command == "explain":
         return _explain(args, settings)
+    if args.command == "dead-letters":
+        from agent.deadletter_admin import run as dead_letters
+
+        try:
+            return dead_letters(args, settings)
+        except ConfigError as exc:  # no store there, or one a newer version wrote
+            return _config_error(exc)
     if args.command == "status":
         return _status(args, settings)
 
