@@ -20,14 +20,18 @@
 # and systemctl is never called. The venv is built in place, so its scripts point into DIR: use it where it
 # stands (tests, a chroot that runs the script itself), not copied elsewhere.
 #
-# Environment: PYTHON, the interpreter the venv is made from (default: python3; 3.11 or newer).
+# Environment: PYTHON, the interpreter the venv is made from (default: /usr/bin/python3; 3.11 or newer). It must
+# be one the service can see: the unit's ProtectHome= and PrivateTmp= hide /root, /home, /run/user and /tmp
+# from it, so an interpreter there (pyenv, a user's own build) is refused.
 set -euo pipefail
 
 readonly NAME=edge-agent
 readonly MIN_PYTHON="3.11"
 SRC=$(cd "$(dirname "$0")/.." && pwd -P)
 readonly SRC
-PYTHON=${PYTHON:-python3}
+# The system's interpreter, not the first python3 on PATH: under `sudo -i` or a root shell that may be a
+# pyenv build in /root, which the service cannot see.
+PYTHON=${PYTHON:-/usr/bin/python3}
 
 ROOT=""
 WHEEL=""
@@ -45,7 +49,8 @@ usage: $0 [--root DIR] [--wheel FILE] [--uninstall]
   --root DIR     install under DIR (a packaging root or a test tree): no user, no chown, no systemctl
   --wheel FILE   install edge-agent from this wheel instead of building it from the checkout
   --uninstall    remove the venv and the units; keep /etc/edge-agent and /var/lib/edge-agent
-  PYTHON=...     interpreter for the venv (default python3, at least $MIN_PYTHON)
+  PYTHON=...     interpreter for the venv (default /usr/bin/python3, at least $MIN_PYTHON; not under
+                 /root, /home, /run/user or /tmp, which the service cannot see)
 EOF
 }
 
@@ -178,9 +183,27 @@ check_python() {
     command -v "$PYTHON" >/dev/null 2>&1 || die "no Python interpreter '$PYTHON' (set PYTHON=/path/to/python3.11 or newer)"
     "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
         || die "$PYTHON is Python $("$PYTHON" -c 'import platform; print(platform.python_version())'); edge-agent needs $MIN_PYTHON or newer (set PYTHON=...)"
+    check_visible
     # Debian and Ubuntu ship venv's pip bootstrap separately.
     "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null \
         || die "$PYTHON cannot create virtual environments: install python3-venv (apt-get install python3-venv)"
+}
+
+# The venv's python is a link to this interpreter, and its standard library stays where the interpreter has
+# it: both must be visible to the service. The unit's ProtectHome=yes hides /root, /home and /run/user, and
+# PrivateTmp=yes gives it a /tmp of its own, so a venv built on an interpreter there fails every start with
+# "No such file or directory" (status 203/EXEC), although it runs fine from the shell that installed it.
+check_visible() {
+    local where path
+    where=$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys.executable)); print(os.path.realpath(sys.base_prefix))') \
+        || die "$PYTHON could not say where it is installed"
+    while IFS= read -r path; do
+        case "$path/" in
+            /root/*|/home/*|/run/user/*|/tmp/*|/var/tmp/*)
+                die "$PYTHON is $path: the service could not run it. Its unit's ProtectHome=yes and PrivateTmp=yes hide /root, /home, /run/user and /tmp from it. Choose a system interpreter, e.g. PYTHON=/usr/bin/python3.12 $0 (default: /usr/bin/python3)" ;;
+        esac
+    done <<< "$where"
+    say "using $PYTHON ($(head -n 1 <<< "$where"), Python $("$PYTHON" -c 'import platform; print(platform.python_version())'))"
 }
 
 # What the venv is built from: the interpreter and a hash of the package source. Equal stamps mean the

@@ -19,14 +19,31 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = ROOT / "deploy" / "install.sh"
 UNITS = ("edge-agent.service", "edge-agent@.service")
+# What install.sh uses unless PYTHON says otherwise. Not the interpreter running the tests: that may be a pyenv
+# build under /root or /home, which install.sh refuses because the service could not see it.
+SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 def run_install(
     *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
+    full_env = {k: v for k, v in os.environ.items() if k != "PYTHON"} | (env or {})
     return subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True, env=full_env,
                           timeout=timeout, check=False)
+
+
+def system_python_usable() -> bool:
+    probe = "import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))"
+    return Path(SYSTEM_PYTHON).exists() and subprocess.run([SYSTEM_PYTHON, "-c", probe], capture_output=True,
+                                                           timeout=30, check=False).returncode == 0
+
+
+def stand_in(path: Path, version: str, prefix: str) -> Path:
+    """An interpreter's answers to install.sh's questions (version, venv, where it lives), without one."""
+    path.write_text(f'#!/bin/sh\ncase "$*" in\n  *base_prefix*) echo {prefix}/bin/python3; echo {prefix} ;;\n'
+                    f'  *platform*) echo {version} ;;\n  *) exit 0 ;;\nesac\n')
+    path.chmod(0o755)
+    return path
 
 
 def tree(root: Path) -> dict[str, tuple[int, int, int]]:
@@ -49,6 +66,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    if not system_python_usable():
+        pytest.skip(f"{SYSTEM_PYTHON} is not Python 3.11+ with venv (apt-get install python3-venv)")
     root = tmp_path_factory.mktemp("root")
     first = run_install("--root", str(root), "--wheel", str(wheel))
     assert first.returncode == 0, first.stdout + first.stderr
@@ -189,6 +208,39 @@ def test_refuses_a_python_older_than_3_11(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "Python 3.10.12" in done.stderr and "3.11 or newer" in done.stderr
     assert not (tmp_path / "root/opt").exists()
+
+
+def test_refuses_an_interpreter_the_service_cannot_see(tmp_path: Path) -> None:
+    # A pyenv build in a home directory: ProtectHome=yes hides it from the unit, so the venv's python, a link
+    # to it, would fail every start while working from the installing shell.
+    pyenv = stand_in(tmp_path / "python3.12", "3.12.1", "/home/alice/.pyenv/versions/3.12.1")
+    done = run_install("--root", str(tmp_path / "root"), "--wheel", str(tmp_path / "absent.whl"),
+                       env={"PYTHON": str(pyenv)})
+    assert done.returncode != 0
+    assert f"{pyenv} is /home/alice/.pyenv/versions/3.12.1/bin/python3: the service could not run it" in done.stderr
+    assert "ProtectHome=yes" in done.stderr and "PYTHON=/usr/bin/python3.12" in done.stderr
+    assert "no such wheel" not in done.stderr  # refused before anything else
+    assert not (tmp_path / "root/opt").exists()
+    for hidden in ("/root/.pyenv/versions/3.12.1", "/run/user/1000/py", "/tmp/py"):
+        done = run_install("--root", str(tmp_path / "root"), env={"PYTHON": str(stand_in(
+            tmp_path / "python3", "3.12.1", hidden))})
+        assert done.returncode != 0 and "the service could not run it" in done.stderr, hidden
+
+
+def test_the_default_interpreter_is_the_systems_not_the_first_on_path(tmp_path: Path) -> None:
+    if not system_python_usable():
+        pytest.skip(f"{SYSTEM_PYTHON} is not Python 3.11+ with venv")
+    # A root shell with pyenv's shims first on PATH: its python3 is not the one to build the service's venv on.
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    asked = tmp_path / "asked"
+    (shims / "python3").write_text(f"#!/bin/sh\ntouch {asked}\nexit 1\n")
+    (shims / "python3").chmod(0o755)
+    done = run_install("--root", str(tmp_path / "root"), "--wheel", str(tmp_path / "absent.whl"),
+                       env={"PATH": f"{shims}:{os.environ['PATH']}"})
+    assert not asked.exists()
+    assert f"using {SYSTEM_PYTHON} (" in done.stdout
+    assert "no such wheel" in done.stderr  # it went on past the interpreter, to the next check
 
 
 def test_explains_a_missing_interpreter_and_bad_arguments(tmp_path: Path) -> None:
