@@ -150,7 +150,7 @@ def test_without_a_cloud_url_the_task_stays_on_the_gateway(tmp_path: Path, env_f
     out = explain_json(bare, capsys, *figures)
     assert (out["target"], out["reason"]) == ("local", "no_cloud")
     assert main(["explain", "--env-file", str(bare), *figures]) == 0
-    assert "runs on the gateway (no cloud is configured (EDGE_AGENT_CLOUD__URL unset))" in capsys.readouterr().out
+    assert "runs on the gateway (no cloud is configured: EDGE_AGENT_CLOUD__URL is unset)" in capsys.readouterr().out
 
 
 ROUTES = ('EDGE_AGENT_ROUTES=[{"topic": "city/+/noise/+/pcm", "task": "noise.spectrum", "placement": "local"}, '

@@ -86,7 +86,7 @@ def _mbps(bytes_per_s: float) -> str:
 _WHY = {
     "model": "the model's choice",
     "placement": "the route's placement setting",
-    "no_cloud": "no cloud is configured (EDGE_AGENT_CLOUD__URL unset)",
+    "no_cloud": "no cloud is configured: EDGE_AGENT_CLOUD__URL is unset",
     "circuit_open": "the cloud circuit breaker is open",
 }
 
