@@ -371,7 +371,7 @@ def test_every_fuzzed_message_is_answered_and_the_daemon_lives(rig: Rig) -> None
             got = RESULT
         else:
             assert "/dead-letter/" in out_topic
-            assert set(body) == {"topic", "reason", "detail", "size", "received_at"}
+            assert set(body) == {"topic", "reason", "detail", "size", "received_at", "id"}
             assert body["size"] == len(case.payload)
             got = body["reason"]
         assert got in case.allowed, (
