@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
             help=f"settings file of EDGE_AGENT_* lines (default: {DEFAULT_ENV_FILE} when it exists)",
         )
 
+    def instance_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--instance", metavar="NAME", default=None,
+                       help="the instance name of edge-agent@NAME: the agent id unless EDGE_AGENT_AGENT_ID is set")
+
     run = sub.add_parser(
         "run", help="run the daemon", formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="signals:\n"
@@ -41,8 +45,10 @@ def _parser() -> argparse.ArgumentParser:
                "  SIGUSR1          retire: unsubscribe, finish all it holds, end the broker session, exit 0",
     )
     env_file_option(run)
+    instance_option(run)
     check = sub.add_parser("check-config", help="validate the settings and print them with secrets redacted")
     env_file_option(check)
+    instance_option(check)
     reload = sub.add_parser(
         "reload", help="make a running agent re-read its settings (SIGHUP) and wait for the outcome",
         description="Sends SIGHUP to the agent, waits until it has read its settings again and prints what it "
@@ -154,7 +160,8 @@ def _sources(args: argparse.Namespace) -> Sources:
 
         return default_registry().route_problems(routes)
 
-    return Sources(args.env_file if explicit else DEFAULT_ENV_FILE, explicit=explicit, check_routes=check_routes)
+    return Sources(args.env_file if explicit else DEFAULT_ENV_FILE, explicit=explicit, check_routes=check_routes,
+                   instance=getattr(args, "instance", None))
 
 
 def _config_error(exc: ConfigError) -> int:

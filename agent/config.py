@@ -63,7 +63,15 @@ NOT_SETTINGS = {
 }
 
 
+# The instance name of a template unit (`edge-agent run --instance %i`), set while Sources reads: the default agent
+# id, below every source, so an env file's EDGE_AGENT_AGENT_ID wins over it (Environment= in the unit would not).
+_instance: ContextVar[str | None] = ContextVar("_instance", default=None)
+
+
 def _default_agent_id() -> str:
+    instance = _instance.get()
+    if instance:
+        return instance
     # Host names may carry dots (fine) but never MQTT wildcards; keep the first label only when it is an FQDN.
     return socket.gethostname().split(".")[0] or "edge-agent"
 
@@ -863,15 +871,20 @@ class Sources:
     """
 
     def __init__(self, env_file: Path | None, *, explicit: bool = False,
-                 check_routes: RouteCheck | None = None) -> None:
+                 check_routes: RouteCheck | None = None, instance: str | None = None) -> None:
         self.env_file = env_file
         self.explicit = explicit
         self.check_routes = check_routes
+        self.instance = instance  # the default agent id (a template unit's %i)
         self._lines_at_start: dict[str, str] = {}
         self._copies: frozenset[str] = frozenset()
 
     def _load(self) -> Settings:
-        return load_settings(self.env_file, explicit=self.explicit, check_routes=self.check_routes)
+        token = _instance.set(self.instance)
+        try:
+            return load_settings(self.env_file, explicit=self.explicit, check_routes=self.check_routes)
+        finally:
+            _instance.reset(token)
 
     def load(self) -> Settings:
         """The settings at start; remembers which environment values are copies of the env file."""

@@ -204,8 +204,7 @@ def test_credentials_are_optional_and_named_as_the_agent_reads_them(
 # The template's lines that differ from the plain unit, each with its expected value.
 TEMPLATE_ONLY = {
     "Description": ["edge-agent %i, smart-city gateway daemon (MQTT tasks, local or cloud execution)"],
-    "SetCredential": ["EDGE_AGENT_AGENT_ID:%i"],
-    "ExecStart": ["/opt/edge-agent/venv/bin/edge-agent run --env-file /etc/edge-agent/%i.env"],
+    "ExecStart": ["/opt/edge-agent/venv/bin/edge-agent run --env-file /etc/edge-agent/%i.env --instance %i"],
     "LoadCredential": ["EDGE_AGENT_MQTT__PASSWORD:edge-agent@%i.mqtt-password",
                        "EDGE_AGENT_CLOUD__TOKEN:edge-agent@%i.cloud-token"],
     "StateDirectory": ["edge-agent/%i"],
@@ -223,26 +222,25 @@ def test_template_differs_from_the_unit_only_per_instance() -> None:
                 assert template[section].get(key) == unit[section].get(key), f"[{section}] {key} drifted"
 
 
-def test_template_makes_the_instance_name_the_agent_id_unless_the_env_file_sets_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A credential, the agent's lowest source, so NAME.env can override it; Environment= would win over the file.
+def test_template_makes_the_instance_name_the_agent_id_unless_the_env_file_sets_one(tmp_path: Path) -> None:
+    # --instance is the agent's lowest source, so NAME.env can override it; Environment= would win over the file.
     template = parse_unit(TEMPLATE)["Service"]
     assert "Environment" not in template and "EnvironmentFile" not in template
-    (credential,) = [value.split(":", 1) for value in template["SetCredential"]]
-    assert credential == ["EDGE_AGENT_AGENT_ID", "%i"]
-    for key in list(os.environ):
-        if key.startswith("EDGE_AGENT_"):
-            monkeypatch.delenv(key)
-    credentials = tmp_path / "credentials"  # what systemd makes of it for edge-agent@north
-    credentials.mkdir()
-    (credentials / credential[0]).write_text(credential[1].replace("%i", "north"))
-    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    _program, command, *options = one(parse_unit(TEMPLATE), "ExecStart").split()
+    assert command == "run"
     env_file = tmp_path / "north.env"
+    args = [option.replace("/etc/edge-agent/%i.env", str(env_file)).replace("%i", "north") for option in options]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_") and k != "CREDENTIALS_DIRECTORY"}
+
+    def agent_id() -> str:
+        done = subprocess.run([sys.executable, "-m", "agent", "check-config", *args], capture_output=True,
+                              text=True, timeout=60, env=env, check=True)
+        return str(json.loads(done.stdout)["agent_id"])
+
     env_file.write_text(f"EDGE_AGENT_STATE_DIR={tmp_path / 'state'}\n")
-    assert load_settings(env_file, explicit=True).agent_id == "north"
+    assert agent_id() == "north"
     env_file.write_text(env_file.read_text() + "EDGE_AGENT_AGENT_ID=gw-north-1\n")
-    assert load_settings(env_file, explicit=True).agent_id == "gw-north-1"
+    assert agent_id() == "gw-north-1"
 
 
 # --- the real agent under the unit's restrictions -------------------------------------------------------
