@@ -120,6 +120,6 @@ def describe(outcome: Outcome) -> tuple[list[str], bool]:
               "change it where the environment is set (the unit's Environment=) and restart"
               for variable in outcome.environment_wins]
     routes = ", ".join(outcome.routes)
-    confirmed = "" if outcome.subscribed else " (the broker has not confirmed them yet: not connected)"
+    confirmed = "" if outcome.subscribed else " (not yet confirmed by the broker)"
     lines.append(f"reload applied; routes: {routes}{confirmed}")
     return lines, True
