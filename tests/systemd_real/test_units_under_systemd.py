@@ -1,4 +1,4 @@
-"""The shipped units under a real systemd: Debian 12's systemd 252 as PID 1 (tests/systemd_real/machine.py).
+"""The shipped units under a real systemd: Debian 12's systemd 252 as PID 1 (see systemd_machine.py).
 
 The agent is installed with `deploy/install.sh` from this checkout exactly as docs/operations.md says, into a
 minimal Debian without procps, and driven with systemctl against a Mosquitto on the host's loopback. The units
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from machine import Machine, booted, cached_root, lines_containing, missing_prerequisites, wait_until
+from systemd_machine import Machine, booted, cached_root, lines_containing, missing_prerequisites, wait_until
 
 from support import Collector, DevCloud, Mosquitto, free_port, publisher
 
