@@ -49,11 +49,11 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from agent.decision import DEFAULT_KINDS, DecisionParams, KindParams, Placement
 from agent.errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT_"
 DEFAULT_ENV_FILE = Path("/etc/edge-agent/agent.env")
-Placement = Literal["auto", "local", "cloud"]
 # Top-level settings a reload (SIGHUP) applies to the running agent; every other change waits for a restart.
 RELOADABLE = frozenset({"routes", "decision"})
 # Names under the prefix that are not the agent's settings but belong to the project's other commands, which
@@ -350,7 +350,8 @@ class KindPrior(_Frozen):
     """What the agent assumes about one task kind before it has measured it (docs/design.md#decision-model).
 
     Service time is modelled as ``fixed_s + per_byte_s × input bytes`` on each side; measurements replace these
-    numbers within a few dozen executions, so they only need to be the right order of magnitude.
+    numbers within a few dozen executions, so they only need to be the right order of magnitude. The settings
+    form of ``agent.decision.KindParams``.
     """
 
     local_fixed_s: float = Field(ge=0, le=3600, description="service time on the gateway, fixed part (s)")
@@ -359,75 +360,73 @@ class KindPrior(_Frozen):
     cloud_per_byte_s: float = Field(ge=0, le=1, description="service time in the cloud per input byte (s)")
     out_bytes: int = Field(ge=0, le=256 * 1024 * 1024, description="size of a result, for the download term")
 
+    @classmethod
+    def from_params(cls, params: KindParams) -> KindPrior:
+        return cls(local_fixed_s=params.local_fixed_s, local_per_byte_s=params.local_per_byte_s,
+                   cloud_fixed_s=params.cloud_fixed_s, cloud_per_byte_s=params.cloud_per_byte_s,
+                   out_bytes=params.out_bytes)
+
+    def as_params(self) -> KindParams:
+        return KindParams(local_fixed_s=self.local_fixed_s, local_per_byte_s=self.local_per_byte_s,
+                          cloud_fixed_s=self.cloud_fixed_s, cloud_per_byte_s=self.cloud_per_byte_s,
+                          out_bytes=self.out_bytes)
+
 
 def _default_kind_priors() -> dict[str, KindPrior]:
-    return {
-        # A JSON row and a rolling window: about a millisecond on a small ARM gateway, so local wins unless the
-        # gateway is badly backed up; the cloud side is the same work behind a web framework.
-        "sensor.stats": KindPrior(local_fixed_s=0.001, local_per_byte_s=2e-8, cloud_fixed_s=0.0005,
-                                  cloud_per_byte_s=1e-8, out_bytes=400),
-        # An FFT over the clip: linear in the clip length to first order. ~0.5 s for a 5 s clip (160 kB) on a
-        # gateway-class core, and a cloud vCPU about four times faster; the answer is a few hundred bytes.
-        "noise.spectrum": KindPrior(local_fixed_s=0.02, local_per_byte_s=3e-6, cloud_fixed_s=0.005,
-                                    cloud_per_byte_s=7.5e-7, out_bytes=300),
-        # Any other kind (plugins): assume moderate, size-proportional work, so the first executions decide.
-        "*": KindPrior(local_fixed_s=0.01, local_per_byte_s=1e-6, cloud_fixed_s=0.005, cloud_per_byte_s=2.5e-7,
-                       out_bytes=1000),
-    }
+    return {name: KindPrior.from_params(params) for name, params in DEFAULT_KINDS.items()}
+
+
+# The model's own defaults (agent/decision/params.py, where each is explained) are the settings' defaults.
+_DEFAULT = DecisionParams()
 
 
 class DecisionSettings(_Frozen):
-    """Priors and tuning of the total-time model (docs/design.md#decision-model); see ``agent.decision``."""
+    """Priors and tuning of the total-time model (docs/design.md#decision-model), validated and documented as
+    settings; :meth:`as_params` turns them into what ``agent.decision.Policy`` reads."""
 
     kinds: dict[str, KindPrior] = Field(
         default_factory=_default_kind_priors,
         description="service-time and result-size priors per task kind, as JSON (keys below); `*` stands for "
         "every kind not listed and is added when missing")
-    # Cellular uplinks in the field average 1-2 Mbit/s (agent/data/traces); a prior in that range neither
-    # tempts the agent into offloading on a link it has not measured nor rules the cloud out.
-    uplink_mbps: float = Field(default=2.0, gt=0, le=100_000, description="uplink bandwidth before any measurement")
-    # Downlinks are typically 2-5x the uplink; results are small, so this prior barely matters.
+    uplink_mbps: float = Field(
+        default=_DEFAULT.uplink_mbps, gt=0, le=100_000, description="uplink bandwidth before any measurement")
     downlink_mbps: float = Field(
-        default=5.0, gt=0, le=100_000, description="downlink bandwidth before any measurement")
-    # A cellular round trip to a regional cloud: 50-100 ms.
-    rtt_s: float = Field(default=0.08, ge=0, le=60, description="round trip to the resource API before any measurement")
-    # Typical time for the resource API to bring a compute lease to "ready" (container start).
+        default=_DEFAULT.downlink_mbps, gt=0, le=100_000, description="downlink bandwidth before any measurement")
+    rtt_s: float = Field(
+        default=_DEFAULT.rtt_s, ge=0, le=60, description="round trip to the resource API before any measurement")
     provisioning_s: float = Field(
-        default=3.0, ge=0, le=3600, description="time to bring a compute lease to ready, before any measurement")
-    # 4 matches the lease size the agent asks for by default.
+        default=_DEFAULT.provisioning_s, ge=0, le=3600,
+        description="time to bring a compute lease to ready, before any measurement")
     cloud_slots: int = Field(
-        default=4, ge=1, le=1024,
+        default=_DEFAULT.cloud_slots, ge=1, le=1024,
         description="tasks a lease runs at once until the lease manager reports its real size: the cloud queue "
         "wait is the queued cloud work over this")
-    # 5 ms keeps exact ties and float noise from flapping between targets; a share costs real time in replays
-    # (every near-tie the cloud would have won goes local), so it is 0.
     margin_s: float = Field(
-        default=0.005, ge=0, le=60,
+        default=_DEFAULT.margin_s, ge=0, le=60,
         description="offload only when the cloud is expected to be faster by more than this (seconds) ...")
     margin_ratio: float = Field(
-        default=0.0, ge=0, le=1, description="... or by this share of the local total, if larger")
-    # Cellular capacity changes within seconds: 5 s did better than 10 or 20 s in the replays.
+        default=_DEFAULT.margin_ratio, ge=0, le=1,
+        description="... or by this share of the local total, if larger")
     network_half_life_s: float = Field(
-        default=5.0, gt=0, le=86_400,
+        default=_DEFAULT.network_half_life_s, gt=0, le=86_400,
         description="half-life (s) of the short-term bandwidth and RTT estimates; with no new sample they fall "
         "back to the long-term ones, so a recovered (or slowed) link is noticed")
     baseline_half_life_s: float = Field(
-        default=600.0, gt=0, le=864_000,
+        default=_DEFAULT.baseline_half_life_s, gt=0, le=864_000,
         description="half-life (s) with which the long-term network estimates age toward the priors")
     service_memory: int = Field(
-        default=50, ge=2, le=100_000,
+        default=_DEFAULT.service_memory, ge=2, le=100_000,
         description="executions a service-time fit remembers: a gateway that got slower (thermal throttling) is "
         "learned within about this many tasks of the kind")
     service_half_life_s: float = Field(
-        default=3600.0, gt=0, le=864_000,
+        default=_DEFAULT.service_half_life_s, gt=0, le=864_000,
         description="half-life (s) with which a kind not run on one side for a while ages back toward its prior")
-    # With no warm lease, a lease is requested first and the probe waits for it, so no task waits out provisioning.
     probe_interval_s: float = Field(
-        default=120.0, ge=0, le=86_400,
+        default=_DEFAULT.probe_interval_s, ge=0, le=86_400,
         description="with no cloud result for this long, one small task goes to the cloud as a probe to refresh "
         "RTT and bandwidth; doubles (up to 16x) while probes never lead to offloading; 0: no probes")
     probe_budget_s: float = Field(
-        default=0.2, ge=0, le=3600,
+        default=_DEFAULT.probe_budget_s, ge=0, le=3600,
         description="a probe is a task expected to take at most this much longer in the cloud, provisioning aside")
 
     @field_validator("kinds")
@@ -435,8 +434,28 @@ class DecisionSettings(_Frozen):
     def _fallback_kind(cls, value: dict[str, KindPrior]) -> dict[str, KindPrior]:
         if "*" not in value:
             # Operators list the kinds they know; unknown ones still need a prior.
-            value = {**value, "*": _default_kind_priors()["*"]}
+            value = {**value, "*": KindPrior.from_params(DEFAULT_KINDS["*"])}
         return value
+
+    def as_params(self) -> DecisionParams:
+        """The settings as the model's parameters: the one way from the settings to a ``Policy``, whose
+        constructor and ``reconfigure`` call it when given these settings (docs/design.md#policy-interface)."""
+        return DecisionParams(
+            kinds={name: prior.as_params() for name, prior in self.kinds.items()},
+            uplink_mbps=self.uplink_mbps,
+            downlink_mbps=self.downlink_mbps,
+            rtt_s=self.rtt_s,
+            provisioning_s=self.provisioning_s,
+            cloud_slots=self.cloud_slots,
+            margin_s=self.margin_s,
+            margin_ratio=self.margin_ratio,
+            network_half_life_s=self.network_half_life_s,
+            baseline_half_life_s=self.baseline_half_life_s,
+            service_memory=self.service_memory,
+            service_half_life_s=self.service_half_life_s,
+            probe_interval_s=self.probe_interval_s,
+            probe_budget_s=self.probe_budget_s,
+        )
 
 
 class _Sourced(BaseSettings):

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast, get_args
 
 from agent import __version__
-from agent.config import Placement, Route, Settings
-from agent.decision import Policy, Task
+from agent.config import Route, Settings
+from agent.decision import Placement, Policy, Task
 from agent.decision.explain import Scenario, as_json, explain
 from agent.mqtt import subscription_filter
 from agent.tasks import TaskRegistry
@@ -134,9 +134,10 @@ def explain_settings(settings: Settings, registry: TaskRegistry, router: Router,
     # No URL, no cloud client: the daemon then passes cloud_available=False (reason no_cloud).
     scenario = replace(scenario, kind=resolved.kind, placement=resolved.placement,
                        cloud_available=scenario.cloud_available and settings.cloud.url is not None)
-    decision, snapshot = explain(settings.decision, scenario, inline_kinds=inline_kinds(registry),
+    params = settings.decision.as_params()
+    decision, snapshot = explain(params, scenario, inline_kinds=inline_kinds(registry),
                                  lease_idle_s=settings.cloud.lease_idle_s)
-    return {**out, **as_json(resolved.kind, scenario.in_bytes, decision, snapshot, settings.decision,
+    return {**out, **as_json(resolved.kind, scenario.in_bytes, decision, snapshot, params,
                              inline=_inline(registry, resolved.kind))}
 
 
@@ -314,7 +315,7 @@ class Introspection:
         if resolved.dead_letter is not None:
             return {**out, "kind": resolved.kind or None, "bytes": in_bytes}
         decision, snapshot = self._dispatcher.preview(Task(resolved.kind, in_bytes), resolved.placement)
-        return {**out, **as_json(resolved.kind, in_bytes, decision, snapshot, s.decision,
+        return {**out, **as_json(resolved.kind, in_bytes, decision, snapshot, s.decision.as_params(),
                                  inline=_inline(self._registry, resolved.kind))}
 
 

@@ -4,7 +4,10 @@ properties."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,16 @@ from hypothesis import strategies as st
 
 import agent.decision
 from agent.config import DecisionSettings
-from agent.decision import CLOUD_TERMS, LOCAL_TERMS, Decision, Policy, Task
+from agent.decision import (
+    CLOUD_TERMS,
+    DEFAULT_KINDS,
+    LOCAL_TERMS,
+    Decision,
+    DecisionParams,
+    KindParams,
+    Policy,
+    Task,
+)
 
 DECISION_DIR = Path(agent.decision.__file__).resolve().parent
 NOISE = "noise.spectrum"
@@ -31,10 +43,13 @@ def totals_match(d: Decision) -> None:
     assert d.t_cloud_s == pytest.approx(sum(d.terms[k] for k in CLOUD_TERMS))
 
 
+# What an import of the decision package must not load, directly or through anything it imports: I/O, the event
+# loop, and the settings (pydantic): the model is plain arithmetic on plain values (DecisionParams).
+NOT_LOADED = ("pydantic", "pydantic_settings", "socket", "asyncio", "sqlite3", "paho", "httpx")
+
+
 def test_the_decision_package_does_no_io() -> None:
-    forbidden = {"paho", "httpx", "asyncio", "sqlite3", "socket", "time", "datetime", "threading", "subprocess",
-                 "agent.mqtt", "agent.store", "agent.daemon", "agent.executor", "agent.cloud", "agent.egress",
-                 "agent.ingress", "agent.dispatch"}
+    forbidden = {*NOT_LOADED, "time", "datetime", "threading", "subprocess"}
     for path in sorted(DECISION_DIR.glob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
@@ -45,6 +60,43 @@ def test_the_decision_package_does_no_io() -> None:
                 names = [node.module]
             for name in names:
                 assert not any(name == f or name.startswith(f + ".") for f in forbidden), (path.name, name)
+                # Nothing else of the agent either: not the settings, not an adapter.
+                assert name.split(".")[0] != "agent" or name.startswith("agent.decision"), (path.name, name)
+
+
+def test_importing_the_decision_package_loads_no_io_and_no_settings() -> None:
+    # A fresh interpreter: this one has long imported everything. Every module of the package, so that one
+    # imported only by a tool (explain) is held to it too.
+    modules = ["agent.decision", *(f"agent.decision.{p.stem}" for p in sorted(DECISION_DIR.glob("[!_]*.py")))]
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}: importlib.import_module(name)\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {set(NOT_LOADED)!r}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=DECISION_DIR.parents[1], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_settings_become_the_models_parameters() -> None:
+    # The settings' defaults are the model's, and every setting is a parameter (one construction path).
+    assert DecisionSettings().as_params() == DecisionParams()
+    assert set(DecisionSettings.model_fields) == {f.name for f in dataclasses.fields(DecisionParams)}
+    settings = quiet(uplink_mbps=7.0, kinds={NOISE: {"local_fixed_s": 1.0, "local_per_byte_s": 0.0,
+                                                     "cloud_fixed_s": 0.5, "cloud_per_byte_s": 0.0,
+                                                     "out_bytes": 10}})
+    params = settings.as_params()
+    assert params.uplink_mbps == 7.0 and params.probe_interval_s == 0.0
+    assert params.kinds[NOISE] == KindParams(1.0, 0.0, 0.5, 0.0, 10)
+    assert params.kinds["*"] == DEFAULT_KINDS["*"]
+    task = Task(NOISE, 100_000)
+    assert Policy(settings).decide(task, 0.0) == Policy(params).decide(task, 0.0)
+
+
+def test_parameters_without_a_fallback_kind_get_the_default_one() -> None:
+    params = DecisionParams(kinds={NOISE: KindParams(1.0, 0.0, 0.5, 0.0, 10)})
+    assert params.kinds["*"] == DEFAULT_KINDS["*"]
+    d = Policy(params).decide(Task("plugin.thing", 10_000), 0.0)
+    assert d.terms["local_service_s"] == pytest.approx(0.01 + 1e-6 * 10_000)
+    assert Policy().decide(Task(NOISE, 1000), 0.0) == Policy(DecisionSettings()).decide(Task(NOISE, 1000), 0.0)
 
 
 def test_public_names() -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from agent.config import DecisionSettings
 from agent.decision.model import Decision, Placement, Policy, Task
+from agent.decision.params import DecisionParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +30,7 @@ class Scenario:
     circuit_open: bool = False
 
 
-def explain(settings: DecisionSettings, scenario: Scenario, *, inline_kinds: Collection[str] = (),
+def explain(params: DecisionParams, scenario: Scenario, *, inline_kinds: Collection[str] = (),
             lease_idle_s: float = 60.0) -> tuple[Decision, dict[str, Any]]:
     """Build a fresh policy whose priors are the scenario's figures, load its queues, and decide.
 
@@ -41,7 +41,7 @@ def explain(settings: DecisionSettings, scenario: Scenario, *, inline_kinds: Col
         value = getattr(scenario, name)
         if value is not None:
             updates[name] = value
-    policy = Policy(settings.model_copy(update=updates), local_workers=scenario.local_workers,
+    policy = Policy(replace(params, **updates), local_workers=scenario.local_workers,
                     inline_kinds=inline_kinds, lease_idle_s=lease_idle_s)
     now = 0.0
     for _ in range(scenario.local_backlog):
@@ -61,7 +61,7 @@ def explain(settings: DecisionSettings, scenario: Scenario, *, inline_kinds: Col
     return decision, policy.snapshot(now)
 
 
-def as_json(kind: str, in_bytes: int, decision: Decision, snapshot: dict[str, Any], settings: DecisionSettings,
+def as_json(kind: str, in_bytes: int, decision: Decision, snapshot: dict[str, Any], params: DecisionParams,
             *, inline: bool) -> dict[str, Any]:
     """One decision as plain data: what ``explain --json`` prints, what the agent's /explain answers, and what
     :func:`render` reads. ``inline``: the kind runs on the event loop (its wait is the loop's, not a worker's)."""
@@ -72,7 +72,7 @@ def as_json(kind: str, in_bytes: int, decision: Decision, snapshot: dict[str, An
     return {
         "kind": kind, "bytes": in_bytes, "target": decision.target, "reason": decision.reason,
         "t_local_s": decision.t_local_s, "t_cloud_s": decision.t_cloud_s, "terms": dict(decision.terms),
-        "margin_s": max(settings.margin_s, settings.margin_ratio * decision.t_local_s),
+        "margin_s": max(params.margin_s, params.margin_ratio * decision.t_local_s),
         "probe": decision.probe, "prewarm": decision.prewarm,
         "hedge_after_s": finite(decision.hedge_after_s), "upload_by_s": finite(decision.upload_by_s),
         "inline": inline, "estimates": snapshot,

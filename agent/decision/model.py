@@ -17,12 +17,12 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agent.config import DecisionSettings, KindPrior
 from agent.decision.estimators import DecayingMean, NetworkEstimate, ServiceTimeModel
+from agent.decision.params import DecisionParams, KindParams, ParamsSource, decision_params
 
 Target = Literal["local", "cloud"]
 Reason = Literal["model", "placement", "no_cloud", "circuit_open"]
-Placement = Literal["auto", "local", "cloud"]
+Placement = Literal["auto", "local", "cloud"]  # a route's placement (agent.config.Route), passed to decide()
 Direction = Literal["up", "down"]
 
 # Names of the terms, in the order of the formulas; each Decision.terms has all of them.
@@ -127,9 +127,9 @@ class _Kind:
 
     __slots__ = ("cloud", "cloud_bytes", "cloud_n", "inline", "local", "local_bytes", "local_n", "out", "out_prior")
 
-    def __init__(self, prior: KindPrior, settings: DecisionSettings, inline: bool) -> None:
+    def __init__(self, prior: KindParams, params: DecisionParams, inline: bool) -> None:
         self.inline = inline
-        memory, half_life = settings.service_memory, settings.service_half_life_s
+        memory, half_life = params.service_memory, params.service_half_life_s
         self.local = ServiceTimeModel(prior.local_fixed_s, prior.local_per_byte_s, memory=memory,
                                       half_life_s=half_life)
         self.cloud = ServiceTimeModel(prior.cloud_fixed_s, prior.cloud_per_byte_s, memory=memory,
@@ -230,38 +230,40 @@ class Policy:
 
     def __init__(
         self,
-        settings: DecisionSettings | None = None,
+        settings: DecisionParams | ParamsSource | None = None,
         *,
         local_workers: int = 1,
         cloud_slots: int | None = None,
         inline_kinds: Collection[str] = (),
         lease_idle_s: float = 60.0,
     ) -> None:
-        """``local_workers``: the pool size (``settings.local.workers``); ``cloud_slots``: a lease's capacity
-        (default ``settings.cloud_slots``); ``inline_kinds``: light kinds the daemon runs on its event loop,
-        one at a time, outside the pool (their local wait is the loop's queue, not the pool's);
-        ``lease_idle_s``: how long the lease manager keeps an unused lease, so how long after the last cloud
-        task no provisioning is expected (used until :meth:`observe_lease` reports the lease's state)."""
+        """``settings``: the model's :class:`DecisionParams`, or anything that gives them (``as_params()``, as
+        ``agent.config.DecisionSettings`` does), or None for the defaults; ``local_workers``: the pool size
+        (``EDGE_AGENT_LOCAL__WORKERS``); ``cloud_slots``: a lease's capacity (default: the parameters'
+        ``cloud_slots``); ``inline_kinds``: light kinds the daemon runs on its event loop, one at a time, outside
+        the pool (their local wait is the loop's queue, not the pool's); ``lease_idle_s``: how long the lease
+        manager keeps an unused lease, so how long after the last cloud task no provisioning is expected (used
+        until :meth:`observe_lease` reports the lease's state)."""
         if local_workers < 1:
             raise ValueError("local_workers must be at least 1")
-        self._settings = settings = settings if settings is not None else DecisionSettings()
+        self._params = params = decision_params(settings)
         self._workers = local_workers
         self._lease_idle_s = lease_idle_s
-        self._cloud_slots = cloud_slots if cloud_slots is not None else settings.cloud_slots
+        self._cloud_slots = cloud_slots if cloud_slots is not None else params.cloud_slots
         if self._cloud_slots < 1:
             raise ValueError("cloud_slots must be at least 1")
         def network(prior: float, weight: float, rate: bool) -> NetworkEstimate:
-            half_life = settings.network_half_life_s
+            half_life = params.network_half_life_s
             return NetworkEstimate(prior, half_life_s=half_life, rate=rate, prior_weight=weight,
-                                   baseline_half_life_s=settings.baseline_half_life_s,
+                                   baseline_half_life_s=params.baseline_half_life_s,
                                    fast_half_life_s=half_life * _FAST_MEMORY if rate else None,
                                    selection_half_life_s=_SELECTION_HALF_LIFE_S)
 
-        self._up = network(settings.uplink_mbps * 1e6 / _BITS, _PRIOR_SECONDS, True)
-        self._down = network(settings.downlink_mbps * 1e6 / _BITS, _PRIOR_SECONDS, True)
+        self._up = network(params.uplink_mbps * 1e6 / _BITS, _PRIOR_SECONDS, True)
+        self._down = network(params.downlink_mbps * 1e6 / _BITS, _PRIOR_SECONDS, True)
         # RTT on a 0 prior would be rejected by the estimator; a configured 0 means "negligible".
-        self._rtt = network(max(settings.rtt_s, 1e-6), _PRIOR_SAMPLES, False)
-        self._provisioning = DecayingMean(settings.baseline_half_life_s, _PRIOR_SAMPLES)
+        self._rtt = network(max(params.rtt_s, 1e-6), _PRIOR_SAMPLES, False)
+        self._provisioning = DecayingMean(params.baseline_half_life_s, _PRIOR_SAMPLES)
         self._kinds: dict[str, _Kind] = {}
         self._inline_kinds = frozenset(inline_kinds)
         self._pool = _FifoPool(local_workers)
@@ -279,16 +281,17 @@ class Policy:
         self._lease_ready: bool | None = None  # None: inferred from recent cloud activity
         self._clock = 0.0  # latest time passed in, for the bookkeeping calls that do not take one
         self._last_cloud_seen = -math.inf  # the latest cloud result or probe; never, at first
-        self._probe_interval = settings.probe_interval_s  # doubles while probes never lead to offloading
+        self._probe_interval = params.probe_interval_s  # doubles while probes never lead to offloading
 
-    def reconfigure(self, settings: DecisionSettings) -> None:
-        """New settings on a reload (SIGHUP) without forgetting what was learned.
+    def reconfigure(self, settings: DecisionParams | ParamsSource) -> None:
+        """New parameters on a reload (SIGHUP) without forgetting what was learned; ``settings`` as for the
+        constructor.
 
         Margins, probing and the provisioning prior apply at once, and every prior to kinds first seen from now
         on; the estimators already running keep their measurements and half-lives (a restart resets them).
         """
-        self._settings = settings
-        self._probe_interval = settings.probe_interval_s
+        self._params = params = decision_params(settings)
+        self._probe_interval = params.probe_interval_s
 
     # ------------------------------------------------------------------ decisions
 
@@ -311,7 +314,7 @@ class Policy:
             self._clock = now
         kind = self._kinds.get(task.kind) or self._new_kind(task.kind)
         size = task.in_bytes
-        settings = self._settings
+        params = self._params
 
         la, lb = kind.local.coefficients(now)
         local_service = la + lb * size
@@ -353,7 +356,7 @@ class Policy:
         t_local = local_wait + local_service
         t_cloud = provisioning + rtt + uplink_queue + upload + cloud_wait + cloud_service + download
 
-        margin = max(settings.margin_s, settings.margin_ratio * t_local)
+        margin = max(params.margin_s, params.margin_ratio * t_local)
         target: Target = "cloud" if t_cloud < t_local - margin else "local"
         reason: Reason = "model"
         probe = False
@@ -369,9 +372,9 @@ class Policy:
             reason == "model"
             and cloud_available
             and not circuit_open
-            and settings.probe_interval_s > 0
+            and params.probe_interval_s > 0
             and now - self._last_cloud_seen >= self._probe_interval
-            and t_cloud + _PROBE_LINK_DOUBT * upload - provisioning - t_local <= settings.probe_budget_s
+            and t_cloud + _PROBE_LINK_DOUBT * upload - provisioning - t_local <= params.probe_budget_s
         ):
             if provisioning > 0.0:
                 # Estimates of a side that is never used cannot correct themselves, but a task sent while no
@@ -383,10 +386,10 @@ class Policy:
                 # the model offloads on its own: on a link that stays bad, probes become rare.
                 target, probe = "cloud", True
                 if self._last_cloud_seen > -math.inf:
-                    self._probe_interval = min(self._probe_interval * 2.0, settings.probe_interval_s * 16.0)
+                    self._probe_interval = min(self._probe_interval * 2.0, params.probe_interval_s * 16.0)
                 self._last_cloud_seen = now
         if target == "cloud" and not probe:
-            self._probe_interval = settings.probe_interval_s
+            self._probe_interval = params.probe_interval_s
         prewarm = probe_lease or (
             target == "local"
             and reason == "model"
@@ -578,7 +581,7 @@ class Policy:
             "uplink_memory_s": self._up.memory_s(),
             "downlink_mbps": self._down.estimate(now) * _BITS / 1e6,
             "rtt_s": self._rtt.estimate(now),
-            "provisioning_s": self._provisioning.estimate(self._settings.provisioning_s, now),
+            "provisioning_s": self._provisioning.estimate(self._params.provisioning_s, now),
             "lease_warm": self._lease_warm(now),
             "local_workers": self._workers,
             "cloud_slots": self._cloud_slots,
@@ -595,8 +598,8 @@ class Policy:
         return self._kinds.get(name) or self._new_kind(name)
 
     def _new_kind(self, name: str) -> _Kind:
-        priors = self._settings.kinds
-        kind = _Kind(priors.get(name) or priors["*"], self._settings, name in self._inline_kinds)
+        priors = self._params.kinds
+        kind = _Kind(priors.get(name) or priors["*"], self._params, name in self._inline_kinds)
         self._kinds[name] = kind
         return kind
 
@@ -621,7 +624,7 @@ class Policy:
     def _provisioning_wait(self, now: float) -> float:
         if self._lease_warm(now) and self._provision_started is None:
             return 0.0
-        expected = self._provisioning.estimate(self._settings.provisioning_s, now)
+        expected = self._provisioning.estimate(self._params.provisioning_s, now)
         if self._provision_started is not None:
             return max(0.0, expected - (now - self._provision_started))
         return expected

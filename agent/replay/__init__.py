@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.config import DecisionSettings
+from agent.decision import DecisionParams, ParamsSource
 from agent.replay.simulate import POLICIES, Outcome, run_policy
 from agent.replay.traces import Trace, TraceError, load_trace
 from agent.replay.workload import DEFAULT_WORKLOAD, Arrivals, Workload, generate, load_workload
@@ -62,7 +62,7 @@ def run_replay(
     *,
     seed: int = 1,
     workload: Workload = DEFAULT_WORKLOAD,
-    settings: DecisionSettings | None = None,
+    settings: DecisionParams | ParamsSource | None = None,
     policies: tuple[str, ...] = POLICIES,
 ) -> Replay:
     up = load_trace(uplink)

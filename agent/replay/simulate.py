@@ -29,8 +29,7 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.config import DecisionSettings
-from agent.decision import Policy, Target, Task
+from agent.decision import DecisionParams, ParamsSource, Policy, Target, Task
 from agent.replay.traces import Trace
 from agent.replay.workload import Arrivals, Workload
 
@@ -154,7 +153,7 @@ def _oracle(world: World, i: int, now: float) -> Target:
 _LOCAL_DONE, _LEASE_READY, _UPLOADED, _CLOUD_DONE, _HEDGE, _CANCEL_CLOUD, _DROP_LOCAL, _HEDGE_UPLOAD = range(8)
 
 
-def _agent(settings: DecisionSettings, workload: Workload, arrivals: Arrivals, uplink: Trace,
+def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, arrivals: Arrivals, uplink: Trace,
            downlink: Trace) -> Outcome:
     """The agent's run, hedging included (``Decision.hedge_after_s``), as the dispatcher does it.
 
@@ -267,10 +266,10 @@ def _agent(settings: DecisionSettings, workload: Workload, arrivals: Arrivals, u
 
 
 def run_policy(name: str, workload: Workload, arrivals: Arrivals, uplink: Trace, downlink: Trace,
-               settings: DecisionSettings | None = None) -> Outcome:
+               settings: DecisionParams | ParamsSource | None = None) -> Outcome:
     """Replay ``arrivals`` under one policy (a name from :data:`POLICIES`)."""
     if name == "agent":
-        return _agent(settings or DecisionSettings(), workload, arrivals, uplink, downlink)
+        return _agent(settings, workload, arrivals, uplink, downlink)
     window = workload.network_window_s
 
     def network(world: World, i: int, now: float) -> Target:
