@@ -26,6 +26,7 @@ from agent.decision import (
     Policy,
     Task,
 )
+from agent.decision.model import COLD_RUNS
 
 DECISION_DIR = Path(agent.decision.__file__).resolve().parent
 NOISE = "noise.spectrum"
@@ -317,6 +318,7 @@ def test_a_due_probe_waits_for_a_warm_lease_instead_of_paying_its_provisioning()
     policy.task_started(first.target, small, 0.0)
     waiting = policy.decide(small, 1.0)
     assert waiting.target == "local" and not waiting.probe and not waiting.prewarm  # requested once
+    policy.task_finished("local", small, 1.0)  # (one running 2.6 s would prove the kind slow: cold start)
     policy.observe_provisioning(2.5, 2.5)  # the lease is ready
     probe = policy.decide(small, 2.6)
     assert probe.target == "cloud" and probe.probe and probe.terms["provisioning_s"] == 0.0
@@ -445,17 +447,69 @@ def test_reconfigure_applies_new_margins_and_keeps_what_was_learned() -> None:
 
 @pytest.mark.parametrize("servers", [1, 2, 4])
 def test_local_wait_of_a_long_backlog_is_its_work_spread_over_the_workers(servers: int) -> None:
-    from agent.decision.model import _FifoPool
-
-    pool = _FifoPool(servers)
+    policy = Policy(DecisionParams(kinds={"*": KindParams(local_fixed_s=0.01, local_per_byte_s=0.0,
+                                                            cloud_fixed_s=0.01, cloud_per_byte_s=0.0,
+                                                            out_bytes=10)}), local_workers=servers)
     for _ in range(servers + 500):  # far past the exact placement's limit
-        pool.add("k", 100, 0.01, 0.0)
-    wait = pool.wait(0.0)
+        policy.task_started("local", Task("k", 100), 0.0)
+    wait = policy.decide(Task("k", 100), 0.0).terms["local_wait_s"]
     # 500 waiting tasks of 10 ms on `servers` workers, behind `servers` running ones: 5 s / servers + 10 ms.
     assert wait == pytest.approx(5.0 / servers + 0.01, abs=0.011)
-    for _ in range(500):
-        pool.remove("k", 100, 0.0)
-    assert pool.waiting_s == 0.0
+    for _ in range(servers + 500):
+        policy.task_finished("local", Task("k", 100), 0.0)
+    assert policy.decide(Task("k", 100), 0.0).terms["local_wait_s"] == 0.0
+    assert not policy._pool.queued and not policy._pool.waiting
+
+
+def _prior(local_s: float) -> DecisionParams:
+    return DecisionParams(kinds={"*": KindParams(local_fixed_s=local_s, local_per_byte_s=0.0, cloud_fixed_s=0.01,
+                                                   cloud_per_byte_s=0.0, out_bytes=10)})
+
+
+@pytest.mark.parametrize("waiting", [10, 100])  # the exact placement and the per-kind sums
+def test_a_changed_estimate_re_prices_the_backlog_queued_on_the_old_one(waiting: int) -> None:
+    policy = Policy(_prior(0.03), local_workers=2)
+    for _ in range(2 + waiting):
+        policy.task_started("local", Task("user.task", 1000), 0.0)
+    before = policy.decide(Task("user.task", 1000), 0.0).terms["local_wait_s"]
+    assert before == pytest.approx(0.03 * (waiting + 2) / 2, rel=0.05)
+    for _ in range(COLD_RUNS + 20):  # other executions measured 0.3 s (elsewhere): the line is now ~10x
+        policy.observe_local("user.task", 1000, 0.3, 0.0)
+    after = policy.decide(Task("user.task", 1000), 0.0)
+    assert after.terms["local_service_s"] == pytest.approx(0.3, rel=0.05)
+    assert after.terms["local_wait_s"] == pytest.approx(0.3 * (waiting + 2) / 2, rel=0.05)
+
+
+def test_per_kind_sums_price_each_kind_with_its_own_line() -> None:
+    policy = Policy(DecisionSettings(), local_workers=1)
+    policy.task_started("local", Task("a", 0), 0.0)  # running
+    for _ in range(100):
+        policy.task_started("local", Task("a", 0), 0.0)
+        policy.task_started("local", Task("b", 1000), 0.0)
+    for _ in range(COLD_RUNS + 30):
+        policy.observe_local("a", 0, 0.1, 0.0)
+        policy.observe_local("b", 1000, 0.2, 0.0)
+    a_s = policy.decide(Task("a", 0), 0.0).terms["local_service_s"]
+    b_s = policy.decide(Task("b", 1000), 0.0).terms["local_service_s"]
+    wait = policy.decide(Task("a", 0), 0.0).terms["local_wait_s"]
+    assert wait == pytest.approx(101 * a_s + 100 * b_s, rel=1e-6)
+
+
+def test_cold_start_a_task_running_past_its_estimate_raises_the_kind_while_it_runs() -> None:
+    policy = Policy(_prior(0.03), local_workers=1)
+    for _ in range(20):
+        policy.task_started("local", Task("user.task", 1000), 0.0)
+    assert policy.decide(Task("user.task", 1000), 0.0).terms["local_service_s"] == pytest.approx(0.03)
+    # 0.2 s later the first is still running: it takes at least 0.2 s, and so, for now, does every one queued.
+    d = policy.decide(Task("user.task", 1000), 0.2)
+    assert d.terms["local_service_s"] == pytest.approx(0.2)
+    assert d.terms["local_wait_s"] == pytest.approx(19 * 0.2)
+    # Once the kind has a few measured runs, a straggler no longer scales it.
+    policy.task_finished("local", Task("user.task", 1000), 0.25)
+    for _ in range(COLD_RUNS):
+        policy.observe_local("user.task", 1000, 0.25, 0.25)
+    warm = policy.decide(Task("user.task", 1000), 5.0)
+    assert warm.terms["local_service_s"] < 0.25
 
 
 # --- hedging ------------------------------------------------------------------------------------------------

@@ -125,7 +125,8 @@ class Decision:
 class _Kind:
     """Everything the policy knows about one task kind, and how much of it is queued on each side."""
 
-    __slots__ = ("cloud", "cloud_bytes", "cloud_n", "inline", "local", "local_bytes", "local_n", "out", "out_prior")
+    __slots__ = ("cloud", "cloud_bytes", "cloud_n", "inline", "local", "local_bytes", "local_n", "local_runs", "out",
+                 "out_prior")
 
     def __init__(self, prior: KindParams, params: DecisionParams, inline: bool) -> None:
         self.inline = inline
@@ -139,6 +140,7 @@ class _Kind:
         self.out_prior = float(prior.out_bytes)
         self.local_n = self.cloud_n = 0
         self.local_bytes = self.cloud_bytes = 0
+        self.local_runs = 0  # measured local executions (cold start: see COLD_RUNS)
 
 
 def _queue_wait(n_in_system: int, work_s: float, servers: int) -> float:
@@ -153,76 +155,152 @@ def _queue_wait(n_in_system: int, work_s: float, servers: int) -> float:
     return work_s * (n_in_system - servers + 1) / (n_in_system * servers)
 
 
+# Cold start: until a kind has COLD_RUNS measured executions on the gateway, a task of it that has been running
+# longer than its estimate proves the estimate short, and the kind's local line is scaled up to what that task
+# has already taken (a lower bound of its service time). The first executions of a kind with a bad prior so
+# re-price the backlog queued behind them while they still run, not only once they end. Later, one straggler
+# among many measured runs says little, and the fit alone is used.
+COLD_RUNS = 3
+
+
 class _FifoPool:
     """A FIFO queue in front of ``servers`` executors as the policy sees it: the gateway's worker pool, or the
     event loop for inline kinds.
 
-    Each task carries the service time predicted when it was queued. A task runs from when it is queued (if a
-    server is free) or from when the task ahead of it finishes; finishing is reported, so the picture is
-    corrected at every completion. The wait of a new task is found by placing the waiting tasks on the
-    earliest-free servers: unlike work / servers, this knows that a task started 0.4 s ago has less left.
+    It keeps what is queued, not what it was predicted to cost: each running task's start, and the waiting
+    tasks in order with their count and byte sum per kind. Every wait is priced with the kinds' *current*
+    service-time lines, so a changed estimate re-prices the whole backlog at the next decision (a backlog
+    queued on a prior that turned out 10× short is seen as 10× longer at once). A task runs from when it is
+    queued (if a server is free) or from when the task ahead of it finishes; finishing is reported, so the
+    picture is corrected at every completion. The wait of a new task is found by placing the waiting tasks on
+    the earliest-free servers: unlike work / servers, this knows that a task started 0.4 s ago has less left.
     """
 
-    __slots__ = ("running", "servers", "waiting", "waiting_s")
+    __slots__ = ("queued", "running", "servers", "waiting")
 
     # Beyond this many waiting tasks the placement is approximated by spreading their work over the servers
-    # (off by less than one task's service time), so a decision costs O(servers) however long the backlog.
+    # (off by less than one task's service time), so a decision costs O(servers + kinds) however long the
+    # backlog: the work is Σ over kinds of count × a + bytes × b with the current coefficients.
     EXACT_UP_TO = 64
 
     def __init__(self, servers: int) -> None:
         self.servers = servers
-        self.running: list[tuple[float, str, int]] = []  # (predicted end, kind, bytes)
-        self.waiting: deque[tuple[float, str, int]] = deque()  # (predicted service, kind, bytes)
-        self.waiting_s = 0.0  # sum of the waiting tasks' predicted service times
+        self.running: list[tuple[float, _Kind, int]] = []  # (start, kind, bytes)
+        self.waiting: deque[tuple[_Kind, int]] = deque()  # (kind, bytes), in order
+        self.queued: dict[_Kind, list[int]] = {}  # kind → [count, bytes] of its waiting tasks
 
     def __len__(self) -> int:
         return len(self.running) + len(self.waiting)
 
-    def add(self, kind: str, size: int, predicted_s: float, now: float) -> None:
+    def add(self, kind: _Kind, size: int, now: float) -> None:
         if len(self.running) < self.servers:
-            self.running.append((now + predicted_s, kind, size))
+            self.running.append((now, kind, size))
+            return
+        self.waiting.append((kind, size))
+        sums = self.queued.get(kind)
+        if sums is None:
+            self.queued[kind] = [1, size]
         else:
-            self.waiting.append((predicted_s, kind, size))
-            self.waiting_s += predicted_s
+            sums[0] += 1
+            sums[1] += size
 
-    def remove(self, kind: str, size: int, now: float) -> None:
+    def _unqueue(self, kind: _Kind, size: int) -> None:
+        sums = self.queued[kind]
+        sums[0] -= 1
+        sums[1] -= size
+        if sums[0] <= 0:
+            del self.queued[kind]
+
+    def remove(self, kind: _Kind, size: int, now: float) -> None:
         running = self.running
         for i, (_, k, n) in enumerate(running):
-            if k == kind and n == size:
+            if k is kind and n == size:
                 del running[i]
                 break
         else:
-            for i, (predicted, k, n) in enumerate(self.waiting):
-                if k == kind and n == size:
-                    del self.waiting[i]  # left before it ran (a failure): nothing else changes
-                    self.waiting_s = max(0.0, self.waiting_s - predicted) if self.waiting else 0.0
-                    return
+            if self.withdraw(kind, size, last=False):
+                return  # left before it ran (a failure): nothing else changes
             if not running:
                 return
-            running.remove(min(running))  # an unknown task finished: assume the one due first
+            running.remove(min(running, key=_start))  # an unknown task finished: assume the oldest
         if self.waiting:
-            predicted, k, n = self.waiting.popleft()
-            # Reset to exactly zero when empty, so float drift of the running sum cannot accumulate.
-            self.waiting_s = max(0.0, self.waiting_s - predicted) if self.waiting else 0.0
-            running.append((now + predicted, k, n))
+            k, n = self.waiting.popleft()
+            self._unqueue(k, n)
+            running.append((now, k, n))
+
+    def withdraw(self, kind: _Kind, size: int, *, last: bool = True) -> bool:
+        """Take a waiting task of ``kind`` and ``size`` out of the queue (the last one queued, or the first):
+        False when none waits."""
+        waiting = self.waiting
+        indices = range(len(waiting) - 1, -1, -1) if last else range(len(waiting))
+        for i in indices:
+            k, n = waiting[i]
+            if k is kind and n == size:
+                del waiting[i]
+                self._unqueue(kind, size)
+                return True
+        return False
+
+    def scale(self, kind: _Kind, a: float, b: float, now: float) -> float:
+        """How much longer than its line ``a + b·bytes`` a cold kind's running tasks have proved it to be (≥ 1)."""
+        scale = 1.0
+        if kind.local_runs >= COLD_RUNS:
+            return scale
+        for start, k, n in self.running:
+            if k is kind:
+                predicted = a + b * n
+                elapsed = now - start
+                if elapsed > predicted * scale:
+                    scale = elapsed / predicted if predicted > 0.0 else 1e6
+        return scale
+
+    def coefficients(self, kind: _Kind, now: float) -> tuple[float, float]:
+        """``kind``'s current local line, scaled up by what its running tasks proved (cold kinds only)."""
+        a, b = kind.local.coefficients(now)
+        if kind.local_runs < COLD_RUNS:
+            scale = self.scale(kind, a, b, now)
+            if scale > 1.0:
+                return a * scale, b * scale
+        return a, b
 
     def wait(self, now: float) -> float:
-        if len(self.running) < self.servers:
+        running = self.running
+        servers = self.servers
+        if len(running) < servers:
             return 0.0
-        if self.servers == 1:  # the event loop: one running task, the rest in line behind it
-            end = self.running[0][0]
-            return (end if end > now else now) + self.waiting_s - now
-        # Overdue tasks are taken to finish now: the prediction was short, but they are still running.
-        ends = sorted(end if end > now else now for end, _, _ in self.running)
+        lines: dict[_Kind, tuple[float, float]] = {}
+        ends = []
+        for start, kind, n in running:
+            line = lines.get(kind)
+            if line is None:
+                line = lines[kind] = self.coefficients(kind, now)
+            end = start + line[0] + line[1] * n
+            # Overdue tasks are taken to finish now: the prediction was short, but they are still running.
+            ends.append(end if end > now else now)
         waiting = self.waiting
         if not waiting:
-            return ends[0] - now
-        if len(waiting) > self.EXACT_UP_TO:
-            return max(ends[0] - now, (sum(ends) - self.servers * now + self.waiting_s) / self.servers)
+            return min(ends) - now
+        if servers == 1 or len(waiting) > self.EXACT_UP_TO:
+            work = 0.0
+            for kind, (count, size) in self.queued.items():
+                line = lines.get(kind)
+                if line is None:
+                    line = lines[kind] = self.coefficients(kind, now)
+                work += count * line[0] + size * line[1]
+            if servers == 1:  # the event loop: one running task, the rest in line behind it
+                return ends[0] + work - now
+            return max(min(ends) - now, (sum(ends) - servers * now + work) / servers)
         heapq.heapify(ends)
-        for predicted, _, _ in waiting:
-            heapq.heapreplace(ends, ends[0] + predicted)
+        for kind, n in waiting:
+            line = lines.get(kind)
+            if line is None:
+                line = lines[kind] = self.coefficients(kind, now)
+            heapq.heapreplace(ends, ends[0] + line[0] + line[1] * n)
         return ends[0] - now
+
+
+def _start(entry: tuple[float, _Kind, int]) -> float:
+    return entry[0]
 
 
 class Policy:
@@ -316,9 +394,13 @@ class Policy:
         size = task.in_bytes
         params = self._params
 
-        la, lb = kind.local.coefficients(now)
+        pool = self._loop if kind.inline else self._pool
+        if kind.local_runs < COLD_RUNS:
+            la, lb = pool.coefficients(kind, now)
+        else:
+            la, lb = kind.local.coefficients(now)
         local_service = la + lb * size
-        local_wait = (self._loop if kind.inline else self._pool).wait(now)
+        local_wait = pool.wait(now)
 
         up = max(self._up.estimate(now), _MIN_RATE)
         rtt = self._rtt.estimate(now)
@@ -414,7 +496,9 @@ class Policy:
     def observe_local(self, kind: str, in_bytes: int, service_s: float, now: float) -> None:
         """A local execution of ``in_bytes`` took ``service_s`` (measured in the worker, without queueing)."""
         self._clock = max(self._clock, now)
-        self._kind(kind).local.observe(in_bytes, service_s, now)
+        entry = self._kind(kind)
+        entry.local.observe(in_bytes, service_s, now)
+        entry.local_runs += 1
 
     def observe_cloud(self, kind: str, in_bytes: int, service_s: float, now: float) -> None:
         """The cloud reported executing the task in ``service_s`` (the resource API's ``exec_ms`` / 1000)."""
@@ -496,7 +580,7 @@ class Policy:
             kind.local_n += 1
             kind.local_bytes += task.in_bytes
             pool = self._loop if kind.inline else self._pool
-            pool.add(task.kind, task.in_bytes, kind.local.predict(task.in_bytes, now), now)
+            pool.add(kind, task.in_bytes, now)
         else:
             kind.cloud_n += 1
             kind.cloud_bytes += task.in_bytes
@@ -516,7 +600,7 @@ class Policy:
             if kind.local_n > 0:
                 kind.local_n -= 1
                 kind.local_bytes = max(0, kind.local_bytes - task.in_bytes)
-            (self._loop if kind.inline else self._pool).remove(task.kind, task.in_bytes, now)
+            (self._loop if kind.inline else self._pool).remove(kind, task.in_bytes, now)
             return
         if kind.cloud_n > 0:
             kind.cloud_n -= 1
