@@ -498,6 +498,9 @@ class Daemon:
                             "answer was overdue.", (), lambda: {(): dispatcher.hedges}),
             LabelledCounter("edge_agent_hedges_won", "Hedged tasks whose gateway copy finished first (the cloud "
                             "request was cancelled).", (), lambda: {(): dispatcher.hedges_won}),
+            LabelledCounter("edge_agent_rebinds", "Tasks queued for the gateway that moved to the cloud before they "
+                            "started, because the cloud would now finish them sooner (late binding).", (),
+                            lambda: {(): dispatcher.rebinds}),
             LabelledCounter("edge_agent_messages_received", "Messages received from the broker.", (),
                             lambda: {(): ingress.counters.received}),
             LabelledCounter("edge_agent_duplicates_received", "Redeliveries recognised as already stored.", (),

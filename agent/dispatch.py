@@ -9,6 +9,12 @@ also runs on the gateway, as the same row with the same task id. The first copy 
 a cloud request still running then is cancelled (which aborts its HTTP request), a gateway copy still queued is
 dropped, and one already running in the pool is left to finish and its result ignored. Either way one result
 is published, whose ``placement`` says where it ran and whose decision says ``"hedged": true``.
+
+Late binding: a heavy task decided for the gateway that has not started yet is asked again
+(``Policy.rebind``), from the end of the queue, at every turn and every ``REBIND_CHECK_S`` while tasks wait;
+one the cloud would now finish sooner moves to the cloud queue, with ``"rebound": true`` in its decision. It is
+the same pending row either way (the store does not record where a task runs), so a crash at any point of a
+move leaves a pending row that the next start decides afresh.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ WORKER_RETRIES = 1  # a task whose worker died is tried once more before it is d
 FALLBACK_LOG_EVERY_S = 30.0
 CLOUD_IN_FLIGHT = 64  # cloud submissions awaiting answers; beyond, decided tasks wait (bounded memory)
 _NO_TERMS: Mapping[str, float] = {}
+REBIND_CHECK_S = 0.1  # how often waiting heavy tasks are asked again while nothing else happens
+REBIND_SCAN = 64  # queued tasks looked at from the end of the queue per turn
 
 
 class Admitted(NamedTuple):
@@ -75,6 +83,8 @@ def decision_fields(item: Admitted, hedged: bool = False) -> dict[str, Any]:
         fields["fallback"] = item.fallback
     if hedged or item.hedge:
         fields["hedged"] = True
+    if decision.rebound:
+        fields["rebound"] = True
     return fields
 
 
@@ -133,6 +143,8 @@ class Dispatcher:
         self.fallbacks = 0
         self.hedges = 0  # cloud tasks that also ran on the gateway because they were overdue
         self.hedges_won = 0  # … of which the gateway copy finished first
+        self.rebinds = 0  # tasks queued for the gateway moved to the cloud before they started (late binding)
+        self._rebind_timer: asyncio.TimerHandle | None = None
         self._hedged: dict[int, Admitted] = {}  # row id → gateway copy of a cloud task still in flight
         self._hedge_timers: dict[int, asyncio.TimerHandle] = {}
         self._upload_timers: dict[int, asyncio.TimerHandle] = {}  # … at the upload's deadline, until it ends
@@ -260,6 +272,8 @@ class Dispatcher:
         self._scheduled = False
         if self.closing:
             return
+        if self._heavy and self.cloud is not None:
+            self._rebind()
         cloud = self._cloud
         while cloud and len(self._cloud_running) < CLOUD_IN_FLIGHT:
             item = cloud.popleft()
@@ -297,6 +311,43 @@ class Dispatcher:
         # writer reads it (a read waits behind the commits queued before it).
         if self._readback.spilled and self.backlog <= self._cap_tasks // 2:
             self._load_more()
+
+    def _rebind(self) -> None:
+        """Late binding: move the heavy tasks still queued for the gateway that the cloud would now finish
+        sooner, from the end of the queue (the longest waits) until one stays."""
+        cloud, heavy, loop = self.cloud, self._heavy, self._loop
+        assert cloud is not None and loop is not None
+        if self._rebind_timer is None:
+            self._rebind_timer = loop.call_later(REBIND_CHECK_S, self._rebind_due)
+        now = self._clock()
+        if cloud.circuit_open(now):
+            return
+        i = len(heavy) - 1
+        stop = max(-1, i - REBIND_SCAN)
+        while i > stop:
+            item = heavy[i]
+            i -= 1
+            decision = item.decision
+            if decision is None or item.hedge or item.fallback is not None or decision.reason != "model" \
+                    or decision.target != "local":
+                continue
+            new = self.policy.rebind(item.task, now)
+            if new is None:
+                break
+            if new.prewarm:
+                cloud.prewarm()
+            if not new.rebound:
+                break
+            del heavy[i + 1]
+            self.rebinds += 1
+            self.last_terms[item.ref.kind] = new.terms
+            new.terms = _NO_TERMS
+            self._cloud.append(item._replace(decision=new, decided_at=now))
+
+    def _rebind_due(self) -> None:
+        self._rebind_timer = None
+        if self._heavy and not self.closing:
+            self._schedule()
 
     def _payload(self, item: Admitted, target: str = "local") -> bytes | None:
         ref = item.ref
@@ -542,6 +593,9 @@ class Dispatcher:
         next start sends them again under the same Idempotency-Key, so the cloud does not run them twice.
         """
         self.closing = True
+        if self._rebind_timer is not None:
+            self._rebind_timer.cancel()
+            self._rebind_timer = None
         running = [*self._running.values(), *self._cloud_running.values()]
         pending: set[asyncio.Task[None]] = set()
         if running:

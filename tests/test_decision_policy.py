@@ -25,6 +25,7 @@ from agent.decision import (
     KindParams,
     Policy,
     Task,
+    model,
 )
 from agent.decision.model import COLD_RUNS
 
@@ -612,3 +613,65 @@ def test_cancelling_a_task_still_queued_behind_another_upload_learns_nothing() -
 def test_the_uplink_memory_in_use_is_reported() -> None:
     policy = Policy(quiet(network_half_life_s=5.0))
     assert policy.snapshot(0.0)["uplink_memory_s"] == 5.0
+
+
+# --- late binding -------------------------------------------------------------------------------------------
+
+
+def _backlog_policy(waiting: int) -> Policy:
+    """One worker busy and ``waiting`` tasks queued behind it, decided on a 30 ms prior; a warm lease."""
+    policy = Policy(_prior(0.03), local_workers=1)
+    policy.observe_lease(True)
+    for _ in range(waiting + 1):
+        policy.task_started("local", Task("user.task", 1000), 0.0)
+    return policy
+
+
+def test_rebind_moves_the_last_queued_task_once_the_cloud_is_sooner() -> None:
+    policy = _backlog_policy(2)
+    assert policy.rebind(Task("user.task", 1000), 0.0) is None  # 30 ms each: the gateway is still sooner
+    assert policy.snapshot(0.0)["local_tasks"] == 3
+    for _ in range(COLD_RUNS):
+        policy.observe_local("user.task", 1000, 0.3, 0.3)  # the kind takes 10x its prior
+    moved = policy.rebind(Task("user.task", 1000), 0.3)
+    assert moved is not None and moved.rebound and moved.target == "cloud" and moved.reason == "model"
+    assert moved.t_cloud_s < moved.t_local_s - max(model.REBIND_MARGIN_S, model.REBIND_MARGIN_RATIO * moved.t_local_s)
+    assert math.isfinite(moved.hedge_after_s)  # a rebound task is hedged like any the model sent to the cloud
+    snapshot = policy.snapshot(0.3)
+    assert (snapshot["local_tasks"], snapshot["cloud_tasks"]) == (2, 1)
+    assert snapshot["kinds"]["user.task"]["queued_local"] == 2
+
+
+def test_rebind_within_the_margin_changes_nothing() -> None:
+    policy = _backlog_policy(1)  # ~0.1 s on the gateway, ~0.094 s in the cloud: within the rebind margin
+    for _ in range(COLD_RUNS):
+        policy.observe_local("user.task", 1000, 0.05, 0.0)
+    before = policy.decide(Task("user.task", 1000), 0.0)
+    assert policy.rebind(Task("user.task", 1000), 0.0) is None
+    after = policy.decide(Task("user.task", 1000), 0.0)
+    assert (after.t_local_s, after.t_cloud_s, after.target) == (before.t_local_s, before.t_cloud_s, before.target)
+
+
+def test_rebind_needs_a_cloud_and_a_queued_task() -> None:
+    policy = _backlog_policy(20)
+    for _ in range(COLD_RUNS):
+        policy.observe_local("user.task", 1000, 0.3, 0.0)
+    assert policy.rebind(Task("user.task", 1000), 0.0, cloud_available=False) is None
+    assert policy.rebind(Task("user.task", 1000), 0.0, circuit_open=True) is None
+    assert policy.rebind(Task("other.kind", 1000), 0.0) is None
+    assert policy.rebind(Task("user.task", 999), 0.0) is None  # none of that size waits
+    assert policy.snapshot(0.0)["local_tasks"] == 21
+
+
+def test_rebinding_a_burst_balances_the_two_sides() -> None:
+    policy = _backlog_policy(100)
+    for _ in range(COLD_RUNS + 10):
+        policy.observe_local("user.task", 1000, 0.25, 0.0)
+        policy.observe_cloud("user.task", 1000, 0.25, 0.0)
+    moved = 0
+    while policy.rebind(Task("user.task", 1000), 0.0) is not None:
+        moved += 1
+    # 4 cloud slots and 1 worker, the same service time on both: about 4/5 of the burst should move.
+    assert 60 <= moved <= 90
+    d = policy.decide(Task("user.task", 1000), 0.0)
+    assert d.t_cloud_s >= d.t_local_s * (1 - model.REBIND_MARGIN_RATIO) - model.REBIND_MARGIN_S - 0.3

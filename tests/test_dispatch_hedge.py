@@ -248,3 +248,50 @@ def test_a_stalled_upload_is_hedged_at_its_own_deadline_before_the_tasks(tmp_pat
     for rig in (stalled_rig, sent_rig):
         assert rig.dispatcher.hedges == rig.dispatcher.hedges_won == 1  # one gateway copy, not one per deadline
         assert [m["placement"] for m in rig.published] == ["local"]
+
+
+# --- late binding -------------------------------------------------------------------------------------------
+
+
+def test_tasks_queued_on_a_short_estimate_move_to_the_cloud_once_it_is_corrected(tmp_path: Path) -> None:
+    """Ten heavy tasks decided for the gateway on a prior 1000x too short; once the gateway's estimate is learned,
+    the tail of the queue moves to the cloud: each row published once, the moved ones with "rebound": true."""
+
+    async def scenario() -> tuple[Rig, dict[str, int]]:
+        rig = Rig(tmp_path, asyncio.get_running_loop())
+        slow_gateway = {"local_fixed_s": 0.001, "local_per_byte_s": 0.0, "cloud_fixed_s": 0.05,
+                        "cloud_per_byte_s": 0.0, "out_bytes": 300}
+        policy = Policy(DecisionSettings(kinds={NOISE: slow_gateway},  # type: ignore[dict-item]
+                                         uplink_mbps=1000, provisioning_s=0, probe_interval_s=0),
+                        local_workers=1, inline_kinds=[SENSOR])
+        policy.observe_lease(True)
+        rig.policy = rig.dispatcher.policy = policy
+        rig.store.ingest([new_task(f"t-{i}", NOISE) for i in range(10)], [])
+        await rig.until(lambda: rig.pool.started == 2 and rig.dispatcher.backlog == 8)
+        assert rig.dispatcher.decisions == {("local", "model"): 10} and rig.dispatcher.rebinds == 0
+        now = asyncio.get_running_loop().time()
+        for _ in range(5):  # the first executions (elsewhere) take 2 s: the backlog is worth 16 s now
+            policy.observe_local(NOISE, 32_000, 2.0, now)
+        await rig.until(lambda: rig.dispatcher.rebinds > 0 and len(rig.cloud.submitted) == rig.dispatcher.rebinds)
+        moved = rig.dispatcher.rebinds
+        # Mid-move, the store still says what it said: every row pending, none added.
+        assert rig.store.outstanding_rows == 10
+        rig.cloud.answer.set()
+        await rig.until(lambda: len(rig.published) == moved)
+        rig.pool.gate.set()
+        await rig.until(lambda: len(rig.published) == 10)
+        await asyncio.sleep(0.3)
+        rig.bookkeeping_settled()
+        return rig, {"moved": moved}
+
+    rig, seen = asyncio.run(scenario())
+    ids = [r["task_id"] for r in rig.published]
+    assert sorted(ids) == sorted(f"t-{i}" for i in range(10))  # each once
+    rebound = [r for r in rig.published if r["decision"].get("rebound")]
+    assert len(rebound) == seen["moved"] == rig.dispatcher.rebinds
+    assert 1 <= seen["moved"] <= 8  # only tasks that had not started
+    assert all(r["placement"] == "cloud" for r in rebound)
+    # The tail moved: the two tasks handed to the pool (one running, one queued in it) stayed.
+    assert {"t-0", "t-1"} <= {r["task_id"] for r in rig.published if r["placement"] == "local"}
+    assert rig.dispatcher.cloud_outcomes == {"ok": seen["moved"]}
+    rig.store.stop()

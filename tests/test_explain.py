@@ -238,3 +238,19 @@ def test_live_without_a_running_agent_says_so(env_file: Path, capsys: pytest.Cap
     write(env_file, "EDGE_AGENT_METRICS__PORT=0")
     assert main(["explain", "--env-file", str(env_file), "--live", "--kind", "noise.spectrum", "--bytes", "1"]) == 4
     assert "metrics are off (EDGE_AGENT_METRICS__PORT=0)" in capsys.readouterr().err
+
+
+def test_a_task_kept_on_the_gateway_says_it_may_still_move_to_the_cloud() -> None:
+    from agent.decision import DecisionParams
+    from agent.decision.explain import Scenario, as_json, explain, render
+    from agent.decision.model import REBIND_MARGIN_RATIO, REBIND_MARGIN_S
+
+    params = DecisionParams()
+    decision, snapshot = explain(params, Scenario("noise.spectrum", 1000, lease_warm=True))
+    assert decision.target == "local"
+    data = as_json("noise.spectrum", 1000, decision, snapshot, params, inline=False)
+    assert data["rebound"] is False
+    assert data["rebind_margin_s"] == pytest.approx(max(REBIND_MARGIN_S, REBIND_MARGIN_RATIO * decision.t_local_s))
+    assert "late binding" in render(data)
+    light = as_json("noise.spectrum", 1000, decision, snapshot, params, inline=True)
+    assert light["rebind_margin_s"] is None and "late binding" not in render(light)

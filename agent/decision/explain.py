@@ -7,7 +7,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
-from agent.decision.model import Decision, Placement, Policy, Task
+from agent.decision.model import REBIND_MARGIN_RATIO, REBIND_MARGIN_S, Decision, Placement, Policy, Task
 from agent.decision.params import DecisionParams
 
 
@@ -76,6 +76,11 @@ def as_json(kind: str, in_bytes: int, decision: Decision, snapshot: dict[str, An
         "probe": decision.probe, "prewarm": decision.prewarm,
         "hedge_after_s": finite(decision.hedge_after_s), "upload_by_s": finite(decision.upload_by_s),
         "inline": inline, "estimates": snapshot,
+        "rebound": decision.rebound,
+        # Late binding: a heavy task the model keeps on the gateway is asked again while it waits there.
+        "rebind_margin_s": max(REBIND_MARGIN_S, REBIND_MARGIN_RATIO * decision.t_local_s, params.margin_s,
+                               params.margin_ratio * decision.t_local_s)
+        if decision.target == "local" and decision.reason == "model" and not inline else None,
     }
 
 
@@ -162,6 +167,11 @@ def _decision(data: dict[str, Any]) -> list[str]:
     ]
     if data["prewarm"]:
         lines.append("Without provisioning the cloud would win: the agent starts a lease now for the next tasks.")
+    rebind = data.get("rebind_margin_s")
+    if rebind is not None:
+        lines.append(f"While it waits for a worker the agent asks again: if the cloud becomes sooner by more than "
+                     f"{rebind:.3f} s, the task moves there before it starts (late binding; its result then says "
+                     '"rebound": true).')
     hedge_after, upload_by = data["hedge_after_s"], data["upload_by_s"]
     if hedge_after is not None:
         lines.append(f"If the cloud's answer has not come {hedge_after:.3f} s after the decision, the task "

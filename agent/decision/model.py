@@ -81,6 +81,12 @@ _CANCELLED_WEIGHT = 0.3
 # ten times slower than estimated (cellular links swing that much): a probe is a small task, never a big one
 # whose upload merely looks cheap on old estimates.
 _PROBE_LINK_DOUBT = 9.0
+# Late binding (Policy.rebind): a task waiting on the gateway moves to the cloud only when the cloud now finishes
+# it sooner by more than the largest of REBIND_MARGIN_S, REBIND_MARGIN_RATIO × its local total and the
+# decision margin. The ratio keeps estimation noise from moving tasks whose gain is within it; a task moves at
+# most once (a cloud task comes back to the gateway only as a hedge or a fallback), so nothing ping-pongs.
+REBIND_MARGIN_S = 0.05
+REBIND_MARGIN_RATIO = 0.1
 
 
 # Not frozen: a frozen dataclass sets each field through object.__setattr__, three times the cost of a plain
@@ -120,6 +126,8 @@ class Decision:
     # that sees when each upload ends starts the gateway copy at this time if the upload has not ended yet
     # (see ``UPLOAD_HEDGE_*``). One that cannot see uploads end ignores it.
     upload_by_s: float = math.inf
+    # True for a decision of Policy.rebind that moved a task waiting on the gateway to the cloud (late binding).
+    rebound: bool = False
 
 
 class _Kind:
@@ -415,14 +423,22 @@ class Policy:
         ca, cb = kind.cloud.coefficients(now)
         cloud_service = ca + cb * size
         # Tasks still waiting for the uplink are counted there (uplink_queue_s), not yet in the cloud's queue.
-        n_uploaded = self._cloud_n - len(self._up_pending)
-        cloud_wait = 0.0
-        if n_uploaded >= self._cloud_slots:
-            work = self._cloud_work(self._active_cloud, now) * n_uploaded / self._cloud_n
-            cloud_wait = _queue_wait(n_uploaded, work, self._cloud_slots)
+        cloud_n, slots = self._cloud_n, self._cloud_slots
+        n_uploaded = cloud_n - len(self._up_pending)
         provisioning = self._provisioning_wait(now)
         uplink_queue = self._up_queued / up
         upload = size / up
+        cloud_wait = 0.0
+        if cloud_n >= slots:
+            work = self._cloud_work(self._active_cloud, now)
+            if n_uploaded >= slots:
+                cloud_wait = _queue_wait(n_uploaded, work * n_uploaded / cloud_n, slots)
+            # The tasks still waiting for the uplink reach the cloud ahead of this one too: when inputs are
+            # small (a burst), the slots, not the uplink, are what this task waits for, less the time its own
+            # upload and those ahead of it take (the cloud works meanwhile).
+            all_ahead = _queue_wait(cloud_n, work, slots) - uplink_queue - upload
+            if all_ahead > cloud_wait:
+                cloud_wait = all_ahead
         download = kind.out.estimate(kind.out_prior, now) / down
         terms = {
             "local_wait_s": local_wait,
@@ -490,6 +506,52 @@ class Policy:
             upload_by = min(hedge_after, provisioning + cloud_wait + rtt + UPLOAD_HEDGE_SLACK_S
                             + UPLOAD_HEDGE_RATIO * (uplink_queue + upload))
         return Decision(target, t_local, t_cloud, reason, terms, probe, prewarm, hedge_after, upload_by)
+
+    def rebind(
+        self,
+        task: Task,
+        now: float,
+        *,
+        cloud_available: bool = True,
+        circuit_open: bool = False,
+    ) -> Decision | None:
+        """Late binding: ``task`` waits on the gateway, queued and not started (the last of its kind and size
+        queued there): does the cloud now finish it sooner?
+
+        Decided as by :meth:`decide` with the current estimates and queues, the task's own place in the queue
+        taken as the wait. When the cloud wins by more than the rebind margin (``REBIND_MARGIN_*``) the task is
+        moved in the bookkeeping (as ``task_finished("local")`` then ``task_started("cloud")``) and the decision,
+        with ``rebound`` True, is returned: the caller sends the task to the cloud. Otherwise nothing changes
+        and the result is None, or, when the cloud would win but for provisioning, a decision with
+        ``prewarm`` True and ``rebound`` False (the caller requests a lease; the task stays). Probes are not
+        started here.
+        """
+        kind = self._kinds.get(task.kind)
+        if not cloud_available or circuit_open or kind is None:
+            return None
+        pool = self._loop if kind.inline else self._pool
+        size = task.in_bytes
+        if not pool.withdraw(kind, size):
+            return None
+        probe_state = self._probe_interval, self._last_cloud_seen, self._provision_started
+        decision = self.decide(task, now)
+        params = self._params
+        t_local = decision.t_local_s
+        margin = max(REBIND_MARGIN_S, REBIND_MARGIN_RATIO * t_local, params.margin_s, params.margin_ratio * t_local)
+        if decision.target == "cloud" and not decision.probe and decision.t_cloud_s < t_local - margin:
+            kind.local_n -= 1
+            kind.local_bytes = max(0, kind.local_bytes - size)
+            decision.rebound = True
+            self.task_started("cloud", task, now)
+            return decision
+        self._probe_interval, self._last_cloud_seen = probe_state[0], probe_state[1]
+        pool.add(kind, size, now)  # back to its place: it was the last of its kind queued
+        if decision.prewarm:
+            decision.target, decision.probe = "local", False
+            decision.hedge_after_s = decision.upload_by_s = math.inf
+            return decision
+        self._provision_started = probe_state[2]
+        return None
 
     # ------------------------------------------------------------------ observations
 
