@@ -51,6 +51,7 @@ from pydantic_settings import (
 
 from agent.decision import DEFAULT_KINDS, DecisionParams, KindParams, Placement
 from agent.errors import ConfigError
+from agent.mqtt.topics import validate_shared_group, validate_topic_filter
 
 ENV_PREFIX = "EDGE_AGENT_"
 DEFAULT_ENV_FILE = Path("/etc/edge-agent/agent.env")
@@ -80,23 +81,6 @@ def default_state_dir() -> Path:
     # systemd's StateDirectory= sets $STATE_DIRECTORY (colon-separated when several are configured).
     state = os.environ.get("STATE_DIRECTORY", "")
     return Path(state.split(":")[0]) if state else Path("/var/lib/edge-agent")
-
-
-def validate_topic_filter(value: str) -> str:
-    """Check an MQTT topic filter (``+`` and ``#`` only as whole levels, ``#`` last)."""
-    if not value:
-        raise ValueError("a topic filter must not be empty")
-    if value.startswith("$share/"):
-        raise ValueError("give the plain filter; EDGE_AGENT_MQTT__SHARED_GROUP adds the $share prefix")
-    if "\x00" in value or len(value.encode()) > 65535:
-        raise ValueError("a topic filter must be valid UTF-8 without NUL and at most 65535 bytes")
-    levels = value.split("/")
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            raise ValueError(f"'#' must be a whole level and the last one in {value!r}")
-        if "+" in level and level != "+":
-            raise ValueError(f"'+' must be a whole level in {value!r}")
-    return value
 
 
 def readable_file(value: Path | None) -> Path | None:
@@ -182,9 +166,7 @@ class MqttSettings(_Frozen):
     @field_validator("shared_group")
     @classmethod
     def _group(cls, value: str | None) -> str | None:
-        if value is not None and (not value or any(c in value for c in "/+#")):
-            raise ValueError("a shared group name must be non-empty without '/', '+' or '#'")
-        return value
+        return None if value is None else validate_shared_group(value)
 
     @model_validator(mode="after")
     def _backoff(self) -> MqttSettings:

@@ -26,9 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.config import Settings, validate_topic_filter
+from agent.config import Settings
 from agent.deadletters import REASONS
 from agent.errors import ConfigError
+from agent.mqtt.topics import topic_matches, validate_topic_filter
 
 EX_FAILURE = 1
 EX_USAGE = 2
@@ -151,7 +152,6 @@ class DeadLetterBook:
         """The matching dead letters in the order they were received."""
         if not self.ready:
             return []
-        from agent.ingress import topic_matches
 
         sql = f"SELECT {_COLUMNS} FROM dead_letters"  # noqa: S608 - no value is formatted in
         params: tuple[Any, ...] = ()

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from agent import codec
+from agent.mqtt.topics import dead_letter_topic, results_topic
 from agent.store import Finished, OutboxEntry, ReadBack, Store
 from agent.telemetry import get_logger
 
@@ -23,14 +24,6 @@ RETRY_REFUSED_S = 0.5
 # Results offered without the outbox that may wait for the window. The dispatcher stops running light tasks
 # while this is full (their inputs wait in the store, already durable) rather than write results to disk.
 FRESH_CAP = 1_000
-
-
-def results_topic(agent_id: str, topic: str) -> str:
-    return f"edge/{agent_id}/results/{topic}"
-
-
-def dead_letter_topic(agent_id: str, topic: str) -> str:
-    return f"edge/{agent_id}/dead-letter/{topic}"
 
 
 def dead_letter(agent_id: str, topic: str, reason: str, detail: str, size: int,

@@ -19,7 +19,8 @@ from agent import codec
 from agent.config import Route
 from agent.deadletters import TRUNCATED_KEEP, DeadLetter, DeadLetterLog, Replay
 from agent.egress import dead_letter
-from agent.mqtt import InboundMessage
+from agent.mqtt.link import InboundMessage
+from agent.mqtt.topics import topic_matches
 from agent.store import NewTask, Store
 from agent.telemetry import get_logger
 
@@ -31,22 +32,6 @@ ROUTE_CACHE_MAX = 10_000
 # socket (TCP pushes back) until the writer has caught up to the low mark, so memory stays bounded.
 INTAKE_HIGH = 4_000
 INTAKE_LOW = 1_000
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT filter matching (``+`` one level, ``#`` the rest); ``$``-topics never match a leading wildcard."""
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    f_levels = topic_filter.split("/")
-    t_levels = topic.split("/")
-    for i, level in enumerate(f_levels):
-        if level == "#":
-            return True
-        if i >= len(t_levels):
-            return False
-        if level != "+" and level != t_levels[i]:
-            return False
-    return len(f_levels) == len(t_levels)
 
 
 class Router:

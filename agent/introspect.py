@@ -30,7 +30,7 @@ from agent import __version__
 from agent.config import Route, Settings
 from agent.decision import Placement, Policy, Task
 from agent.decision.explain import Scenario, as_json, explain
-from agent.mqtt import subscription_filter
+from agent.mqtt.topics import subscription_filter
 from agent.tasks import TaskRegistry
 from agent.telemetry import PROBLEMS
 

@@ -45,7 +45,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from agent.mqtt import _varint  # MQTT's remaining-length encoding, for the device's packets
+from agent.mqtt.wire import varint  # MQTT's remaining-length encoding, for the device's packets
 
 from support import Agent, Mosquitto, citypulse_rows
 
@@ -215,7 +215,7 @@ def offer_at_rate(port: int, rate: float, seconds: float, topic: str) -> None:
     client_id = f"bench-rate-{os.getpid()}".encode()
     header = b"\x00\x04MQTT\x04\x02\x00\x00"  # MQTT 3.1.1, clean session, no keepalive
     body = len(client_id).to_bytes(2, "big") + client_id
-    sock.sendall(b"\x10" + _varint(len(header) + len(body)) + header + body)
+    sock.sendall(b"\x10" + varint(len(header) + len(body)) + header + body)
     connack = b""
     while len(connack) < 4:
         connack += sock.recv(4 - len(connack))
@@ -248,7 +248,7 @@ def offer_at_rate(port: int, rate: float, seconds: float, topic: str) -> None:
         for j in range(i, due):
             rest = (topics[j % 50] + (j % 65535 + 1).to_bytes(2, "big")
                     + head + f', "sent_at": {stamp}, "n": {j}}}'.encode())
-            packets.append(b"\x32" + _varint(len(rest)) + rest)
+            packets.append(b"\x32" + varint(len(rest)) + rest)
         sock.sendall(b"".join(packets))
         i = due
     acknowledged.wait(30)

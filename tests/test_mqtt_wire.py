@@ -6,13 +6,20 @@ packets at chosen places, and that split is what the buffered reads must survive
 
 from __future__ import annotations
 
+import ast
+import select
+import socket
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.mqtt import _Client, _varint
+from agent.mqtt.wire import WireClient, varint
 
 
 class Result(NamedTuple):
@@ -39,13 +46,13 @@ def publish(topic: bytes, payload: bytes, mid: int, *, qos: int = 1, v5: bool = 
             properties: bytes = b"") -> bytes:
     body = len(topic).to_bytes(2, "big") + topic + (mid.to_bytes(2, "big") if qos else b"")
     if v5:
-        body += _varint(len(properties)) + properties
+        body += varint(len(properties)) + properties
     body += payload
-    return bytes([0x30 | qos << 1 | (0x08 if dup else 0)]) + _varint(len(body)) + body
+    return bytes([0x30 | qos << 1 | (0x08 if dup else 0)]) + varint(len(body)) + body
 
 
-def client(protocol: int) -> tuple[_Client, list[tuple[Any, ...]], list[int]]:
-    c = _Client(CallbackAPIVersion.VERSION2, protocol=protocol, manual_ack=True)
+def client(protocol: int) -> tuple[WireClient, list[tuple[Any, ...]], list[int]]:
+    c = WireClient(CallbackAPIVersion.VERSION2, protocol=protocol, manual_ack=True)
     inbound: list[tuple[Any, ...]] = []
     settled: list[int] = []
     c.inbound = lambda *args: inbound.append(args)
@@ -53,7 +60,7 @@ def client(protocol: int) -> tuple[_Client, list[tuple[Any, ...]], list[int]]:
     return c, inbound, settled
 
 
-def drain(c: _Client, data: bytes, chunk: int) -> None:
+def drain(c: WireClient, data: bytes, chunk: int) -> None:
     c._sock = ChunkedSocket(data, chunk)  # type: ignore[assignment]
     for _ in range(10 * len(data)):
         rc = c.loop_read()
@@ -132,7 +139,7 @@ def test_queued_packets_go_out_together_and_whole(chunk: int) -> None:
     c.on_socket_register_write = lambda *args: None  # as on the event loop: written on the next turn
     expected = b""
     for mid in range(1, 6):
-        c._send_puback(mid)
+        c.ack(mid, 1)  # paho's own PUBACK
         expected += bytes([0x40, 2, 0, mid])
         (sent,) = c.send_qos1([Result("edge/gw/results/a", b"{}")])
         expected += bytes([0x32, 24]) + (17).to_bytes(2, "big") + b"edge/gw/results/a" + sent.to_bytes(2, "big")
@@ -182,15 +189,174 @@ def test_the_log_names_the_filters_the_broker_confirmed_and_those_it_refused() -
         return 0, 17
 
     link._client.subscribe = subscribe  # type: ignore[method-assign, assignment]
-    link._subscribe_all(session_present=False)
+    link._subs.send()
     assert [f for f, _ in sent[0]] == ["$share/g/city/+/traffic/+/data", "$share/g/city/+/noise/+/pcm"]
     with capture_logs() as logs:
-        link._on_subscribe(link._client, None, 17, [ReasonCode(PacketTypes.SUBACK, identifier=1),
+        link._subs.on_suback(link._client, None, 17, [ReasonCode(PacketTypes.SUBACK, identifier=1),
                                                     ReasonCode(PacketTypes.SUBACK, "Not authorized")], None)
-        link._on_subscribe(link._client, None, 18, [ReasonCode(PacketTypes.SUBACK, identifier=1)], None)
+        link._subs.on_suback(link._client, None, 18, [ReasonCode(PacketTypes.SUBACK, identifier=1)], None)
     assert [{k: v for k, v in e.items() if k != "logger"} for e in logs] == [
         {"event": "mqtt_subscribe_refused", "log_level": "error", "reasons": ["Not authorized"],
          "filters": ["$share/g/city/+/noise/+/pcm"]},
         {"event": "mqtt_subscribed", "log_level": "info", "filters": ["$share/g/city/+/traffic/+/data"]},
         {"event": "mqtt_subscribed", "log_level": "info", "filters": ["?"]},  # a SUBACK we did not expect
     ]
+
+
+# ------------------------------------------------------------------ against paho's own encoder and decoder
+#
+# The packets above are built by hand. These are built by paho itself (a plain paho client publishing and
+# acknowledging over a real TCP connection), and what the wire path builds is read back by a plain paho client:
+# a paho release whose packets or whose internals differ from what wire.py assumes fails here.
+
+CONNACK = {paho.MQTTv5: bytes([0x20, 3, 0, 0, 0]), paho.MQTTv311: bytes([0x20, 2, 0, 0])}
+
+
+def split_packets(data: bytes) -> list[bytes]:
+    packets, pos = [], 0
+    while pos < len(data):
+        length = shift = 0
+        i = pos + 1
+        while True:
+            length |= (data[i] & 0x7F) << shift
+            shift += 7
+            i += 1
+            if data[i - 1] < 0x80:
+                break
+        packets.append(data[pos:i + length])
+        pos = i + length
+    return packets
+
+
+class BrokerEnd:
+    """The broker's end of a real TCP connection to a paho client: what the client wrote, and bytes to it."""
+
+    def __init__(self, client: paho.Client, protocol: int) -> None:
+        server = socket.create_server(("127.0.0.1", 0))
+        self.client = client
+        client.connect("127.0.0.1", server.getsockname()[1])
+        self.conn, _ = server.accept()
+        server.close()
+        connect = self.written()
+        assert [p[0] for p in connect] == [0x10]
+        self.send(CONNACK[protocol])
+        assert self.client.is_connected()
+
+    def written(self) -> list[bytes]:
+        while self.client.want_write():
+            assert self.client.loop_write() == paho.MQTT_ERR_SUCCESS
+        data = b""
+        while select.select([self.conn], [], [], 0.05)[0]:
+            chunk = self.conn.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        return split_packets(data)
+
+    def send(self, data: bytes) -> None:
+        self.conn.sendall(data)
+        for _ in range(1000):
+            if not select.select([self.client.socket()], [], [], 0.05)[0] and not (
+                    isinstance(self.client, WireClient) and self.client.buffered()):
+                return
+            assert self.client.loop_read() == paho.MQTT_ERR_SUCCESS
+        raise AssertionError("the client did not read what was sent")
+
+    def close(self) -> None:
+        self.conn.close()
+        self.client.socket().close()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 65536])
+@pytest.mark.parametrize("protocol", [paho.MQTTv5, paho.MQTTv311])
+def test_packets_encoded_by_paho_reach_the_wire_path_intact(chunk: int, protocol: int) -> None:
+    v5 = protocol == paho.MQTTv5
+    device = paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol, manual_ack=True)
+    end = BrokerEnd(device, protocol)
+    props = None
+    if v5:  # properties the wire path skips without reading them
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.UserProperty = [("k", "v"), ("site", "aarhus")]
+        props.MessageExpiryInterval = 60
+        props.ContentType = "application/json"
+        props.CorrelationData = b"\x00\x01"
+    big = bytes(range(256)) * 80  # 20 kB: the remaining length takes three bytes
+    first = device.publish("city/a/traffic/1/data", b'{"v": 1}', qos=1, properties=props)
+    second = device.publish("city/a/noise/2/pcm", big, qos=1)
+    device.publish("city/a/x", b"qos0", qos=0, properties=props)
+    retained = device.publish("city/ä/retained", b"", qos=1, retain=True)  # UTF-8 topic, empty payload
+    device.ack(9, 1)  # paho's PUBACK (for our result 9)
+    packets = end.written()
+    end.close()
+    assert [p[0] & 0xF0 for p in packets] == [0x30, 0x30, 0x30, 0x30, 0x40]
+    # A SUBACK between them, with the reason codes and properties paho packs, takes paho's own path.
+    codes = [ReasonCode(PacketTypes.SUBACK, identifier=1), ReasonCode(PacketTypes.SUBACK, "Not authorized")]
+    body = (3).to_bytes(2, "big") + (Properties(PacketTypes.SUBACK).pack() if v5 else b"")  # type: ignore[no-untyped-call]
+    body += b"".join(bytes(code.pack()) for code in codes) if v5 else bytes([1, 0x80])
+    suback = bytes([0x90]) + varint(len(body)) + body
+
+    c, inbound, settled = client(protocol)
+    granted: list[Any] = []
+    c.on_subscribe = lambda *args: granted.append([int(code.value) for code in args[3]])
+    drain(c, b"".join(packets[:2]) + suback + b"".join(packets[2:]), chunk)
+    assert inbound == [
+        (b"city/a/traffic/1/data", b'{"v": 1}', 1, first.mid, False),
+        (b"city/a/noise/2/pcm", big, 1, second.mid, False),
+        (b"city/a/x", b"qos0", 0, 0, False),
+        ("city/ä/retained".encode(), b"", 1, retained.mid, False),
+    ]
+    assert settled == [9]
+    assert granted == [[1, 0x87 if v5 else 0x80]]
+
+
+@pytest.mark.parametrize("protocol", [paho.MQTTv5, paho.MQTTv311])
+def test_what_the_wire_path_writes_is_what_paho_reads_and_writes(protocol: int) -> None:
+    agent = WireClient(CallbackAPIVersion.VERSION2, protocol=protocol, manual_ack=True)
+    end = BrokerEnd(agent, protocol)
+    big = bytes(range(256)) * 80
+    mids = agent.send_qos1([Result("edge/gw/results/city/ä/1", b'{"x":1}'), Result("edge/gw/results/b", big)])
+    agent.send_qos1([Result("edge/gw/results/b", b"[]")], [mids[1]])  # a resend after a reconnect: DUP
+    agent.send_pubacks([7, 300])
+    agent.ack(7, 1)  # paho's own PUBACKs, to compare
+    agent.ack(300, 1)
+    packets = end.written()
+    end.close()
+    assert packets[3:5] == packets[5:7]  # our PUBACKs are paho's, byte for byte
+
+    consumer = paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol, manual_ack=True)
+    received: list[tuple[Any, ...]] = []
+    consumer.on_message = lambda _c, _u, m: received.append((m.topic, m.payload, m.qos, m.mid, m.dup, m.retain))
+    end = BrokerEnd(consumer, protocol)
+    end.send(b"".join(packets[:3]))
+    end.close()
+    assert received == [
+        ("edge/gw/results/city/ä/1", b'{"x":1}', 1, mids[0], False, False),
+        ("edge/gw/results/b", big, 1, mids[1], False, False),
+        ("edge/gw/results/b", b"[]", 1, mids[1], True, False),
+    ]
+
+
+def test_pahos_private_names_are_used_in_wire_py_only_and_paho_still_has_them() -> None:
+    from agent.mqtt import wire
+
+    root = Path(wire.__file__).resolve().parents[1]
+    tree = ast.parse(Path(wire.__file__).read_text())
+    names = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    names |= {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}  # overrides
+    names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+    instance, message = paho.Client(CallbackAPIVersion.VERSION2), paho.MQTTMessage()
+    source = Path(paho.__file__).read_text()  # _OutPacket is a TypedDict paho defines for type checkers only
+    of_paho = {name for name in names if name.startswith("_") and not name.startswith("__")
+               and (any(hasattr(owner, name) for owner in (instance, message, paho)) or f"class {name}(" in source)}
+    # The list in wire.py is the whole truth, and this paho still has every name on it.
+    assert of_paho == wire.PAHO_PRIVATE_NAMES
+
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path == Path(wire.__file__).resolve():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in wire.PAHO_PRIVATE_NAMES
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                offenders.append(f"{path.relative_to(root.parent)}:{node.lineno}: .{node.attr}")
+    assert offenders == []

@@ -18,6 +18,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.mqtt.topics import dead_letters_filter, results_filter, topic_matches
+
 
 @dataclass(frozen=True, slots=True)
 class Result:
@@ -65,7 +67,7 @@ class ResultWatch:
     """Subscribes to ``edge/<agent_id>/results/#`` and ``…/dead-letter/#`` and keeps tallies and the latest few."""
 
     def __init__(self, host: str, port: int, agent_id: str, recent: int = 6) -> None:
-        self._prefix = f"edge/{agent_id}/"
+        self._filters = (results_filter(agent_id), dead_letters_filter(agent_id))
         self._lock = threading.Lock()
         self.count: Counter[tuple[str, str]] = Counter()  # (kind, placement)
         self.total_s: dict[tuple[str, str], float] = {}
@@ -86,7 +88,7 @@ class ResultWatch:
         self.client.loop_start()
 
     def _on_connect(self, client: paho.Client, _userdata: Any, _flags: Any, _rc: Any, _props: Any) -> None:
-        client.subscribe([(self._prefix + "results/#", 1), (self._prefix + "dead-letter/#", 1)])
+        client.subscribe([(topic_filter, 1) for topic_filter in self._filters])
 
     def wait_subscribed(self, timeout: float) -> bool:
         return self._subscribed.wait(timeout)
@@ -95,7 +97,7 @@ class ResultWatch:
         now = time.time()
         try:
             body = orjson.loads(msg.payload)
-            if msg.topic.startswith(self._prefix + "dead-letter/"):
+            if topic_matches(self._filters[1], msg.topic):
                 letter = DeadLetter(now, str(body.get("topic")), str(body.get("reason")), str(body.get("detail")))
                 with self._lock:
                     self.dead[letter.reason] += 1

@@ -1,0 +1,422 @@
+"""The one paho-mqtt client: connect, reconnect with backoff and jitter, subscribe, manual ack, publish.
+
+paho runs on the agent's asyncio event loop through its external-loop interface (``loop_read``,
+``loop_write``, ``loop_misc`` and the socket callbacks) rather than ``loop_start()``: ingress, dispatch and
+publishing then share one thread, so no message crosses a thread (each crossing costs a wake-up and a fight
+for the GIL), and the reconnect loop is ours, with jitter (paho's has none, so a fleet of gateways would
+reconnect in lock-step after a broker restart). Only the blocking connect (TCP and TLS handshake) runs in a
+worker thread. Every paho callback catches everything: an exception escaping one would unwind paho's
+read loop mid-packet (thingsboard-gateway #2086).
+
+The link keeps the connection's state; the lean wire path is ``wire.WireClient``, the socket's registration
+on the event loop ``pump.Pump``, the subscriptions ``session.Subscriptions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.mqtt.pump import Pump
+from agent.mqtt.session import Subscriptions, end_session
+from agent.mqtt.tls import authenticate, explain_connect_error
+from agent.mqtt.topics import status_topic
+from agent.mqtt.wire import Outgoing, WireClient, raw_topic
+from agent.telemetry import get_logger
+
+if TYPE_CHECKING:
+    from agent.config import MqttSettings
+
+log = get_logger(__name__)
+
+
+class InboundMessage(NamedTuple):
+    """A device message as paho handed it over (NamedTuple: cheapest immutable value on the hot path)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    dup: bool
+    received_at: float  # wall clock, for dead letters and the latency figures
+
+
+def backoff_delay(attempt: int, minimum: float, maximum: float, rng: random.Random) -> float:
+    """Exponential backoff with "equal jitter": half the step is fixed, half random, capped at ``maximum``."""
+    step = min(maximum, minimum * (2 ** min(attempt, 30)))
+    return float(step / 2 + rng.uniform(0, step / 2))
+
+
+TICK_S = 0.5  # supervisor period: keepalive checks, reconnect decisions, watchdog heartbeat
+CONNACK_TIMEOUT_S = 30.0
+
+
+class MqttLink:
+    """Owns the paho client, driven by the event loop.
+
+    ``on_message``, ``on_puback`` and ``on_connected`` run on the event loop and must be quick. ``ack`` and
+    ``send`` are called on the loop too; paho writes the queued packets on the loop's next turn.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        client_id: str,
+        agent_id: str,
+        topic_filters: Sequence[tuple[str, int]],
+        on_message: Callable[[InboundMessage], None],
+        on_puback: Callable[[int], None],
+        on_connected: Callable[[bool], None] = lambda session_present: None,
+        unsubscribe: Sequence[str] = (),
+    ) -> None:
+        self._settings = settings
+        self._agent_id = agent_id
+        self._client_id = client_id
+        self._on_message_cb = on_message
+        self._on_puback_cb = on_puback
+        self._on_connected_cb = on_connected
+        self._rng = random.Random()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._stopping = False
+        self._reconnect_requested = False
+        self._dropping = False  # we closed the connection on purpose: reconnect at once, no backoff
+        self._lost = False  # the connection dropped or was refused: back off before the next attempt
+        self._connack_deadline = 0.0
+        self.connected = threading.Event()
+        self.heartbeat = time.monotonic()  # refreshed by every pass of the supervisor (watchdog)
+        self.server_receive_maximum = 65535
+        self._v5 = settings.protocol == "5"
+        self._last_refusal: str | None = None
+        self._awaiting_connack = False
+
+        protocol = paho.MQTTv5 if self._v5 else paho.MQTTv311
+        client = WireClient(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=protocol,
+            # 3.1.1: a persistent session; MQTT 5 uses clean_start=False plus a session expiry on connect.
+            clean_session=None if self._v5 else False,
+            manual_ack=True,
+            reconnect_on_failure=False,
+        )
+        # We bound the results awaiting PUBACK ourselves; paho's limit costs O(in-flight) per PUBACK
+        # (docs/contributing.md#paho-mqtt-traps).
+        client.max_inflight_messages_set(0)
+        client.max_queued_messages_set(0)
+        authenticate(client, settings)
+        client.will_set(status_topic(agent_id), b"offline", qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.inbound = self._inbound
+        client.settled = self._on_puback_cb
+        self._client = client
+        self._pump = Pump(client, self._lose_socket)
+        self._subs = Subscriptions(client, settings.shared_group, v5=self._v5, topic_filters=topic_filters,
+                                   unsubscribe=unsubscribe)
+        # Set once the broker confirmed a leave (``leave``).
+        self.left = self._subs.left
+        # The broker answered this connection's SUBSCRIBE (or there was nothing to subscribe): from then on it
+        # keeps what devices publish for this session, also on a client id's very first start.
+        self.subscribed = self._subs.subscribed
+
+    # ----------------------------------------------------------------- lifecycle (event loop)
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._pump.start(self._loop)
+        self._wake = asyncio.Event()
+        self._supervisor = self._loop.create_task(self._supervise(), name="mqtt-supervisor")
+
+    def request_reconnect(self) -> None:
+        """Reconnect so the broker redelivers the QoS 1 messages we left unacknowledged (store was full)."""
+        self._reconnect_requested = True
+        if self._wake is not None:
+            self._wake.set()
+
+    def alive(self, within_s: float) -> bool:
+        return self._supervisor is not None and not self._supervisor.done() and (
+            time.monotonic() - self.heartbeat < within_s
+        )
+
+    async def stop(self, timeout_s: float) -> None:
+        """Publish the retained ``offline`` status (waiting for its PUBACK), disconnect, stop reconnecting."""
+        if self._supervisor is None:
+            return
+        self._stopping = True
+        deadline = time.monotonic() + timeout_s
+        if self.connected.is_set():
+            info = self._client.publish(status_topic(self._agent_id), b"offline", qos=1, retain=True)
+            soft = min(deadline, time.monotonic() + 5.0)
+            while not info.is_published() and time.monotonic() < soft and self.connected.is_set():
+                await asyncio.sleep(0.01)
+        self._supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._supervisor
+        self._supervisor = None
+        if self._client.socket() is not None:
+            self._client.disconnect()
+            while self._client.socket() is not None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        self.connected.clear()
+
+    # ----------------------------------------------------------------- event loop
+
+    def ack(self, mid: int, qos: int) -> None:
+        # Only on a live session: a PUBACK queued while paho reconnects could go out before the CONNECT. The
+        # broker redelivers what we did not acknowledge, and ingress recognises it as already stored.
+        if qos > 0 and self.connected.is_set():
+            self._client.ack(mid, qos)
+
+    def ack_many(self, acks: Sequence[tuple[int, int]]) -> None:
+        """The acknowledgements of one commit: the QoS 1 PUBACKs as one queued write, built here."""
+        if not self.connected.is_set():
+            return  # see ack()
+        self._client.send_pubacks([mid for mid, qos in acks if qos == 1])
+        for mid, qos in acks:
+            if qos == 2:
+                self._client.ack(mid, qos)
+
+    def send(self, messages: Sequence[Outgoing], mids: Sequence[int] | None = None) -> list[int]:
+        """Queue results at QoS 1, under new packet ids, or with ``mids`` as resends under the ids they had
+        before a reconnect (DUP), as MQTT asks. Returns their packet ids; none while disconnected (the caller
+        keeps them for later).
+
+        paho does not track these: their PUBACKs reach ``on_puback``, and the caller resends what a lost
+        connection left unacknowledged.
+        """
+        if not self.connected.is_set():
+            return []
+        return self._client.send_qos1(messages, mids)
+
+    async def _supervise(self) -> None:
+        """Connect, keep alive, reconnect with backoff; one pass per tick or when something changes."""
+        assert self._loop is not None and self._wake is not None
+        attempt = 0
+        while True:
+            self.heartbeat = time.monotonic()
+            client = self._client
+            if client.socket() is None:
+                if self._lost:
+                    self._lost = False
+                    delay = backoff_delay(attempt, self._settings.reconnect_min_s,
+                                          self._settings.reconnect_max_s, self._rng)
+                    attempt += 1
+                    log.info("mqtt_reconnect_wait", seconds=round(delay, 2), attempt=attempt)
+                    await self._wait_out(delay)
+                    continue
+                if not await self._loop.run_in_executor(None, self._try_connect):
+                    self._lost = True
+                    continue
+                self._connack_deadline = time.monotonic() + CONNACK_TIMEOUT_S
+            elif self.connected.is_set():
+                attempt = 0
+                if self._reconnect_requested:
+                    self._reconnect_requested = False
+                    log.info("mqtt_reconnect_for_redelivery")
+                    # A normal DISCONNECT: the session, with the messages we left unacknowledged, stays.
+                    self._dropping = True
+                    client.disconnect()
+            elif self._awaiting_connack and time.monotonic() > self._connack_deadline:
+                log.warning("mqtt_connect_failed", host=self._settings.host, port=self._settings.port,
+                            error=f"no CONNACK within {CONNACK_TIMEOUT_S:.0f} s")
+                self._lose_socket()
+            if client.socket() is not None:
+                client.loop_misc()  # keepalive: a PINGREQ when due; a silent broker is dropped
+            await self._pause(TICK_S)
+
+    async def _pause(self, seconds: float) -> None:
+        assert self._wake is not None
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def _wait_out(self, seconds: float) -> None:
+        """A reconnect backoff (up to RECONNECT_MAX_S) that keeps the heartbeat fresh: waiting is not being
+        stuck, and a stale heartbeat would stop the watchdog pings and get the agent killed mid-outage."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.heartbeat = time.monotonic()
+            await asyncio.sleep(min(TICK_S, left))
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _try_connect(self) -> bool:
+        """The blocking part (TCP connect, TLS handshake, CONNECT queued); runs in a worker thread."""
+        properties: Properties | None = None
+        if self._v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self._settings.session_expiry_s
+            properties.ReceiveMaximum = self._settings.receive_maximum
+        # Set before connecting: the event loop may read the CONNACK (and clear this) before connect() returns.
+        self._awaiting_connack = True
+        try:
+            self._client.connect(
+                self._settings.host,
+                self._settings.port,
+                keepalive=self._settings.keepalive_s,
+                clean_start=False if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                properties=properties,
+            )
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._awaiting_connack = False
+            message = explain_connect_error(exc, self._settings)
+            if message != self._last_refusal:
+                log.warning("mqtt_connect_failed", host=self._settings.host, port=self._settings.port,
+                            error=message)
+                self._last_refusal = message
+            return False
+        return True
+
+    def _refused_before_connack(self) -> None:
+        # With TLS 1.3 the broker checks our certificate after the handshake looks complete to us, so a
+        # refused certificate shows up only as a connection closed before any CONNACK.
+        detail = "the broker closed the connection before accepting it"
+        if self._settings.tls.cert_file:
+            detail += "; check that it accepts this agent's certificate (EDGE_AGENT_MQTT__TLS__CERT_FILE)"
+        if detail != self._last_refusal:
+            log.error("mqtt_connect_failed", host=self._settings.host, port=self._settings.port, error=detail)
+            self._last_refusal = detail
+
+    def _lose_socket(self) -> None:
+        """Give up on the current socket without a DISCONNECT (it is broken or the broker never answered)."""
+        self._client.drop_socket()
+        self._connection_ended()
+
+    @property
+    def last_connect_error(self) -> str | None:
+        """Why the latest attempt to connect failed; None once the broker has accepted a connection."""
+        return self._last_refusal
+
+    def _connection_ended(self) -> None:
+        if self._awaiting_connack and not self._dropping:
+            self._refused_before_connack()
+        self._awaiting_connack = False
+        if not self._dropping and not self._stopping:
+            self._lost = True
+        self._dropping = False
+        self._subs.connection_ended()
+        self.connected.clear()
+        self._poke()
+
+    def pause_reading(self, paused: bool) -> None:
+        """Stop (or resume) reading from the broker; TCP then holds back its messages."""
+        self._pump.pause_reading(paused)
+
+    # ----------------------------------------------------------------- paho callbacks (event loop)
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                    properties: Properties | None) -> None:
+        try:
+            self._awaiting_connack = False
+            if reason.is_failure:
+                text = str(reason)
+                if text != self._last_refusal:
+                    log.error("mqtt_connect_refused", reason=text, host=self._settings.host)
+                    self._last_refusal = text
+                return
+            self._last_refusal = None
+            session_present = bool(getattr(flags, "session_present", False))
+            if properties is not None and hasattr(properties, "ReceiveMaximum"):
+                self.server_receive_maximum = int(properties.ReceiveMaximum)
+            self._subs.send()
+            client.publish(status_topic(self._agent_id), b"online", qos=1, retain=True)
+            self.connected.set()
+            log.info("mqtt_connected", host=self._settings.host, port=self._settings.port,
+                     session_present=session_present, protocol=self._settings.protocol)
+            self._on_connected_cb(session_present)
+        except Exception:
+            log.exception("callback_failed", callback="on_connect")
+
+    @property
+    def subscribe_pending(self) -> bool:
+        """A SUBSCRIBE of this connection still waits for the broker's SUBACK."""
+        return self._subs.pending
+
+    @property
+    def subscriptions(self) -> dict[str, str]:
+        """This connection's subscriptions as the broker answered them (``edge-agent status``)."""
+        return self._subs.state
+
+    def set_subscriptions(self, topic_filters: Sequence[tuple[str, int]], unsubscribe: Sequence[str]) -> None:
+        """New routes (SIGHUP): subscribe now when connected, and after every later CONNACK."""
+        self._subs.replace(topic_filters, unsubscribe, connected=self.connected.is_set())
+
+    def leave(self) -> None:
+        """Unsubscribe every filter now (or at the next CONNACK) and never subscribe again; ``left`` is set once
+        the broker confirms. Messages the session already holds keep coming: Mosquitto delivers a session's
+        queue after an UNSUBSCRIBE, and the other members of a shared group get everything published after it."""
+        self._subs.leave(connected=self.connected.is_set())
+
+    async def end_session(self, timeout_s: float) -> bool:
+        """After ``stop``: discard this client id's session at the broker, by connecting once with a clean
+        start (3.1.1: clean session) and no session expiry, then disconnecting. True once the broker accepted."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, end_session, self._settings, self._client_id, timeout_s)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                       properties: Properties | None) -> None:
+        try:
+            if self.connected.is_set() and not self._stopping and not self._dropping:
+                log.warning("mqtt_connection_lost", reason=str(reason))
+            self._connection_ended()
+        except Exception:
+            log.exception("callback_failed", callback="on_disconnect")
+
+    def _inbound(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool) -> None:
+        try:
+            try:
+                text = topic.decode()
+            except UnicodeDecodeError:
+                # MQTT forbids it and brokers reject it; if one slips through, it cannot be routed or replied to.
+                log.error("mqtt_topic_not_utf8", raw=repr(topic[:200]))
+                self.ack(mid, qos)
+                return
+            self._on_message_cb(InboundMessage(text, payload, qos, mid, dup, time.time()))
+        except Exception:
+            log.exception("callback_failed", callback="on_message")
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        """QoS 2 messages, which take paho's own path."""
+        try:
+            try:
+                topic = message.topic
+            except UnicodeDecodeError:
+                # MQTT forbids it and brokers reject it; if one slips through, it cannot be routed or replied to.
+                log.error("mqtt_topic_not_utf8", raw=repr(raw_topic(message)[:200]))
+                self.ack(message.mid, message.qos)
+                return
+            self._on_message_cb(
+                InboundMessage(topic, bytes(message.payload), message.qos, message.mid, bool(message.dup), time.time())
+            )
+        except Exception:
+            log.exception("callback_failed", callback="on_message")
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
+                    properties: Properties | None) -> None:
+        try:
+            if reason.is_failure:
+                # The broker took the message and answered no (MQTT 5, e.g. not authorised): retrying cannot
+                # help, so it counts as settled, loudly.
+                log.error("result_refused_by_broker", mid=mid, reason=str(reason))
+            self._on_puback_cb(mid)
+        except Exception:
+            log.exception("callback_failed", callback="on_publish")
