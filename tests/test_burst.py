@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from burst_scenario import ideal_split_s, run_burst
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 COUNT = 120
 

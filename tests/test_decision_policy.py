@@ -668,6 +668,7 @@ def test_rebinding_a_burst_balances_the_two_sides() -> None:
     for _ in range(COLD_RUNS + 10):
         policy.observe_local("user.task", 1000, 0.25, 0.0)
         policy.observe_cloud("user.task", 1000, 0.25, 0.0)
+        policy.observe_transfer("up", 1_000_000, 0.08, 0.0)  # a LAN: 100 Mbit/s
     moved = 0
     while policy.rebind(Task("user.task", 1000), 0.0) is not None:
         moved += 1
@@ -675,3 +676,23 @@ def test_rebinding_a_burst_balances_the_two_sides() -> None:
     assert 60 <= moved <= 90
     d = policy.decide(Task("user.task", 1000), 0.0)
     assert d.t_cloud_s >= d.t_local_s * (1 - model.REBIND_MARGIN_RATIO) - model.REBIND_MARGIN_S - 0.3
+
+
+def test_a_move_must_survive_an_uplink_twice_as_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    def backlog() -> Policy:
+        policy = Policy(_prior(0.03), local_workers=1)
+        policy.observe_lease(True)
+        for _ in range(6):
+            policy.task_started("local", Task("user.task", 100_000), 0.0)
+        for _ in range(COLD_RUNS + 20):
+            policy.observe_local("user.task", 100_000, 0.1, 0.0)
+        return policy
+
+    # The tail: 0.6 s on the gateway; a 0.4 s upload at the 2 Mbit/s prior, about 0.5 s in the cloud in all.
+    policy = backlog()
+    assert policy.decide(Task("user.task", 100_000), 0.0).terms["upload_s"] == pytest.approx(0.4)
+    assert policy.rebind(Task("user.task", 100_000), 0.0) is None  # wins by 0.1 s, not with the doubt
+    assert policy.snapshot(0.0)["local_tasks"] == 6
+    monkeypatch.setattr(model, "REBIND_LINK_DOUBT", 0.0)
+    moved = backlog().rebind(Task("user.task", 100_000), 0.0)
+    assert moved is not None and moved.rebound

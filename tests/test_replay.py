@@ -245,3 +245,45 @@ def test_cli_replay_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixt
     workload.write_text("{")
     assert main(["replay", "--uplink", str(bad), "--workload", str(workload)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+# --- bursts, priors that are off, a gateway that slows down; late binding -------------------------------------
+
+WORKLOADS = Path(__file__).resolve().parents[1] / "agent" / "replay" / "workloads"
+
+
+def test_bursts_arrive_together_on_top_of_the_poisson_arrivals() -> None:
+    plain = generate(DEFAULT_WORKLOAD, 1)
+    bursty = generate(load_workload(WORKLOADS / "burst.json"), 1)
+    assert len(bursty) == len(plain) + 30 * 9  # 30 clips at 60, 120, … 540 s
+    at_60 = [k for t, k in zip(bursty.arrival_s, bursty.kind, strict=True) if t == 60.0]
+    assert at_60 == ["noise.spectrum"] * 30
+
+
+def test_a_gateway_that_slows_down_takes_longer_from_then_on() -> None:
+    plain = generate(DEFAULT_WORKLOAD, 1)
+    slow = generate(load_workload(WORKLOADS / "gateway-slows.json"), 1)
+    for t, a, b, c, d in zip(plain.arrival_s, plain.local_s, slow.local_s, plain.cloud_s, slow.cloud_s, strict=True):
+        assert b == pytest.approx(a * (3.0 if t >= 300.0 else 1.0)) and c == d
+
+
+def test_a_prior_factor_sets_the_agents_prior_off_by_that_factor() -> None:
+    from agent.replay.simulate import agent_params
+
+    arrivals = generate(load_workload(WORKLOADS / "prior-10x-short.json"), 1)
+    prior = agent_params(None, arrivals).kinds["noise.spectrum"]
+    assert prior.local_fixed_s == pytest.approx(0.002) and prior.local_per_byte_s == pytest.approx(4e-7)
+    assert prior.cloud_per_byte_s == pytest.approx(1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in WORKLOADS.glob("*.json")))
+def test_shipped_workloads_replay_and_late_binding_loses_nothing(name: str) -> None:
+    replay = run_replay(DEFAULT_UPLINK, workload=load_workload(WORKLOADS / name),
+                        policies=("agent", "agent_no_late_binding", "always_local", "oracle"))
+    stats = replay.stats
+    n = len(replay.arrivals)
+    for outcome in replay.outcomes.values():
+        assert len(outcome.completion_s) == n and all(0.0 < c < math.inf for c in outcome.completion_s)
+    # Late binding never makes the agent much worse than deciding once, and it stays ahead of all-local.
+    assert stats["agent"].mean_s <= stats["agent_no_late_binding"].mean_s * 1.02
+    assert stats["agent"].mean_s < stats["always_local"].mean_s

@@ -170,8 +170,8 @@ def _decision(data: dict[str, Any]) -> list[str]:
     rebind = data.get("rebind_margin_s")
     if rebind is not None:
         lines.append(f"While it waits for a worker the agent asks again: if the cloud becomes sooner by more than "
-                     f"{rebind:.3f} s, the task moves there before it starts (late binding; its result then says "
-                     '"rebound": true).')
+                     f"{rebind:.3f} s, even with its upload taking twice as long, the task moves there before it "
+                     'starts (late binding; its result then says "rebound": true).')
     hedge_after, upload_by = data["hedge_after_s"], data["upload_by_s"]
     if hedge_after is not None:
         lines.append(f"If the cloud's answer has not come {hedge_after:.3f} s after the decision, the task "

@@ -87,6 +87,13 @@ _PROBE_LINK_DOUBT = 9.0
 # most once (a cloud task comes back to the gateway only as a hedge or a fallback), so nothing ping-pongs.
 REBIND_MARGIN_S = 0.05
 REBIND_MARGIN_RATIO = 0.1
+# A move must also survive an uplink this much slower than estimated (upload and uplink queue counted
+# 1 + REBIND_LINK_DOUBT times): upload times on cellular links vary by about ×2 either way, and a task moved
+# into a fade comes back only through its hedge, after waiting longer than it would have in its place. In the
+# replays with an outage, moving on the plain estimate sent queued clips into the dead link (mean completion
+# +4 %); with the doubt, late binding is neutral there and the burst on a LAN (uploads of milliseconds) is
+# unaffected.
+REBIND_LINK_DOUBT = 1.0
 
 
 # Not frozen: a frozen dataclass sets each field through object.__setattr__, three times the cost of a plain
@@ -538,7 +545,9 @@ class Policy:
         params = self._params
         t_local = decision.t_local_s
         margin = max(REBIND_MARGIN_S, REBIND_MARGIN_RATIO * t_local, params.margin_s, params.margin_ratio * t_local)
-        if decision.target == "cloud" and not decision.probe and decision.t_cloud_s < t_local - margin:
+        terms = decision.terms
+        doubted = decision.t_cloud_s + REBIND_LINK_DOUBT * (terms["uplink_queue_s"] + terms["upload_s"])
+        if decision.target == "cloud" and not decision.probe and doubted < t_local - margin:
             kind.local_n -= 1
             kind.local_bytes = max(0, kind.local_bytes - size)
             decision.rebound = True

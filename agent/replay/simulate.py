@@ -17,7 +17,10 @@ and shared by every policy, so differences come from decisions alone.
 Policies: ``agent`` is :class:`agent.decision.Policy`, fed only what a gateway measures, at the moment it
 would measure it: local service times when a task finishes, each upload's bytes and duration when it ends,
 the RTT, the cloud's reported execution time, the result's size and download time when the result arrives,
-and provisioning time when a lease becomes ready. It never sees the trace. ``oracle`` knows the true
+and provisioning time when a lease becomes ready. It never sees the trace. Late binding is replayed as the
+dispatcher does it: at every arrival and completion, heavy tasks still queued for the gateway move to the
+cloud, from the end of the queue, while ``Policy.rebind`` says so (``agent_no_late_binding``, not in the
+default table, decides each task once, at its arrival, for comparisons). ``oracle`` knows the true
 completion time of both options for each task (the trace, the queues, the drawn service times) and picks the
 sooner: a clairvoyant greedy choice per task. Knowing the future, it also requests leases ahead of need, so
 provisioning never delays its tasks.
@@ -27,9 +30,10 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from agent.decision import DecisionParams, ParamsSource, Policy, Target, Task
+from agent.decision import DecisionParams, KindParams, ParamsSource, Policy, Target, Task
+from agent.decision.params import decision_params
 from agent.replay.traces import Trace
 from agent.replay.workload import Arrivals, Workload
 
@@ -81,11 +85,18 @@ class World:
         start = max(now, self.local_free[0] if self.heavy[i] else self.inline_free)
         return start, start + self.a.local_s[i]
 
-    def commit_local(self, i: int, end: float) -> None:
+    def commit_local(self, i: int, end: float) -> float:
+        """Queue task ``i`` to end at ``end``; returns what it replaced (for :meth:`uncommit_local`)."""
         if self.heavy[i]:
-            heapq.heapreplace(self.local_free, end)
-        else:
-            self.inline_free = end
+            return heapq.heapreplace(self.local_free, end)
+        before, self.inline_free = self.inline_free, end
+        return before
+
+    def uncommit_local(self, end: float, before: float) -> None:
+        """Take back the latest heavy task queued (ending at ``end``, having replaced ``before``): late binding."""
+        free = self.local_free
+        free[free.index(end)] = before
+        heapq.heapify(free)
 
     def lease_warm(self, now: float) -> bool:
         if self.lease_ready is None:
@@ -153,8 +164,23 @@ def _oracle(world: World, i: int, now: float) -> Target:
 _LOCAL_DONE, _LEASE_READY, _UPLOADED, _CLOUD_DONE, _HEDGE, _CANCEL_CLOUD, _DROP_LOCAL, _HEDGE_UPLOAD = range(8)
 
 
+def agent_params(settings: DecisionParams | ParamsSource | None, arrivals: Arrivals) -> DecisionParams:
+    """The agent's parameters for a replay: ``settings``, with the priors of the streams that set
+    ``prior_factor`` (their true mean lines times that factor: a prior that is off)."""
+    params = decision_params(settings)
+    off = {
+        s.kind: KindParams(local_fixed_s=s.local_fixed_s * s.prior_factor,
+                           local_per_byte_s=s.local_per_byte_s * s.prior_factor,
+                           cloud_fixed_s=s.local_fixed_s / s.cloud_speedup * s.prior_factor,
+                           cloud_per_byte_s=s.local_per_byte_s / s.cloud_speedup * s.prior_factor,
+                           out_bytes=s.out_bytes)
+        for s in arrivals.kinds.values() if s.prior_factor is not None
+    }
+    return replace(params, kinds={**params.kinds, **off}) if off else params
+
+
 def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, arrivals: Arrivals, uplink: Trace,
-           downlink: Trace) -> Outcome:
+           downlink: Trace, *, late_binding: bool = True) -> Outcome:
     """The agent's run, hedging included (``Decision.hedge_after_s``), as the dispatcher does it.
 
     A cloud task whose result has not come by its hedge time, or whose upload has not ended by the upload's
@@ -172,8 +198,8 @@ def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, a
     """
     world = World(workload, arrivals, uplink, downlink)
     inline = frozenset(k for k, stream in arrivals.kinds.items() if not stream.heavy)
-    policy = Policy(settings, local_workers=workload.workers, cloud_slots=workload.cloud_slots, inline_kinds=inline,
-                    lease_idle_s=workload.lease_idle_s)
+    policy = Policy(agent_params(settings, arrivals), local_workers=workload.workers,
+                    cloud_slots=workload.cloud_slots, inline_kinds=inline, lease_idle_s=workload.lease_idle_s)
     a = arrivals
     tasks = [Task(k, b) for k, b in zip(a.kind, a.in_bytes, strict=True)]
     events: list[tuple[float, int, int, int, CloudPlan | None]] = []
@@ -182,6 +208,10 @@ def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, a
     cloud: list[bool] = []
     cancelled: dict[int, float] = {}  # hedged cloud copies the local copy beat: task index → cancellation time
     hedged: set[int] = set()  # tasks given a gateway copy
+    # Heavy tasks queued for the gateway by a decision, latest last: (index, start, end, what its end replaced).
+    # Late binding takes them back from the end while they have not started.
+    queued: list[tuple[int, float, float, float]] = []
+    moved: dict[int, float] = {}  # rebound tasks → the end of the gateway run they no longer have
 
     def push(t: float, what: int, j: int, plan: CloudPlan | None) -> None:
         nonlocal seq
@@ -202,11 +232,48 @@ def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, a
             completion[j] = end - a.arrival_s[j]
             cloud[j] = False
 
+    def offload(j: int, now: float, decision_hedge_s: float, upload_by_s: float) -> None:
+        plan = world.plan_cloud(j, now)
+        world.commit_cloud(plan)
+        if plan.new_lease:
+            push(plan.lease_ready, _LEASE_READY, j, plan)
+        push(plan.up_end, _UPLOADED, j, plan)
+        push(plan.done, _CLOUD_DONE, j, plan)
+        if now + decision_hedge_s < plan.done:
+            push(now + decision_hedge_s, _HEDGE, j, plan)
+        if now + upload_by_s < plan.up_end + a.rtt_s[j]:
+            push(now + upload_by_s, _HEDGE_UPLOAD, j, plan)
+        completion[j] = plan.done - a.arrival_s[j]
+        cloud[j] = True
+
+    def rebind(now: float) -> None:
+        while queued:
+            j, start, end, before = queued[-1]
+            if start <= now or world.local_free.count(end) == 0:
+                return  # started (or no longer the latest on its worker): it stays
+            decision = policy.rebind(tasks[j], now)
+            if decision is None:
+                return
+            if decision.prewarm:
+                ready = world.request_lease(j, now)
+                if ready is not None:
+                    push(ready, _LEASE_READY, j, None)
+            if not decision.rebound:
+                return
+            queued.pop()
+            world.uncommit_local(end, before)
+            moved[j] = end
+            offload(j, now, decision.hedge_after_s, decision.upload_by_s)
+
     def deliver(until: float) -> None:
         while events and events[0][0] <= until:
             t, _, what, j, plan = heapq.heappop(events)
             if what in (_UPLOADED, _CLOUD_DONE) and j in cancelled and t > cancelled[j]:
                 continue  # the request was cancelled before this happened
+            if what == _LOCAL_DONE and moved.get(j) == t:
+                del moved[j]  # the gateway run a rebound task gave up
+                continue
+            rebind_after = late_binding and bool(queued) and what in (_LOCAL_DONE, _CLOUD_DONE)
             if what == _LOCAL_DONE:
                 policy.observe_local(a.kind[j], a.in_bytes[j], a.local_s[j], t)
                 policy.observe_output(a.kind[j], a.out_bytes[j], t)
@@ -233,34 +300,30 @@ def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, a
                 policy.cloud_cancelled(tasks[j], t)
             else:  # _DROP_LOCAL
                 policy.task_finished("local", tasks[j], t)
+            if rebind_after:
+                rebind(t)
 
     for i, now in enumerate(a.arrival_s):
         deliver(now)
+        if late_binding and queued:
+            rebind(now)
         decision = policy.decide(tasks[i], now)
         policy.task_started(decision.target, tasks[i], now)
         if decision.prewarm:
             ready = world.request_lease(i, now)
             if ready is not None:
                 push(ready, _LEASE_READY, i, None)
+        completion.append(0.0)
+        cloud.append(False)
         if decision.target == "cloud":
-            plan = world.plan_cloud(i, now)
-            world.commit_cloud(plan)
-            if plan.new_lease:
-                push(plan.lease_ready, _LEASE_READY, i, plan)
-            push(plan.up_end, _UPLOADED, i, plan)
-            push(plan.done, _CLOUD_DONE, i, plan)
-            if now + decision.hedge_after_s < plan.done:
-                push(now + decision.hedge_after_s, _HEDGE, i, plan)
-            if now + decision.upload_by_s < plan.up_end + a.rtt_s[i]:
-                push(now + decision.upload_by_s, _HEDGE_UPLOAD, i, plan)
-            completion.append(plan.done - now)
-            cloud.append(True)
+            offload(i, now, decision.hedge_after_s, decision.upload_by_s)
         else:
-            _, end = world.plan_local(i, now)
-            world.commit_local(i, end)
+            start, end = world.plan_local(i, now)
+            before = world.commit_local(i, end)
             push(end, _LOCAL_DONE, i, None)
-            completion.append(end - now)
-            cloud.append(False)
+            completion[i] = end - now
+            if world.heavy[i] and decision.reason == "model":
+                queued.append((i, start, end, before))
     deliver(float("inf"))  # hedges due after the last arrival still change completion times
     return Outcome("agent", completion, cloud)
 
@@ -270,6 +333,8 @@ def run_policy(name: str, workload: Workload, arrivals: Arrivals, uplink: Trace,
     """Replay ``arrivals`` under one policy (a name from :data:`POLICIES`)."""
     if name == "agent":
         return _agent(settings, workload, arrivals, uplink, downlink)
+    if name == "agent_no_late_binding":  # for comparisons: decided once, at admission
+        return _agent(settings, workload, arrivals, uplink, downlink, late_binding=False)
     window = workload.network_window_s
 
     def network(world: World, i: int, now: float) -> Target:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,13 @@ class Stream:
     out_bytes: int
     # Light kinds run inline on the daemon's event loop, one at a time; heavy ones in the worker pool.
     heavy: bool = True
+    # Bursts on top of the Poisson arrivals: ``burst_size`` tasks arriving at the same instant every
+    # ``burst_interval_s`` (the first one interval in), as when a fleet of devices reconnects and flushes.
+    burst_size: int = 0
+    burst_interval_s: float = 0.0
+    # The agent's prior for this kind, as a factor of the true mean lines (0.1: it believes the kind 10x
+    # faster than it is; 10: 10x slower). None: the settings' prior (the built-in one, or "*").
+    prior_factor: float | None = None
 
     def check(self) -> None:
         if not self.kind:
@@ -54,6 +61,10 @@ class Stream:
             raise ValueError(f"{self.kind}: need 0 <= min_bytes <= max_bytes")
         if self.local_fixed_s < 0 or self.local_per_byte_s < 0 or self.out_bytes < 0:
             raise ValueError(f"{self.kind}: service times and out_bytes must be >= 0")
+        if self.burst_size < 0 or (self.burst_size and self.burst_interval_s <= 0):
+            raise ValueError(f"{self.kind}: burst_size must be >= 0, with burst_interval_s > 0")
+        if self.prior_factor is not None and self.prior_factor <= 0:
+            raise ValueError(f"{self.kind}: prior_factor must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +84,10 @@ class Workload:
     size_threshold_bytes: int = 128_000
     network_threshold_mbps: float = 6.0
     network_window_s: float = 1.0
+    # The gateway slows down mid-run (thermal throttling, a neighbour process): tasks that arrive from
+    # ``slowdown_at_s`` on take ``slowdown_factor`` times as long on the gateway. None: it never does.
+    slowdown_at_s: float | None = None
+    slowdown_factor: float = 1.0
 
     def check(self) -> None:
         if self.duration_s <= 0 or not self.streams:
@@ -81,6 +96,8 @@ class Workload:
             raise ValueError("workers and cloud_slots must be at least 1")
         if min(self.provisioning_s, self.rtt_s, self.lease_idle_s, self.network_window_s) < 0:
             raise ValueError("times must be >= 0")
+        if self.slowdown_factor <= 0:
+            raise ValueError("slowdown_factor must be > 0")
         for stream in self.streams:
             stream.check()
 
@@ -122,7 +139,7 @@ def workload_from_dict(data: Mapping[str, Any]) -> Workload:
                 raise ValueError(f"each stream is an object with 'kind' and fields among {sorted(stream_fields)}")
             default = next((s for s in DEFAULT_WORKLOAD.streams if s.kind == item["kind"]), None)
             if default is None:
-                missing = stream_fields - set(item)
+                missing = {f.name for f in fields(Stream) if f.default is MISSING} - set(item)
                 if missing:
                     raise ValueError(f"stream {item['kind']!r} needs {', '.join(sorted(missing))}")
                 streams.append(Stream(**item))
@@ -163,6 +180,11 @@ def generate(workload: Workload, seed: int) -> Arrivals:
         n = int(rng.poisson(stream.rate_per_s * workload.duration_s))
         times.append(np.sort(rng.uniform(0.0, workload.duration_s, n)))
         index.append(np.full(n, i))
+    for i, stream in enumerate(workload.streams):  # after the Poisson draws: a workload without bursts is unchanged
+        if stream.burst_size:
+            at = np.arange(stream.burst_interval_s, workload.duration_s, stream.burst_interval_s)
+            times.append(np.repeat(at, stream.burst_size))
+            index.append(np.full(at.size * stream.burst_size, i))
     t_all = np.concatenate(times)
     s_all = np.concatenate(index)
     order = np.argsort(t_all, kind="stable")
@@ -177,6 +199,8 @@ def generate(workload: Workload, seed: int) -> Arrivals:
     speedup = np.array([streams[i].cloud_speedup for i in s_all])
     base = fixed + per_byte * sizes
     local = base * rng.lognormal(0.0, workload.service_sigma, n)
+    if workload.slowdown_at_s is not None:
+        local = np.where(t_all >= workload.slowdown_at_s, local * workload.slowdown_factor, local)
     cloud = base / speedup * rng.lognormal(0.0, workload.service_sigma, n)
     rtt = workload.rtt_s * rng.lognormal(0.0, workload.rtt_sigma, n)
     provisioning = workload.provisioning_s * rng.lognormal(0.0, workload.provisioning_sigma, n)
