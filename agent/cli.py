@@ -20,7 +20,18 @@ EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitS
 EX_USAGE = 2  # bad command-line input (argparse uses 2 as well)
 
 
-def _parser() -> argparse.ArgumentParser:
+_OWN_OPTIONS = ("devcloud", "demo", "dead-letters")  # subcommands whose modules add their options
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line (the only top-level option, --version, takes no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """``command``: the subcommand about to run, when known; the modules that add the options of the others
+    (devcloud, demo, dead-letters) are then not imported, so `run` loads only what the daemon needs."""
+    everything = command not in _COMMANDS
     parser = argparse.ArgumentParser(prog="edge-agent", description="Smart-city gateway agent.")
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,26 +122,34 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="print the summary as JSON")
     replay.add_argument("--plot", type=Path, metavar="FILE.png", help="draw bandwidth and decisions (needs [plot])")
 
-    from agent.devcloud.cli import build_parser as devcloud_options  # imports no web framework
-
-    devcloud_options(sub.add_parser(
+    devcloud = sub.add_parser(
         "devcloud", help="run the reference resource API server (needs the [devcloud] extra)",
         description="The resource API (docs/design.md#resource-api) for tests and demos, with knobs for "
-        "provisioning delay, latency, bandwidth, errors and outages."))
+        "provisioning delay, latency, bandwidth, errors and outages.")
+    if everything or command == "devcloud":
+        from agent.devcloud.cli import build_parser as devcloud_options  # imports no web framework
 
-    from agent.demo.options import build_parser as demo_options  # imports neither rich nor amqtt
+        devcloud_options(devcloud)
 
-    demo_options(sub.add_parser(
+    demo = sub.add_parser(
         "demo", help="see it work: embedded broker, devcloud, simulated devices and the agent, with a live view "
         "(needs the [demo] extra)",
         description="Runs everything on this machine: an MQTT broker (amqtt, unless --broker), the devcloud, "
         "devices replaying CityPulse Aarhus rows and synthetic audio, a cloud uplink following a real bandwidth "
-        "trace, and the agent as a subprocess. Ctrl-C stops it all."))
+        "trace, and the agent as a subprocess. Ctrl-C stops it all.")
+    if everything or command == "demo":
+        from agent.demo.options import build_parser as demo_options  # imports neither rich nor amqtt
 
-    from agent.deadletter_admin import add_parser as dead_letter_options  # imports no store, no paho
+        demo_options(demo)
 
-    dead_letter_options(sub, env_file_option)
+    if everything or command == "dead-letters":
+        from agent.deadletter_admin import add_parser as dead_letter_options  # imports no store, no paho
+
+        dead_letter_options(sub, env_file_option)
     return parser
+
+
+_COMMANDS = ("run", "check-config", "reload", "explain", "status", "replay", *_OWN_OPTIONS)
 
 
 def _number(kind: type[int] | type[float], minimum: float, strict: bool) -> Callable[[str], Any]:
@@ -182,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser(_command(sys.argv[1:] if argv is None else argv)).parse_args(argv)
     if args.command == "replay":
         return _replay(args)
     if args.command == "devcloud":

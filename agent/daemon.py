@@ -11,8 +11,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from agent.cloud import CircuitState, CloudClient
+from agent.cloud import CircuitState
 from agent.config import Reread, Route, Settings, split_reload
 from agent.deadletters import REPLAY_BATCH, DeadLetterLog, DropLog, Replay
 from agent.dispatch import Dispatcher
@@ -28,6 +29,9 @@ from agent.store import Committed, Store, ensure_writable
 from agent.systemd import Notifier
 from agent.tasks import StatefulTask, default_registry
 from agent.telemetry import get_logger
+
+if TYPE_CHECKING:
+    from agent.cloud import CloudClient
 
 log = get_logger(__name__)
 
@@ -96,7 +100,11 @@ class Daemon:
         self.dead_log, self.dead_drops, self._reading_replays = DeadLetterLog(), DropLog(), False
         self.policy = build_policy(s, self.registry)  # as `edge-agent explain` builds its own
         # No URL, no offloading: the policy then keeps every task local with reason no_cloud.
-        self.cloud = CloudClient(s.cloud, observer=self.policy) if s.cloud.url else None
+        self.cloud: CloudClient | None = None
+        if s.cloud.url:
+            from agent.cloud import CloudClient  # and httpx: only an agent with a cloud loads them
+
+            self.cloud = CloudClient(s.cloud, observer=self.policy)
         self.dispatcher = Dispatcher(agent_id=s.agent_id, registry=self.registry, executor=self.executor,
                                      store=store, policy=self.policy, cloud=self.cloud, dead_log=self.dead_log)
         self.ingress = Ingress(agent_id=s.agent_id, routes=s.routes, max_payload_bytes=s.max_payload_bytes,

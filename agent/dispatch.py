@@ -26,9 +26,9 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from agent.cloud import CircuitOpen, CloudClient, CloudError, TransientCloudError
+from agent.cloud import CircuitOpen, CloudError, TransientCloudError
 from agent.deadletters import DeadLetter, DeadLetterLog
 from agent.decision import Decision, Placement, Policy, Task
 from agent.egress import dead_letter, result_message
@@ -38,6 +38,9 @@ from agent.metrics import Histogram
 from agent.store import Finished, ReadBack, Store, TaskRef
 from agent.tasks import TaskRegistry
 from agent.telemetry import get_logger
+
+if TYPE_CHECKING:
+    from agent.cloud import CloudClient  # the client itself (and httpx) only once a cloud URL is set
 
 log = get_logger(__name__)
 

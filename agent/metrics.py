@@ -20,15 +20,15 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from agent.errors import ConfigError
 from agent.telemetry import get_logger
+
+if TYPE_CHECKING:
+    # prometheus-client is imported by the server and at scrape time: an agent with metrics off never loads it.
+    from prometheus_client.core import Metric
 
 log = get_logger(__name__)
 
@@ -82,8 +82,8 @@ class LabelledHistogram:
     read: Callable[[], Mapping[Any, Histogram]]
 
 
-class AgentCollector(Collector):
-    """Exposes whatever the daemon registered, read at scrape time."""
+class AgentCollector:
+    """Exposes whatever the daemon registered, read at scrape time (a prometheus-client collector)."""
 
     def __init__(self) -> None:
         self.gauges: list[Gauge] = []
@@ -92,6 +92,8 @@ class AgentCollector(Collector):
         self.gauge_maps: list[tuple[str, str, tuple[str, ...], Callable[[], Mapping[Any, float]]]] = []
 
     def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
         for gauge in self.gauges:
             yield GaugeMetricFamily(gauge.name, gauge.documentation, value=gauge.read())
         for name, documentation, labels, read in self.gauge_maps:
@@ -164,8 +166,15 @@ class MetricsServer:
     def __init__(self, port: int, collector: AgentCollector, *, healthy: Callable[[], tuple[bool, str]],
                  ready: Callable[[], tuple[bool, str]], host: str = "127.0.0.1",
                  endpoints: Mapping[str, JsonEndpoint] | None = None) -> None:
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.registry import Collector
+
+        class Scraped(Collector):
+            def collect(self) -> Iterable[Metric]:
+                return collector.collect()
+
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(collector)
+        self.registry.register(Scraped())
         registry = self.registry
         json_endpoints = dict(endpoints or {})
         known = ", ".join(["/metrics", "/healthz", "/readyz", *json_endpoints])

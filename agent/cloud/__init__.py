@@ -11,13 +11,30 @@ Usage by the daemon::
 
 ``client.circuit_open(now)`` tells the decision to keep tasks local; ``client.lease_status()`` gives it the
 lease capacity.
+
+The client (and with it httpx) is imported on first use of its names: an agent without a cloud URL never loads
+httpx, and the errors, the circuit breaker and the backoff come without it.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from agent.cloud._backoff import compute_backoff, parse_retry_after
 from agent.cloud._circuit import CircuitBreaker, CircuitState
-from agent.cloud._client import CloudClient, CloudObserver, CloudResult, LeaseSnapshot
 from agent.cloud._errors import CircuitOpen, CloudError, PermanentCloudError, TransientCloudError
 from agent.cloud._leases import Lease, choose_lease
+
+if TYPE_CHECKING:
+    from agent.cloud._client import CloudClient, CloudObserver, CloudResult, LeaseSnapshot
+
+_CLIENT_NAMES = frozenset({"CloudClient", "CloudObserver", "CloudResult", "LeaseSnapshot"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIENT_NAMES:
+        from agent.cloud import _client
+
+        return getattr(_client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "CircuitBreaker",
