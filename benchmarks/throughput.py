@@ -9,7 +9,8 @@ On one real Mosquitto (started here on a free port):
    plain paho subscriber drains them; msgs/s from its first to its last message.
 2. the agent: the same N queued for the agent's session, then the agent (a real process, default settings:
    fsync per group commit) ingests, stores, decides, runs ``sensor.stats`` and publishes each result with QoS 1;
-   msgs/s from the first to the N-th result seen by a consumer, and the agent's peak RSS (VmHWM).
+   msgs/s from the first to the N-th result seen by a consumer, and the peak RSS (VmHWM) of the agent's main
+   process (its worker processes, where numpy runs, are not counted).
    Steps 1 and 2 alternate K times (default 3); the medians of each side and their ratio are reported, with
    each round's ratio beside them.
 3. latency: devices offer R msgs/s for S seconds; p50/p99 from publish to the result's arrival. The same
