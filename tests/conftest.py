@@ -1,14 +1,25 @@
-"""Fixtures that start real parts: Mosquitto on a free port and the agent as a process."""
+"""Fixtures that start real parts: Mosquitto on a free port, the devcloud and the agent as processes; and the
+test tiers: ``-m "not slow"`` is the quick loop, plain ``pytest`` (what CI runs) everything."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import support
-from support import Mosquitto
+from support import Agents, DevCloud, Mosquitto
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the marks added here count
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The suite under a real systemd (tests/systemd_real) boots a machine per module: never the quick loop.
+    for item in items:
+        if item.get_closest_marker("systemd_real") is not None:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -38,3 +49,27 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     mosquitto.start()
     yield mosquitto
     mosquitto.stop()
+
+
+@pytest.fixture
+def agent_routes() -> list[dict[str, Any]]:
+    """The routes of an agent that ``agents`` makes without any; a module overrides this for its own."""
+    return [{"topic": "city/+/traffic/+/data", "task": "sensor.stats"}]
+
+
+@pytest.fixture
+def agents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, agent_routes: list[dict[str, Any]]) -> Iterator[Agents]:
+    """``agents(broker, name="agent", routes=…, **Agent's arguments)``: agents as processes, killed after the test."""
+    for name in [n for n in os.environ if n.startswith("EDGE_AGENT_")]:
+        monkeypatch.delenv(name)  # the CLI run in this process (status, explain) reads only the agent's env file
+    made = Agents(tmp_path, agent_routes)
+    yield made
+    made.cleanup()
+
+
+@pytest.fixture
+def devcloud(tmp_path: Path) -> Iterator[DevCloud]:
+    """The reference resource API as a process of its own, stopped after the test."""
+    server = DevCloud(tmp_path / "devcloud.log")
+    yield server
+    server.stop()

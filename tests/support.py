@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import SecretStr
@@ -48,6 +51,36 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """``wait_for`` inside a running event loop: the loop's own tasks (a client's lease upkeep) go on meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def pcm(samples: np.ndarray[Any, np.dtype[np.float64]]) -> bytes:
+    """Float samples in [-1, 1) as 16-bit little-endian PCM (rounded, clipped)."""
+    return np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2").tobytes()
+
+
+def sine(freq: float, amplitude: float, seconds: float, rate: int = 16000) -> np.ndarray[Any, np.dtype[np.float64]]:
+    t = np.arange(round(seconds * rate)) / rate
+    return amplitude * np.sin(2 * np.pi * freq * t)
+
+
+def pcm_sine(seconds: float, freq: float = 1000.0, amplitude: float = 0.3, rate: int = 16000) -> bytes:
+    """A pure tone: a known spectrum."""
+    return pcm(sine(freq, amplitude, seconds, rate))
+
+
+def pcm_noise(seconds: float, seed: int = 0, level: float = 0.1, rate: int = 16000) -> bytes:
+    """Gaussian noise of standard deviation ``level`` (full scale 1), reproducible by ``seed``: street noise."""
+    return pcm(np.random.default_rng(seed).normal(0.0, level, round(seconds * rate)))
+
+
 class Mosquitto:
     """A real Mosquitto with persistence, so a restart keeps sessions and queued messages."""
 
@@ -72,7 +105,8 @@ class Mosquitto:
             f"log_dest file {self.log}\n"
             # Started as root (CI), mosquitto would switch to its own user and lose access to this folder.
             "user root\n"
-            "log_type error\nlog_type warning\nlog_type notice\n"
+            # subscribe: each subscription as the broker takes it, which subscribed() reads.
+            "log_type error\nlog_type warning\nlog_type notice\nlog_type subscribe\n"
             + extra_conf
         )
         self.proc: subprocess.Popen[bytes] | None = None
@@ -92,6 +126,11 @@ class Mosquitto:
         except OSError:
             return False
 
+    def subscribed(self, client_id: str, topic: str) -> bool:
+        """Whether ``client_id`` has subscribed to ``topic``: from then on the broker routes that topic to it."""
+        line = re.compile(rf"^\d+: {re.escape(client_id)} \d {re.escape(topic)}$", re.MULTILINE)
+        return self.log.exists() and line.search(self.log.read_text(errors="replace")) is not None
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # SIGTERM: mosquitto saves its persistence file on the way out
@@ -100,7 +139,7 @@ class Mosquitto:
 
     def restart(self, down_s: float = 0.5) -> None:
         self.stop()
-        time.sleep(down_s)
+        time.sleep(down_s)  # the outage itself: clients find no broker for this long
         self.start()
 
 
@@ -349,30 +388,87 @@ class Agent:
             self._log_fh.close()
 
 
-class DevCloud:
-    """``python -m agent.devcloud`` on a free port, with helpers for its admin endpoints."""
+class Agents:
+    """Agents made in one test's folder and killed, whatever is left of them, after it (the ``agents`` fixture).
 
-    def __init__(self, log_path: Path, *extra: str, ca_file: Path | None = None) -> None:
+    ``agents(broker)`` makes an agent in ``folder / "agent"``; the same ``name`` again is the same folder, so
+    the same store: that gateway started anew under other settings. ``routes`` default to the ``routes`` given
+    here (the ``agent_routes`` fixture, which a module overrides for its own).
+    """
+
+    def __init__(self, folder: Path, routes: list[dict[str, Any]]) -> None:
+        self.folder = folder
+        self.routes = routes
+        self.made: list[Agent] = []
+
+    def __call__(self, broker: Mosquitto, name: str = "agent", *, routes: list[dict[str, Any]] | None = None,
+                 **kwargs: Any) -> Agent:
+        agent = Agent(self.folder / name, broker.port, routes=self.routes if routes is None else routes, **kwargs)
+        self.made.append(agent)
+        return agent
+
+    def cleanup(self) -> None:
+        for agent in self.made:
+            agent.cleanup()
+
+
+class DevCloud:
+    """``python -m agent.devcloud`` on a free port, with helpers for its admin endpoints.
+
+    Started at once unless ``start=False``. ``kill()`` then ``start()`` brings it back on the same port: the
+    agent's ``EDGE_AGENT_CLOUD__URL`` is fixed for its life, so an outage it recovers from needs the port back.
+    """
+
+    def __init__(self, log_path: Path, *extra: str, ca_file: Path | None = None, workers: int = 2,
+                 provisioning_s: float = PROVISIONING_S, start: bool = True) -> None:
         """With ``--tls-cert``/``--tls-key`` in ``extra``, pass the CA that signed them as ``ca_file``."""
         self.port = free_port()
         self.token = f"test-{uuid.uuid4().hex}"
         self.ca_file = ca_file
         self.url = f"{'https' if ca_file else 'http'}://127.0.0.1:{self.port}"
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.devcloud", "--host", "127.0.0.1", "--port", str(self.port),
-             "--token", self.token, "--workers", "2", "--provisioning-delay", str(PROVISIONING_S), *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )
         self.log_path = log_path
+        self.command = [sys.executable, "-m", "agent.devcloud", "--host", "127.0.0.1", "--port", str(self.port),
+                        "--token", self.token, "--workers", str(workers),
+                        "--provisioning-delay", str(provisioning_s), *extra]
+        self.proc: subprocess.Popen[bytes] | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            # Its own process group: kill() takes the worker pool with it.
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                         start_new_session=True)
         wait_for(self._healthy, 60, "the devcloud to start")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the server and its worker pool: leases and answers in progress vanish with it."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def agent_env(self, **cloud: Any) -> dict[str, str]:
+        """The agent's settings for this cloud (URL, token, CA, location, a quick poll), plus ``cloud`` as
+        ``EDGE_AGENT_CLOUD__<NAME>``: ``connect_timeout_s=1`` is ``EDGE_AGENT_CLOUD__CONNECT_TIMEOUT_S=1``."""
+        env = {"EDGE_AGENT_CLOUD__URL": self.url, "EDGE_AGENT_CLOUD__TOKEN": self.token,
+               "EDGE_AGENT_CLOUD__LOCATION": "aarhus", "EDGE_AGENT_CLOUD__POLL_INTERVAL_S": "0.05"}
+        if self.ca_file is not None:
+            env["EDGE_AGENT_CLOUD__CA_FILE"] = str(self.ca_file)
+        env.update({f"EDGE_AGENT_CLOUD__{name.upper()}": str(value) for name, value in cloud.items()})
+        return env
 
     def _verify(self) -> ssl.SSLContext | bool:
         return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True
 
     def _healthy(self) -> bool:
+        assert self.proc is not None
         if self.proc.poll() is not None:
-            raise RuntimeError(f"the devcloud exited: {self.log_path.read_text()}")
+            raise RuntimeError(f"the devcloud exited: {self.log_path.read_text(errors='replace')[-2000:]}")
         try:
             return httpx.get(f"{self.url}/healthz", timeout=1, verify=self._verify()).status_code == 200
         except httpx.TransportError:
@@ -403,11 +499,13 @@ class DevCloud:
         return CloudSettings(**values)
 
     def stop(self) -> None:
+        """SIGTERM, so the server shuts its pool down itself; SIGKILL for what is left after 15 s."""
+        if self.proc is None:
+            return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from burst_scenario import ideal_split_s, run_burst
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # three runs of a 120-task burst: about a minute
 
 COUNT = 120
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import structlog
-from test_config import check_config, clean_environ, write_env
+from test_config import check_config, clean_environ, quick_first, write_env
 
 from agent.cli import EX_CONFIG
 from agent.config import (
@@ -66,7 +66,7 @@ TYPOS = {
 }
 
 
-@pytest.mark.parametrize("typo", sorted(TYPOS))
+@pytest.mark.parametrize("typo", quick_first(sorted(TYPOS)))
 def test_a_misspelt_name_in_the_env_file_stops_check_config(typo: str, tmp_path: Path) -> None:
     name, meant = TYPOS[typo]
     value = "[]" if "ROUTE" in name else "gw9"
@@ -284,7 +284,7 @@ def test_closest_finds_the_underscore_slip_first() -> None:
 
 @pytest.mark.parametrize(
     ("route", "variable", "problem"),
-    [
+    quick_first([
         ({"task": "sensor.stats", "windw": 10}, "EDGE_AGENT_ROUTES[0].windw", "unknown key — did you mean window?"),
         ({"task": "sensor.stats", "palcement": "local"}, "EDGE_AGENT_ROUTES[0].palcement",
          "unknown key — did you mean placement?"),
@@ -292,7 +292,7 @@ def test_closest_finds_the_underscore_slip_first() -> None:
          "unknown key — did you mean sample_rate?"),
         ({"task": "noise.spectrum", "gain": 3}, "EDGE_AGENT_ROUTES[0].gain",
          "unknown key; a noise.spectrum route takes topic, task, placement, qos, offset_db, sample_rate"),
-    ],
+    ]),
 )
 def test_a_route_key_its_task_does_not_take_is_refused(
         route: dict[str, object], variable: str, problem: str, tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:

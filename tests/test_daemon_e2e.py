@@ -7,7 +7,6 @@ import math
 import shutil
 import signal
 import sqlite3
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from support import Agent, Collector, Mosquitto, Relay, citypulse_rows, publisher, wait_for
+from support import Agent, Agents, Collector, Mosquitto, Relay, citypulse_rows, pcm_sine, publisher, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,20 +26,6 @@ ROUTES = [
 ]
 
 
-@pytest.fixture
-def agents(tmp_path: Path):  # type: ignore[no-untyped-def]
-    made: list[Agent] = []
-
-    def make(broker: Mosquitto, name: str = "agent", **kwargs: Any) -> Agent:
-        agent = Agent(tmp_path / name, broker.port, routes=kwargs.pop("routes", ROUTES), **kwargs)
-        made.append(agent)
-        return agent
-
-    yield make
-    for agent in made:
-        agent.cleanup()
-
-
 def results_by_seq(collector: Collector, agent: Agent) -> dict[int, list[dict[str, Any]]]:
     out: dict[int, list[dict[str, Any]]] = {}
     for msg in collector.json_under(f"edge/{agent.agent_id}/results/"):
@@ -48,13 +33,12 @@ def results_by_seq(collector: Collector, agent: Agent) -> dict[int, list[dict[st
     return out
 
 
-def pcm_sine(seconds: float, amplitude: float = 0.3, rate: int = 16000) -> bytes:
-    n = int(seconds * rate)
-    return struct.pack(f"<{n}h", *(int(amplitude * 32767 * math.sin(2 * math.pi * 1000 * i / rate))
-                                   for i in range(n)))
+@pytest.fixture
+def agent_routes() -> list[dict[str, Any]]:
+    return ROUTES
 
 
-def test_happy_path_citypulse_rows(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+def test_happy_path_citypulse_rows(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker)
     collector = Collector(broker.port, f"edge/{agent.agent_id}/#")
     agent.start()
@@ -84,7 +68,7 @@ def test_happy_path_citypulse_rows(broker: Mosquitto, agents) -> None:  # type: 
     collector.close()
 
 
-def test_noise_spectrum_runs_in_the_worker_pool(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+def test_noise_spectrum_runs_in_the_worker_pool(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker)
     collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
     agent.start()
@@ -99,8 +83,9 @@ def test_noise_spectrum_runs_in_the_worker_pool(broker: Mosquitto, agents) -> No
     assert agent.terminate() == 0
 
 
-def test_a_task_the_model_sends_to_the_cloud_runs_locally_without_a_cloud(  # type: ignore[no-untyped-def]
-        broker: Mosquitto, agents) -> None:
+@pytest.mark.slow
+def test_a_task_the_model_sends_to_the_cloud_runs_locally_without_a_cloud(
+        broker: Mosquitto, agents: Agents) -> None:
     # Priors that make the cloud look far faster: a fast uplink, no provisioning, a slow gateway.
     kinds = {"noise.spectrum": {"local_fixed_s": 5.0, "local_per_byte_s": 1e-4, "cloud_fixed_s": 0.001,
                                 "cloud_per_byte_s": 1e-9, "out_bytes": 300}}
@@ -119,18 +104,21 @@ def test_a_task_the_model_sends_to_the_cloud_runs_locally_without_a_cloud(  # ty
     assert agent.terminate() == 0
 
 
-def test_mosquitto_clients_as_device_and_consumer(broker: Mosquitto, agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_mosquitto_clients_as_device_and_consumer(broker: Mosquitto, agents: Agents, tmp_path: Path) -> None:
     """Independent clients: mosquitto_pub as the device, mosquitto_sub as the consumer of results."""
     for tool in ("mosquitto_pub", "mosquitto_sub"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not installed: apt-get install mosquitto-clients")
     agent = agents(broker, extra_env={"EDGE_AGENT_MQTT__PROTOCOL": "3.1.1"})
     out = (tmp_path / "sub.out").open("wb")
-    sub = subprocess.Popen(["mosquitto_sub", "-p", str(broker.port), "-q", "1", "-v",
+    sub_id = f"sub-{agent.agent_id}"
+    sub = subprocess.Popen(["mosquitto_sub", "-p", str(broker.port), "-i", sub_id, "-q", "1", "-v",
                             "-t", f"edge/{agent.agent_id}/results/#", "-t", f"edge/{agent.agent_id}/dead-letter/#"],
                            stdout=out)
     agent.start()
-    time.sleep(0.3)
+    # mosquitto_sub subscribes to no persistent session: what is published before its SUBSCRIBE is not for it.
+    wait_for(lambda: broker.subscribed(sub_id, f"edge/{agent.agent_id}/dead-letter/#"), 10, "mosquitto_sub")
     rows = list(citypulse_rows(100))
     lines = "\n".join(json.dumps(r) for r in rows) + "\n" + "this is not json\n"
     subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-l", "-t", TRAFFIC.format("158324")],
@@ -157,7 +145,8 @@ def test_mosquitto_clients_as_device_and_consumer(broker: Mosquitto, agents, tmp
     assert agent.terminate() == 0
 
 
-def test_each_dead_letter_reason(broker: Mosquitto, agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_each_dead_letter_reason(broker: Mosquitto, agents: Agents, tmp_path: Path) -> None:
     plugin = _failing_plugin(tmp_path / "plugin")
     routes = [*ROUTES, {"topic": "city/+/boom/+/data", "task": "test.boom"}]
     first = agents(broker, routes=[*routes, {"topic": "city/old/route/+", "task": "sensor.stats"}],
@@ -213,7 +202,8 @@ def _failing_plugin(root: Path) -> Path:
     return _plugin(root, "boom", "def boom(payload, options):\n    raise RuntimeError('the sensor driver exploded')\n")
 
 
-def test_light_tasks_do_not_wait_behind_heavy_ones(broker: Mosquitto, agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_light_tasks_do_not_wait_behind_heavy_ones(broker: Mosquitto, agents: Agents, tmp_path: Path) -> None:
     plugin = _plugin(tmp_path / "plugin", "slow",
                      "import time\ndef slow(payload, options):\n    time.sleep(0.5)\n    return {'slept': 0.5}\n")
     routes = [*ROUTES, {"topic": "city/+/camera/+/frame", "task": "test.slow"}]
@@ -233,7 +223,8 @@ def test_light_tasks_do_not_wait_behind_heavy_ones(broker: Mosquitto, agents, tm
     assert agent.terminate() == 0
 
 
-def test_sigkill_mid_stream_loses_nothing(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_sigkill_mid_stream_loses_nothing(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker)
     collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
     agent.start()
@@ -259,7 +250,8 @@ def test_sigkill_mid_stream_loses_nothing(broker: Mosquitto, agents) -> None:  #
     assert agent.terminate() == 0
 
 
-def test_broker_restart_mid_stream_loses_nothing(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_broker_restart_mid_stream_loses_nothing(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker)
     collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#", client_id="results-consumer")
     agent.start()
@@ -282,7 +274,8 @@ def test_broker_restart_mid_stream_loses_nothing(broker: Mosquitto, agents) -> N
     assert agent.terminate() == 0
 
 
-def test_messages_sent_while_down_arrive_on_return(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_messages_sent_while_down_arrive_on_return(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker)
     collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
     agent.start()
@@ -296,7 +289,8 @@ def test_messages_sent_while_down_arrive_on_return(broker: Mosquitto, agents) ->
     assert agent.terminate() == 0
 
 
-def test_full_store_pauses_intake_and_loses_nothing(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_full_store_pauses_intake_and_loses_nothing(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker, extra_env={"EDGE_AGENT_STORE__MAX_TASKS": "10",
                                       "EDGE_AGENT_MQTT__RECEIVE_MAXIMUM": "20"})
     collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
@@ -314,7 +308,8 @@ def test_full_store_pauses_intake_and_loses_nothing(broker: Mosquitto, agents) -
     assert agent.terminate() == 0
 
 
-def test_sigterm_while_busy_exits_zero_and_resumes(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_sigterm_while_busy_exits_zero_and_resumes(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker)
     collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
     agent.start()
@@ -331,7 +326,8 @@ def test_sigterm_while_busy_exits_zero_and_resumes(broker: Mosquitto, agents) ->
     assert agent.terminate() == 0
 
 
-def test_sigint_stops_like_sigterm(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_sigint_stops_like_sigterm(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker)
     agent.start()
     assert agent.proc is not None
@@ -339,7 +335,8 @@ def test_sigint_stops_like_sigterm(broker: Mosquitto, agents) -> None:  # type: 
     assert agent.proc.wait(20) == 0
 
 
-def test_shared_group_splits_a_stream_between_agents(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_shared_group_splits_a_stream_between_agents(broker: Mosquitto, agents: Agents) -> None:
     group = {"EDGE_AGENT_MQTT__SHARED_GROUP": "gateways"}
     first = agents(broker, name="a", extra_env=group)
     second = agents(broker, name="b", extra_env=group)
@@ -368,7 +365,8 @@ def test_shared_group_splits_a_stream_between_agents(broker: Mosquitto, agents) 
     assert second.terminate() == 0
 
 
-def test_windows_carry_on_across_a_clean_restart_and_a_power_cut(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_windows_carry_on_across_a_clean_restart_and_a_power_cut(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker, extra_env={"EDGE_AGENT_STORE__STATE_INTERVAL_S": "0.5"})
     collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
     device = publisher(broker.port)
@@ -433,8 +431,9 @@ def relay(broker: Mosquitto) -> Iterator[Relay]:
     relay.close()
 
 
-def test_a_restart_reruns_a_task_its_saved_window_holds_and_counts_it_once(  # type: ignore[no-untyped-def]
-        broker: Mosquitto, agents, relay: Relay) -> None:
+@pytest.mark.slow
+def test_a_restart_reruns_a_task_its_saved_window_holds_and_counts_it_once(
+        broker: Mosquitto, agents: Agents, relay: Relay) -> None:
     # The agent reaches the broker through a relay; cutting its agent → broker direction keeps the PUBACK
     # of the next message and its result from arriving, as when power fails before they leave the gateway.
     agent = agents(broker, extra_env={"EDGE_AGENT_STORE__STATE_INTERVAL_S": "0.5",

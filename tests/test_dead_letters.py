@@ -18,26 +18,12 @@ import pytest
 from agent import deadletters
 from agent.deadletters import LOG_FIRST, DeadLetterLog, DropLog
 
-from support import Agent, Collector, Mosquitto, free_port, publisher, wait_for
+from support import Agent, Agents, Collector, Mosquitto, free_port, publisher, wait_for
 
 TRAFFIC = {"topic": "city/+/traffic/+/data", "task": "sensor.stats"}
 PARKING = {"topic": "city/+/parking/+/data", "task": "sensor.stats"}
 NOISE = {"topic": "city/+/noise/+/pcm", "task": "noise.spectrum"}
 FIELDS = {"topic", "reason", "detail", "size", "received_at", "id"}
-
-
-@pytest.fixture
-def agents(tmp_path: Path):  # type: ignore[no-untyped-def]
-    made: list[Agent] = []
-
-    def make(broker: Mosquitto, name: str = "agent", **kwargs: Any) -> Agent:
-        agent = Agent(tmp_path / name, broker.port, routes=kwargs.pop("routes", [TRAFFIC]), **kwargs)
-        made.append(agent)
-        return agent
-
-    yield make
-    for agent in made:
-        agent.cleanup()
 
 
 def dead_letters(agent: Agent, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
@@ -66,8 +52,9 @@ def metric(port: int, name: str) -> float | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.integration
-def test_a_route_mistake_is_replayed_once_the_routes_are_fixed(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+def test_a_route_mistake_is_replayed_once_the_routes_are_fixed(broker: Mosquitto, agents: Agents) -> None:
     port = free_port()
     agent = agents(broker, routes=[TRAFFIC, PARKING], extra_env={"EDGE_AGENT_METRICS__PORT": str(port)})
     collector = Collector(broker.port, f"edge/{agent.agent_id}/#")
@@ -129,8 +116,9 @@ def again_task(agent: Agent, body: dict[str, Any]) -> str:
     return str(row["task_id"])
 
 
+@pytest.mark.slow
 @pytest.mark.integration
-def test_a_replay_asked_for_while_the_agent_is_stopped_runs_at_its_start(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+def test_a_replay_asked_for_while_the_agent_is_stopped_runs_at_its_start(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker, routes=[TRAFFIC, PARKING])
     collector = Collector(broker.port, f"edge/{agent.agent_id}/#")
     agent.start()
@@ -156,8 +144,9 @@ def test_a_replay_asked_for_while_the_agent_is_stopped_runs_at_its_start(broker:
     assert agent.terminate() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.integration
-def test_list_show_and_purge(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+def test_list_show_and_purge(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker, routes=[TRAFFIC, NOISE], extra_env={"EDGE_AGENT_MAX_PAYLOAD_BYTES": "8192"})
     collector = Collector(broker.port, f"edge/{agent.agent_id}/dead-letter/#")
     agent.start()
@@ -207,8 +196,9 @@ def test_list_show_and_purge(broker: Mosquitto, agents) -> None:  # type: ignore
     assert agent.terminate() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.integration
-def test_the_bound_drops_the_oldest_and_counts_them(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+def test_the_bound_drops_the_oldest_and_counts_them(broker: Mosquitto, agents: Agents) -> None:
     port = free_port()
     agent = agents(broker, extra_env={"EDGE_AGENT_DEAD_LETTERS__MAX_COUNT": "3",
                                       "EDGE_AGENT_DEAD_LETTERS__MAX_BYTES": "1000",
@@ -241,7 +231,7 @@ def test_the_bound_drops_the_oldest_and_counts_them(broker: Mosquitto, agents) -
 
 
 @pytest.mark.integration
-def test_a_flood_of_dead_letters_is_logged_in_part_then_counted(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+def test_a_flood_of_dead_letters_is_logged_in_part_then_counted(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker)
     collector = Collector(broker.port, f"edge/{agent.agent_id}/dead-letter/#")
     agent.start()
@@ -314,8 +304,9 @@ INSERT INTO meta VALUES ('schema', '1');
 """
 
 
+@pytest.mark.slow
 @pytest.mark.integration
-def test_a_store_of_the_earlier_schema_is_upgraded_in_place(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+def test_a_store_of_the_earlier_schema_is_upgraded_in_place(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker)
     state = agent.workdir / "state"
     state.mkdir()

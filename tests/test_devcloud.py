@@ -4,8 +4,6 @@ outages, bandwidth, validation, the exported OpenAPI and a bounded schemathesis 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +20,10 @@ from agent.cloud import CircuitOpen, CircuitState, CloudClient, CloudResult, Per
 from agent.decision import Policy, Task
 from agent.devcloud.cli import OPENAPI_PATH, openapi_text
 
-from support import PROVISIONING_S, ROOT, DevCloud, wait_for
+from support import PROVISIONING_S, ROOT, DevCloud, pcm_noise, wait_for, wait_until
 
 # 20 s of 16 kHz mono PCM, as in the end-to-end check: 640,000 bytes.
-CLIP = (np.random.default_rng(7).normal(0, 2000, 320_000)).clip(-32768, 32767).astype("<i2").tobytes()
+CLIP = pcm_noise(20.0, seed=7, level=0.06)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +37,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCloud]:
 def devcloud(server: DevCloud) -> DevCloud:
     server.reset()  # knobs back to the command line's, no leases, no remembered answers, counters at 0
     return server
+
+
+class Clock:
+    """``time.monotonic`` plus what the test moved it on by: the client's cool-downs pass without being waited
+    out. (Leases are unaffected by a few seconds: they idle for a minute and live for an hour.)"""
+
+    def __init__(self) -> None:
+        self.skew = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.skew
+
+    def advance(self, seconds: float) -> None:
+        self.skew += seconds
 
 
 class Recorder:
@@ -187,6 +199,7 @@ def test_the_exported_openapi_document_is_current() -> None:
         f"{OPENAPI_PATH} is stale; regenerate it with: python -m agent.devcloud --export-openapi {OPENAPI_PATH}")
 
 
+@pytest.mark.slow  # fuzzing
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(devcloud: DevCloud) -> None:
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
@@ -233,7 +246,8 @@ def test_client_leases_submits_reuses_and_releases(devcloud: DevCloud) -> None:
             first = await asyncio.gather(*(client.submit(f"a{i}", "noise.spectrum", CLIP) for i in range(3)))
             status = client.lease_status()
             second = await client.submit("b", "noise.spectrum", CLIP)
-            await asyncio.sleep(1.0)  # idle longer than lease_idle_s: released
+            # Idle longer than lease_idle_s: the client's upkeep releases it.
+            await wait_until(lambda: devcloud.stats()["leases"]["released"] == 1, 10, "the idle lease's release")
             idle = devcloud.stats()["leases"]
             return [*first, second], status, idle
         finally:
@@ -260,7 +274,7 @@ def test_prewarm_readies_one_lease_that_the_next_task_uses_without_waiting(devcl
         try:
             client.prewarm()
             client.prewarm()  # already on its way: no second request
-            await asyncio.sleep(PROVISIONING_S + 0.5)
+            await wait_until(lambda: client.lease_status().ready, 10, "the prewarmed lease")
             status = client.lease_status()
             started = time.monotonic()
             result = await client.submit("a", "noise.spectrum", CLIP[:3200])
@@ -294,7 +308,8 @@ def test_client_replaces_a_lease_the_cloud_dropped(devcloud: DevCloud) -> None:
 
 def test_bad_token_is_logged_once_in_plain_words_and_opens_the_circuit(devcloud: DevCloud) -> None:
     async def main() -> list[type[Exception]]:
-        client = CloudClient(devcloud.settings(token=SecretStr("not-the-token")))
+        clock = Clock()
+        client = CloudClient(devcloud.settings(token=SecretStr("not-the-token")), clock=clock)
         raised: list[type[Exception]] = []
         try:
             for i in range(4):
@@ -302,8 +317,8 @@ def test_bad_token_is_logged_once_in_plain_words_and_opens_the_circuit(devcloud:
                     await client.submit(f"t{i}", "noise.spectrum", CLIP)
                 except (PermanentCloudError, CircuitOpen) as exc:
                     raised.append(type(exc))
-            assert client.circuit_open(time.monotonic())
-            await asyncio.sleep(1.1)  # the cool-down: one probe goes, is rejected again, no second log line
+            assert client.circuit_open(clock())
+            clock.advance(1.1)  # the cool-down: one probe goes, is rejected again, no second log line
             with pytest.raises(PermanentCloudError):
                 await client.submit("probe", "noise.spectrum", CLIP)
         finally:
@@ -319,6 +334,7 @@ def test_bad_token_is_logged_once_in_plain_words_and_opens_the_circuit(devcloud:
     assert devcloud.stats()["rejections"] == {"unauthorized": 2}
 
 
+@pytest.mark.slow
 def test_429_retry_after_is_honoured(devcloud: DevCloud) -> None:
     async def main() -> tuple[float, CloudResult]:
         client = CloudClient(devcloud.settings())
@@ -337,6 +353,7 @@ def test_429_retry_after_is_honoured(devcloud: DevCloud) -> None:
     assert devcloud.stats()["rejections"] == {"throttled": 1}
 
 
+@pytest.mark.slow
 def test_retry_after_a_read_timeout_does_not_run_the_task_twice(devcloud: DevCloud) -> None:
     async def main() -> CloudResult:
         client = CloudClient(devcloud.settings(read_timeout_s=0.3, retry_min_s=0.5, retry_max_s=1.0))
@@ -349,7 +366,8 @@ def test_retry_after_a_read_timeout_does_not_run_the_task_twice(devcloud: DevClo
                 await asyncio.to_thread(devcloud.knobs, latency_s=0.0)
 
             result, _ = await asyncio.gather(client.submit("once", "noise.spectrum", CLIP), recover())
-            await asyncio.sleep(1.0)  # the first attempt reaches the task too, and must find it done or running
+            # The first attempt reaches the task too (after its 1 s of latency), and must find it done or running.
+            await wait_until(lambda: devcloud.stats()["replays"] >= 1, 10, "the first attempt to reach the server")
             return result
         finally:
             await client.aclose()
@@ -363,7 +381,9 @@ def test_retry_after_a_read_timeout_does_not_run_the_task_twice(devcloud: DevClo
 
 def test_outage_opens_the_circuit_then_one_probe_after_the_cooldown_closes_it(devcloud: DevCloud) -> None:
     async def main() -> None:
-        client = CloudClient(devcloud.settings(circuit_failures=2, circuit_cooldown_s=1.0, max_retries=1))
+        clock = Clock()
+        client = CloudClient(devcloud.settings(circuit_failures=2, circuit_cooldown_s=1.0, max_retries=1),
+                             clock=clock)
         try:
             await client.submit("warm", "noise.spectrum", CLIP[:3200])
             devcloud.knobs(outage=True, retry_after_s=0)
@@ -371,19 +391,19 @@ def test_outage_opens_the_circuit_then_one_probe_after_the_cooldown_closes_it(de
                 with pytest.raises(TransientCloudError) as caught:
                     await client.submit(task, "noise.spectrum", CLIP)
                 assert caught.value.status == 503
-            assert client.circuit_open(time.monotonic())
+            assert client.circuit_open(clock())
             requests = devcloud.stats()["requests"]
             with pytest.raises(CircuitOpen):
                 await client.submit("c", "noise.spectrum", CLIP)
             assert devcloud.stats()["requests"] == requests  # refused without a request
-            await asyncio.sleep(1.05)
-            assert not client.circuit_open(time.monotonic())
+            clock.advance(1.05)  # the cool-down
+            assert not client.circuit_open(clock())
             # The probe fails (still down): the circuit opens again for a full cool-down.
             with pytest.raises(TransientCloudError):
                 await client.submit("probe1", "noise.spectrum", CLIP)
-            assert client.circuit_open(time.monotonic())
+            assert client.circuit_open(clock())
             devcloud.knobs(outage=False)
-            await asyncio.sleep(1.05)
+            clock.advance(1.05)
             # Exactly one probe: of two tasks arriving together, one goes and the other stays local.
             outcomes = await asyncio.gather(client.submit("probe2", "noise.spectrum", CLIP[:3200]),
                                             client.submit("other", "noise.spectrum", CLIP[:3200]),
@@ -400,6 +420,7 @@ def test_outage_opens_the_circuit_then_one_probe_after_the_cooldown_closes_it(de
     assert events == ["cloud_circuit_open", "cloud_circuit_open", "cloud_circuit_closed"]
 
 
+@pytest.mark.slow
 def test_the_bandwidth_cap_slows_an_upload_measurably(devcloud: DevCloud) -> None:
     async def main() -> tuple[CloudResult, CloudResult]:
         client = CloudClient(devcloud.settings())
@@ -474,6 +495,7 @@ def _capped_submit(devcloud: DevCloud, hooked: Hooked | None = None) -> tuple[Ti
     return policy, result, answered
 
 
+@pytest.mark.slow
 def test_an_upload_is_reported_when_it_ends_not_when_the_answer_comes(devcloud: DevCloud) -> None:
     hooked = Hooked()
     policy, result, answered = _capped_submit(devcloud, hooked)
@@ -496,6 +518,7 @@ def test_an_upload_is_reported_when_it_ends_not_when_the_answer_comes(devcloud: 
           f"before the answer (exec {exec_s:.3f} s)")
 
 
+@pytest.mark.slow
 def test_without_the_kernel_queue_the_upload_is_reported_with_the_answer(devcloud: DevCloud,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent.cloud._uplink, "_TIOCOUTQ", None)  # as on a system without SIOCOUTQ
@@ -515,6 +538,7 @@ def test_without_the_kernel_queue_the_upload_is_reported_with_the_answer(devclou
     assert 0.75 * expected < seconds < 1.6 * expected, (seconds, expected)
 
 
+@pytest.mark.slow
 def test_a_killed_devcloud_fails_fast_and_opens_the_circuit(tmp_path: Path) -> None:
     doomed = DevCloud(tmp_path / "devcloud.log")
 
@@ -523,8 +547,7 @@ def test_a_killed_devcloud_fails_fast_and_opens_the_circuit(tmp_path: Path) -> N
                                              retry_max_s=0.2, circuit_cooldown_s=30))
         try:
             await client.submit("warm", "noise.spectrum", CLIP[:3200])
-            os.kill(doomed.proc.pid, signal.SIGKILL)
-            doomed.proc.wait()
+            doomed.kill()
             took = []
             for i in range(5):
                 started = time.monotonic()

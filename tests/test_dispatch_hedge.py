@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import pytest
 
 from agent.cloud import CloudClient
 from agent.cloud._client import CloudResult, LeaseSnapshot
@@ -201,6 +202,7 @@ def test_when_the_cloud_answers_first_the_running_gateway_copy_is_ignored(tmp_pa
     rig.store.stop()
 
 
+@pytest.mark.slow
 def test_a_cloud_task_answered_in_time_is_not_hedged(tmp_path: Path) -> None:
     async def scenario() -> Rig:
         rig = Rig(tmp_path, asyncio.get_running_loop())
@@ -238,6 +240,7 @@ async def upload_watched(tmp_path: Path, upload_ends: bool) -> tuple[Rig, float]
     return rig, waited
 
 
+@pytest.mark.slow
 def test_a_stalled_upload_is_hedged_at_its_own_deadline_before_the_tasks(tmp_path: Path) -> None:
     stalled_rig, stalled = asyncio.run(upload_watched(tmp_path / "stalled", upload_ends=False))
     sent_rig, sent = asyncio.run(upload_watched(tmp_path / "sent", upload_ends=True))

@@ -64,6 +64,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
+# The tests of the installed tree share this install (a venv from a wheel, pip resolving from the registry):
+# 15-20 s, so they are marked slow. The refusals and the script's lint stay in the quick loop.
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
     if not system_python_usable():
@@ -81,6 +83,7 @@ def copy_of(root: Path, tmp_path: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_install_lays_out_the_tree(installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     root, first = installed
     assert (root / "opt/edge-agent/venv/bin/edge-agent").is_file()
@@ -96,6 +99,7 @@ def test_install_lays_out_the_tree(installed: tuple[Path, subprocess.CompletedPr
     assert "systemctl" not in first.stdout
 
 
+@pytest.mark.slow
 def test_the_installed_package_carries_the_demo_data(installed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     # An installed wheel's `edge-agent demo` plays the sample shipped in the package, licence included.
     root, _ = installed
@@ -110,6 +114,7 @@ def test_the_installed_package_carries_the_demo_data(installed: tuple[Path, subp
     assert out[2:] == ["True", "8", str((ROOT / "agent/data/traces/mahimahi/ATT-LTE-driving-2016.up").stat().st_size)]
 
 
+@pytest.mark.slow
 def test_second_run_changes_nothing(installed: tuple[Path, subprocess.CompletedProcess[str]], wheel: Path) -> None:
     root, _ = installed
     before = tree(root)
@@ -120,6 +125,7 @@ def test_second_run_changes_nothing(installed: tuple[Path, subprocess.CompletedP
     assert tree(root) == before
 
 
+@pytest.mark.slow
 def test_an_edited_env_file_is_never_overwritten(
     installed: tuple[Path, subprocess.CompletedProcess[str]], wheel: Path
 ) -> None:
@@ -140,6 +146,7 @@ def test_an_edited_env_file_is_never_overwritten(
         env_file.chmod(0o640)
 
 
+@pytest.mark.slow
 def test_installed_agent_checks_the_installed_config(
     installed: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:
@@ -155,6 +162,7 @@ def test_installed_agent_checks_the_installed_config(
     assert '"host": "broker.example.net"' in done.stdout  # read from the installed example
 
 
+@pytest.mark.slow
 def test_a_failed_upgrade_keeps_the_previous_venv(
     installed: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:
@@ -170,6 +178,7 @@ def test_a_failed_upgrade_keeps_the_previous_venv(
     assert not (root / "opt/edge-agent/venv.previous").exists()
 
 
+@pytest.mark.slow
 def test_uninstall_removes_the_program_and_keeps_configuration_and_state(
     installed: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:

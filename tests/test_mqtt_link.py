@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from agent.config import MqttSettings
 from agent.daemon import STUCK_AFTER_S
 
 from support import free_port
 
 
+@pytest.mark.slow  # it watches the link for longer than the health check's window: 11.5 s
 def test_a_long_reconnect_backoff_keeps_the_link_alive_for_the_watchdog() -> None:
     # With RECONNECT_MAX_S above the health check's window, the backoff after a refused connection lasts
     # longer than STUCK_AFTER_S; the watchdog must not take that wait for a stuck supervisor and kill the agent

@@ -12,17 +12,9 @@ import pytest
 from agent.errors import InvalidPayload
 from agent.tasks.noise_spectrum import check_options, noise_spectrum
 
+from support import pcm, sine
+
 ALL_BANDS = ["31.5", "63", "125", "250", "500", "1000", "2000", "4000", "8000"]
-
-
-def pcm(signal: np.ndarray[Any, np.dtype[np.float64]]) -> bytes:
-    """Float samples in [-1, 1) as 16-bit little-endian PCM."""
-    return np.clip(np.round(signal * 32768.0), -32768, 32767).astype("<i2").tobytes()
-
-
-def sine(freq: float, amplitude: float, seconds: float, rate: int) -> np.ndarray[Any, np.dtype[np.float64]]:
-    t = np.arange(round(seconds * rate)) / rate
-    return amplitude * np.sin(2 * np.pi * freq * t)
 
 
 def assert_finite_result(result: dict[str, Any]) -> None:

@@ -14,30 +14,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from support import Agent, Collector, Mosquitto, Relay, citypulse_rows, free_port, publisher, wait_for
+from support import Agent, Agents, Collector, Mosquitto, Relay, citypulse_rows, free_port, publisher, wait_for
 
 pytestmark = pytest.mark.integration
 
 TRAFFIC_ROUTE = {"topic": "city/+/traffic/+/data", "task": "sensor.stats"}
-
-
-@pytest.fixture
-def agents(tmp_path: Path):  # type: ignore[no-untyped-def]
-    made: list[Agent] = []
-
-    def make(broker: Mosquitto, **kwargs: Any) -> Agent:
-        agent = Agent(tmp_path / f"agent{len(made)}", broker.port, routes=kwargs.pop("routes", [TRAFFIC_ROUTE]),
-                      **kwargs)
-        made.append(agent)
-        return agent
-
-    yield make
-    for agent in made:
-        agent.cleanup()
 
 
 def get(url: str) -> tuple[int, str]:
@@ -48,7 +32,8 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_notify_ready_watchdog_status_and_stopping(broker: Mosquitto, agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_notify_ready_watchdog_status_and_stopping(broker: Mosquitto, agents: Agents, tmp_path: Path) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / "notify"))
     sock.settimeout(0.2)
@@ -74,7 +59,7 @@ def test_notify_ready_watchdog_status_and_stopping(broker: Mosquitto, agents, tm
     sock.close()
 
 
-def test_metrics_health_and_readiness(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_health_and_readiness(broker: Mosquitto, agents: Agents) -> None:
     port = free_port()
     agent = agents(broker, extra_env={"EDGE_AGENT_METRICS__PORT": str(port)})
     agent.start()
@@ -119,7 +104,8 @@ def test_metrics_health_and_readiness(broker: Mosquitto, agents) -> None:  # typ
     assert agent.terminate() == 0
 
 
-def test_ready_only_once_the_broker_answered_the_subscribe(broker: Mosquitto, agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_ready_only_once_the_broker_answered_the_subscribe(broker: Mosquitto, agents: Agents, tmp_path: Path) -> None:
     # Between CONNACK and SUBACK a fresh client id's session holds nothing: a device publishing then, on the
     # strength of READY=1 or /readyz, would publish to no one. The relay holds the SUBSCRIBE back.
     relay = Relay(broker.port)
@@ -159,7 +145,7 @@ def test_ready_only_once_the_broker_answered_the_subscribe(broker: Mosquitto, ag
         sock.close()
 
 
-def test_metrics_port_in_use_is_a_config_error(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_port_in_use_is_a_config_error(broker: Mosquitto, agents: Agents) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -170,7 +156,8 @@ def test_metrics_port_in_use_is_a_config_error(broker: Mosquitto, agents) -> Non
     assert "EDGE_AGENT_METRICS__PORT" in proc.stderr
 
 
-def test_sighup_reloads_routes_without_losing_messages(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_sighup_reloads_routes_without_losing_messages(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker)
     collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
     agent.start()
@@ -191,7 +178,7 @@ def test_sighup_reloads_routes_without_losing_messages(broker: Mosquitto, agents
     device.publish("city/a/parking/2/data", b'{"free": 10}', qos=1)
     device.publish("city/a/traffic/1/data", b'{"speed": 2}', qos=1)  # no longer routed, nor subscribed
     wait_for(lambda: any("/parking/" in t for t, _ in collector.snapshot()), 20, "a result on the new route")
-    time.sleep(1)
+    time.sleep(1)  # what must not come has nothing to signal: a second for a result of the old route to show
     assert [t for t, _ in collector.snapshot() if "/traffic/" in t] == [
         f"edge/{agent.agent_id}/results/city/a/traffic/1/data"]
 
@@ -206,8 +193,8 @@ def test_sighup_reloads_routes_without_losing_messages(broker: Mosquitto, agents
     assert agent.terminate() == 0
 
 
-def test_sighup_with_unknown_names_keeps_running_and_logs_every_problem(  # type: ignore[no-untyped-def]
-        broker: Mosquitto, agents) -> None:
+def test_sighup_with_unknown_names_keeps_running_and_logs_every_problem(
+        broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker)
     collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
     agent.start()
@@ -241,7 +228,8 @@ def test_sighup_with_unknown_names_keeps_running_and_logs_every_problem(  # type
     assert agent.terminate() == 0
 
 
-def test_sigusr1_to_every_process_retires_the_agent_cleanly(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_sigusr1_to_every_process_retires_the_agent_cleanly(broker: Mosquitto, agents: Agents) -> None:
     """`systemctl kill --signal=SIGUSR1` signals every process of the unit, not only the agent: its workers and
     multiprocessing's resource tracker must live through it while the agent finishes what it holds and leaves."""
     agent = agents(broker, routes=[TRAFFIC_ROUTE, {"topic": "city/+/noise/+/pcm", "task": "noise.spectrum"}],
@@ -267,7 +255,7 @@ def test_sigusr1_to_every_process_retires_the_agent_cleanly(broker: Mosquitto, a
     device.disconnect()
 
 
-def test_sighup_applies_the_env_file_also_copied_into_the_environment(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+def test_sighup_applies_the_env_file_also_copied_into_the_environment(broker: Mosquitto, agents: Agents) -> None:
     """systemd's EnvironmentFile= puts the file's lines into the agent's environment at start, where they used to
     win over the same file read again at a reload: `reload_applied` then listed the old routes."""
     agent = agents(broker)
@@ -298,7 +286,8 @@ def reload_command(agent: Agent, timeout: float = 30) -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=timeout + 30, env=env)
 
 
-def test_reload_command_waits_for_the_outcome_and_fails_on_an_invalid_file(broker: Mosquitto, agents) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.slow
+def test_reload_command_waits_for_the_outcome_and_fails_on_an_invalid_file(broker: Mosquitto, agents: Agents) -> None:
     agent = agents(broker)
     collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
     agent.start()

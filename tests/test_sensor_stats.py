@@ -420,6 +420,7 @@ def _check_entry(entry: dict[str, Any], sent: Any) -> None:
         assert entry["z"] == 0.0
 
 
+@pytest.mark.slow  # a property over 150 generated series
 @settings(max_examples=150, deadline=None)
 @given(
     messages=st.lists(

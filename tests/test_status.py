@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from agent.cli import main
 
-from support import Agent, Collector, DevCloud, Mosquitto, citypulse_rows, free_port, publisher, wait_for
+from support import (
+    Agent,
+    Agents,
+    Collector,
+    DevCloud,
+    Mosquitto,
+    citypulse_rows,
+    free_port,
+    pcm_noise,
+    publisher,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -24,20 +32,8 @@ TRAFFIC = "city/+/traffic/+/data"
 ROUTES = [{"topic": TRAFFIC, "task": "sensor.stats"}, {"topic": "city/+/noise/+/pcm", "task": "noise.spectrum"}]
 
 
-@pytest.fixture
-def agents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Agent]]:
-    for name in [n for n in os.environ if n.startswith("EDGE_AGENT_")]:
-        monkeypatch.delenv(name)  # the CLI in this process reads only the agent's env file
-    made: list[Agent] = []
-    yield made
-    for agent in made:
-        agent.cleanup()
-
-
-def start_agent(agents: list[Agent], tmp_path: Path, broker: Mosquitto, **env: str) -> Agent:
-    agent = Agent(tmp_path / f"agent{len(agents)}", broker.port, routes=ROUTES,
-                  extra_env={"EDGE_AGENT_METRICS__PORT": str(free_port()), **env})
-    agents.append(agent)
+def start_agent(agents: Agents, broker: Mosquitto, **env: str) -> Agent:
+    agent = agents(broker, routes=ROUTES, extra_env={"EDGE_AGENT_METRICS__PORT": str(free_port()), **env})
     agent.start()
     return agent
 
@@ -48,9 +44,9 @@ def cli_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
     return out
 
 
-def test_status_shows_the_running_agent_on_one_screen(broker: Mosquitto, agents: list[Agent], tmp_path: Path,
+def test_status_shows_the_running_agent_on_one_screen(broker: Mosquitto, agents: Agents, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    agent = start_agent(agents, tmp_path, broker)
+    agent = start_agent(agents, broker)
     device = publisher(broker.port)
     for row in citypulse_rows(30):
         device.publish("city/aarhus/traffic/1/data", json.dumps(row), qos=1)
@@ -93,7 +89,7 @@ def test_status_shows_the_running_agent_on_one_screen(broker: Mosquitto, agents:
     assert "edge-agent status: the agent is not running, or not at http://127.0.0.1:" in capsys.readouterr().err
 
 
-def test_status_says_when_the_agent_serves_none(tmp_path: Path, agents: list[Agent],
+def test_status_says_when_the_agent_serves_none(tmp_path: Path, agents: Agents,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     env_file = tmp_path / "agent.env"
     env_file.write_text(f"EDGE_AGENT_STATE_DIR={tmp_path / 'state'}\nEDGE_AGENT_METRICS__PORT=0\n")
@@ -101,9 +97,9 @@ def test_status_says_when_the_agent_serves_none(tmp_path: Path, agents: list[Age
     assert "metrics are off (EDGE_AGENT_METRICS__PORT=0)" in capsys.readouterr().err
 
 
-def test_explain_live_gives_the_daemons_own_numbers(broker: Mosquitto, agents: list[Agent], tmp_path: Path,
+def test_explain_live_gives_the_daemons_own_numbers(broker: Mosquitto, agents: Agents, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    agent = start_agent(agents, tmp_path, broker)
+    agent = start_agent(agents, broker)
     collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
     payload = json.dumps(next(citypulse_rows(1))).encode()
     device = publisher(broker.port)
@@ -146,34 +142,25 @@ def test_explain_live_gives_the_daemons_own_numbers(broker: Mosquitto, agents: l
     assert out["dead_letter"]["reason"] == "unknown_task"
 
 
-def clip(seconds: float) -> bytes:
-    samples = np.random.default_rng(1).normal(0, 3000, int(16000 * seconds))
-    return samples.clip(-32768, 32767).astype("<i2").tobytes()
-
-
-def test_status_shows_the_cloud_circuit_and_lease(broker: Mosquitto, agents: list[Agent], tmp_path: Path,
+@pytest.mark.slow
+def test_status_shows_the_cloud_circuit_and_lease(broker: Mosquitto, agents: Agents, devcloud: DevCloud,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    devcloud = DevCloud(tmp_path / "devcloud.log")
-    try:
-        agent = start_agent(agents, tmp_path, broker, EDGE_AGENT_ROUTES=json.dumps(
-            [{"topic": "city/+/noise/+/pcm", "task": "noise.spectrum", "placement": "cloud"}]),
-            EDGE_AGENT_CLOUD__URL=devcloud.url, EDGE_AGENT_CLOUD__TOKEN=devcloud.token,
-            EDGE_AGENT_CLOUD__POLL_INTERVAL_S="0.05")
-        collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
-        publisher(broker.port).publish("city/aarhus/noise/1/pcm", clip(1.0), qos=1)
-        wait_for(lambda: len(collector.snapshot()) == 1, 30, "the spectrum")
-        assert json.loads(collector.snapshot()[0][1])["placement"] == "cloud"
-        cloud = cli_json(capsys, "status", "--env-file", str(agent.env_file))["cloud"]
-        assert cloud["url"] == devcloud.url and cloud["circuit"] == "closed" and cloud["lease_warm"] is True
-        (lease,) = cloud["leases"]
-        assert lease["stage"] == "ready" and lease["vcpus"] >= 1 and lease["in_use"] == 0
-        assert main(["status", "--env-file", str(agent.env_file)]) == 0
-        assert f"cloud      {devcloud.url}: circuit closed; lease ready " in capsys.readouterr().out
-    finally:
-        devcloud.stop()
+    agent = start_agent(agents, broker, EDGE_AGENT_ROUTES=json.dumps(
+        [{"topic": "city/+/noise/+/pcm", "task": "noise.spectrum", "placement": "cloud"}]), **devcloud.agent_env())
+    collector = Collector(broker.port, f"edge/{agent.agent_id}/results/#")
+    publisher(broker.port).publish("city/aarhus/noise/1/pcm", pcm_noise(1.0, seed=1), qos=1)
+    wait_for(lambda: len(collector.snapshot()) == 1, 30, "the spectrum")
+    assert json.loads(collector.snapshot()[0][1])["placement"] == "cloud"
+    cloud = cli_json(capsys, "status", "--env-file", str(agent.env_file))["cloud"]
+    assert cloud["url"] == devcloud.url and cloud["circuit"] == "closed" and cloud["lease_warm"] is True
+    (lease,) = cloud["leases"]
+    assert lease["stage"] == "ready" and lease["vcpus"] >= 1 and lease["in_use"] == 0
+    assert main(["status", "--env-file", str(agent.env_file)]) == 0
+    assert f"cloud      {devcloud.url}: circuit closed; lease ready " in capsys.readouterr().out
 
 
-def test_a_management_address_serves_status_to_this_machine(broker: Mosquitto, agents: list[Agent],
+@pytest.mark.slow
+def test_a_management_address_serves_status_to_this_machine(broker: Mosquitto, agents: Agents,
                                                             tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     # The gateway's own non-loopback address, as a management interface would have.
@@ -182,7 +169,7 @@ def test_a_management_address_serves_status_to_this_machine(broker: Mosquitto, a
         address = probe.getsockname()[0]
     if address.startswith("127."):
         pytest.skip("this machine has no non-loopback IPv4 address")
-    agent = start_agent(agents, tmp_path, broker, EDGE_AGENT_METRICS__HOST=address)
+    agent = start_agent(agents, broker, EDGE_AGENT_METRICS__HOST=address)
     port = agent.env_file.read_text().split("EDGE_AGENT_METRICS__PORT=")[1].split()[0]
     with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=5) as response:
         assert b"edge_agent_mqtt_connected" in response.read()

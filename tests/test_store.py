@@ -15,6 +15,8 @@ from agent.ingress import Ingress
 from agent.mqtt import InboundMessage
 from agent.store import GATHER_ROWS, Committed, NewTask, OutboxEntry, Store, TaskRef
 
+from support import wait_for
+
 
 def new_task(i: int, size: int = 10, dead: bool = False) -> NewTask:
     return NewTask(
@@ -270,11 +272,16 @@ def test_a_commit_interval_gathers_trickling_rows_into_one_group(tmp_path: Path)
     first = times[0]
     for i in range(1, 6):  # fewer than GATHER_ROWS, one at a time: they wait for the interval, together
         store.ingest([new_task(i)], [(i + 1, 1)])
-        time.sleep(0.01)
+        time.sleep(0.01)  # a trickle, the point of the test: rows arriving apart, not in one burst
     assert hook.gather(5, "acks") == [(i + 1, 1) for i in range(1, 6)]
     assert store.commits == 2
     assert times[1] - first >= 0.4  # not before the interval since the first commit began (less its length)
     store.stop()
+
+
+def writer_gathering(store: Store) -> None:
+    """Until the writer has taken the rows queued so far and waits for the interval with them."""
+    wait_for(lambda: store._gathering, 10, "the writer to wait out the commit interval")
 
 
 def test_enough_rows_a_read_or_a_stop_end_the_wait_at_once(tmp_path: Path) -> None:
@@ -285,19 +292,19 @@ def test_enough_rows_a_read_or_a_stop_end_the_wait_at_once(tmp_path: Path) -> No
     # The writer is waiting with one row when the rest of GATHER_ROWS arrive: they go without waiting out the
     # interval, or a broker allowing only that many unacknowledged messages would stall for all of it.
     store.ingest([new_task(1)], [(2, 1)])
-    time.sleep(0.2)
+    writer_gathering(store)
     for i in range(2, 1 + GATHER_ROWS):
         store.ingest([new_task(i)], [(i + 1, 1)])
     assert len(hook.gather(GATHER_ROWS, "acks", timeout=10)) == GATHER_ROWS
     # A read someone waits for is answered, with the row queued before it committed first.
     store.ingest([new_task(100)], [(101, 1)])
-    time.sleep(0.2)
+    writer_gathering(store)
     pages: queue.SimpleQueue[list[TaskRef]] = queue.SimpleQueue()
     store.load_pending(0, 1000, pages.put)
     assert [ref.id for ref in pages.get(timeout=10)][-1] == 1 + 1 + GATHER_ROWS
     # A stop commits what waits and returns.
     store.ingest([new_task(101)], [(102, 1)])
-    time.sleep(0.2)
+    writer_gathering(store)
     store.stop(timeout_s=10)
     assert time.monotonic() - started < 10  # each wait would have been 30 s
     assert store.commits == 4

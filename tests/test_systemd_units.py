@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import uuid
@@ -32,7 +31,7 @@ import pytest
 from agent.cli import EX_CONFIG
 from agent.config import Settings, load_settings
 
-from support import Collector, Mosquitto, publisher, wait_for
+from support import Collector, Mosquitto, pcm_noise, publisher, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "edge-agent.service"
@@ -289,11 +288,6 @@ TOLERATED_PROC = {
 ALLOWED_DEVICES = re.compile(r"/dev/(null|zero|full|random|urandom|tty|shm/.*|pts/.*)$")
 
 
-def pcm(seconds: float, rate: int = 16000) -> bytes:
-    n = int(seconds * rate)
-    return struct.pack(f"<{n}h", *((i * 37) % 20000 - 10000 for i in range(n)))
-
-
 class SandboxedAgent:
     """The agent under setpriv (no new privileges, no capabilities) and strace (the system call filter)."""
 
@@ -394,6 +388,7 @@ def sandboxed_agent(tmp_path: Path, broker: Mosquitto) -> Iterator[SandboxedAgen
         agent.proc.wait(10)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_agent_works_under_the_units_restrictions(sandboxed_agent: SandboxedAgent, broker: Mosquitto) -> None:
@@ -405,7 +400,7 @@ def test_agent_works_under_the_units_restrictions(sandboxed_agent: SandboxedAgen
         # Ready comes with the CONNACK; on a client id's first start the broker keeps messages from the SUBACK on.
         wait_for(lambda: agent.logged("mqtt_subscribed"), 30, "the broker to confirm the routes")
         device.publish("city/aarhus/traffic/1/data", json.dumps({"vehicleCount": 5}), qos=1)
-        device.publish("city/aarhus/noise/1/pcm", pcm(1.0), qos=1)  # numpy, in a spawned worker process
+        device.publish("city/aarhus/noise/1/pcm", pcm_noise(1.0), qos=1)  # numpy, in a spawned worker process
         wait_for(lambda: len(results.snapshot()) >= 2, 90, "both results")
     finally:
         device.loop_stop()

@@ -55,6 +55,7 @@ def tls_client(broker: Mosquitto, ca: Path, issued: Issued) -> paho.Client:
     return client
 
 
+@pytest.mark.slow
 def test_mutual_tls_end_to_end(tls_broker: Mosquitto, pki: dict[str, Any], tmp_path: Path) -> None:
     agent = Agent(tmp_path / "agent", tls_broker.port, extra_env=tls_env(pki["ca"].ca_file, pki["agent"]),
                   routes=[{"topic": "city/+/traffic/+/data", "task": "sensor.stats"}])
@@ -74,6 +75,7 @@ def test_mutual_tls_end_to_end(tls_broker: Mosquitto, pki: dict[str, Any], tmp_p
         agent.cleanup()
 
 
+@pytest.mark.slow
 def test_wrong_ca_is_reported_in_plain_words(tls_broker: Mosquitto, pki: dict[str, Any], tmp_path: Path) -> None:
     agent = Agent(tmp_path / "agent", tls_broker.port, extra_env=tls_env(pki["other"].ca_file, pki["agent"]))
     try:
@@ -86,6 +88,7 @@ def test_wrong_ca_is_reported_in_plain_words(tls_broker: Mosquitto, pki: dict[st
         agent.cleanup()
 
 
+@pytest.mark.slow
 def test_expired_client_certificate_stops_start_up(tls_broker: Mosquitto, pki: dict[str, Any],
                                                     tmp_path: Path) -> None:
     agent = Agent(tmp_path / "agent", tls_broker.port, extra_env=tls_env(pki["ca"].ca_file, pki["expired"]))
@@ -95,6 +98,7 @@ def test_expired_client_certificate_stops_start_up(tls_broker: Mosquitto, pki: d
     assert "EDGE_AGENT_MQTT__TLS__CERT_FILE: the certificate expired on" in proc.stderr
 
 
+@pytest.mark.slow
 def test_certificate_the_broker_refuses_is_explained(tls_broker: Mosquitto, pki: dict[str, Any],
                                                      tmp_path: Path) -> None:
     stranger = pki["other"].issue("stranger")  # valid, but from a CA the broker does not trust
@@ -118,17 +122,16 @@ def test_missing_key_file_is_a_config_error(tls_broker: Mosquitto, pki: dict[str
     assert "EDGE_AGENT_MQTT__TLS__KEY_FILE" in proc.stderr and "does not exist" in proc.stderr
 
 
+@pytest.mark.slow
 def test_https_to_the_resource_api_with_a_custom_ca(broker: Mosquitto, pki: dict[str, Any], tmp_path: Path) -> None:
     server: Issued = pki["ca"].issue("devcloud", server=True)
     devcloud = DevCloud(tmp_path / "devcloud.log", "--tls-cert", str(server.cert), "--tls-key", str(server.key),
                         ca_file=pki["ca"].ca_file)
     route = {"topic": "city/+/noise/+/pcm", "task": "noise.spectrum", "placement": "cloud"}
-    env = {"EDGE_AGENT_CLOUD__URL": devcloud.url, "EDGE_AGENT_CLOUD__TOKEN": devcloud.token,
-           "EDGE_AGENT_CLOUD__CA_FILE": str(pki["ca"].ca_file), "EDGE_AGENT_CLOUD__POLL_INTERVAL_S": "0.05"}
-    good = Agent(tmp_path / "good", broker.port, routes=[route], extra_env=env)
+    good = Agent(tmp_path / "good", broker.port, routes=[route], extra_env=devcloud.agent_env())
     # The same server, but the agent trusts another CA: every offload fails, plainly, and runs locally.
     wrong = Agent(tmp_path / "wrong", broker.port, routes=[route],
-                  extra_env=env | {"EDGE_AGENT_CLOUD__CA_FILE": str(pki["other"].ca_file)})
+                  extra_env=devcloud.agent_env(ca_file=pki["other"].ca_file))
     try:
         for agent in (good, wrong):
             agent.start()

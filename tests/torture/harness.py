@@ -1,25 +1,21 @@
-"""Parts the torture tests add to ``support``: a resource API that can die and come back on its port, a device
-that loses nothing across broker restarts, RSS sampling of the agent's process tree, and env-tunable knobs."""
+"""Parts the torture tests add to ``support``: a device that loses nothing across broker restarts, RSS sampling
+of the agent's process tree, and env-tunable knobs. (The resource API that dies and comes back on its port is
+``support.DevCloud``.)"""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
 
-import httpx
 import paho.mqtt.client as paho
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
-from support import ROOT, free_port, wait_for
+from support import wait_for
 
 
 def env_int(name: str, default: int) -> int:
@@ -44,82 +40,6 @@ def http_status(url: str) -> int:
         return int(exc.code)
     except OSError:
         return 0
-
-
-class RestartableDevCloud:
-    """The reference resource API as a process that can be SIGKILLed and started again on the same port.
-
-    ``support.DevCloud`` picks a new port per instance; the agent's ``EDGE_AGENT_CLOUD__URL`` is fixed for its
-    life, so an outage the agent recovers from needs the same port back.
-    """
-
-    def __init__(self, workdir: Path, *extra: str) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.token = f"torture-{uuid.uuid4().hex}"
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "devcloud.log"
-        self.extra = extra
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self.kills = 0
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.devcloud", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--token", self.token, "--workers", "1", "--provisioning-delay", "0.2", *self.extra],
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-            )
-        self.starts += 1
-        wait_for(self._healthy, 60, "the devcloud to start")
-
-    def _healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"the devcloud exited: {self.log_path.read_text(errors='replace')[-2000:]}")
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL the server and its worker pool: leases and answers in progress vanish with it."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-            self.kills += 1
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.proc = None
-
-    def agent_env(self) -> dict[str, str]:
-        return {
-            "EDGE_AGENT_CLOUD__URL": self.url,
-            "EDGE_AGENT_CLOUD__TOKEN": self.token,
-            "EDGE_AGENT_CLOUD__LOCATION": "aarhus",
-            "EDGE_AGENT_CLOUD__POLL_INTERVAL_S": "0.05",
-            "EDGE_AGENT_CLOUD__CONNECT_TIMEOUT_S": "0.5",
-            "EDGE_AGENT_CLOUD__READ_TIMEOUT_S": "5",
-            "EDGE_AGENT_CLOUD__MAX_RETRIES": "1",
-            "EDGE_AGENT_CLOUD__RETRY_MIN_S": "0.05",
-            "EDGE_AGENT_CLOUD__RETRY_MAX_S": "0.2",
-            "EDGE_AGENT_CLOUD__CIRCUIT_FAILURES": "3",
-            "EDGE_AGENT_CLOUD__CIRCUIT_COOLDOWN_S": "1",
-            "EDGE_AGENT_CLOUD__PROVISIONING_TIMEOUT_S": "5",
-        }
 
 
 class Device:

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from harness import env_int, http_status
 from support import Agent, Collector, Mosquitto, free_port, publisher, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXAMPLES = env_int("FUZZ_EXAMPLES", 300)
 MAX_PAYLOAD = 65_536

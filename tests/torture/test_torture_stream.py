@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import random
-import struct
 import threading
 import time
 from collections import Counter
@@ -31,10 +29,10 @@ from typing import Any
 
 import pytest
 
-from harness import Device, RestartableDevCloud, RssSampler, elapsed, env_float, env_int, http_status
-from support import CITYPULSE, Agent, Collector, Mosquitto, citypulse_rows, free_port, wait_for
+from harness import Device, RssSampler, elapsed, env_float, env_int, http_status
+from support import CITYPULSE, Agent, Collector, DevCloud, Mosquitto, citypulse_rows, free_port, pcm_noise, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MESSAGES = env_int("TORTURE_MESSAGES", 20_000)
 KILLS = env_int("TORTURE_KILLS", 10)  # SIGKILLs of the agent (with its worker pool)
@@ -81,12 +79,6 @@ def parking_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def pcm(seconds: float, seed: int) -> bytes:
-    rng = random.Random(seed)
-    n = int(16000 * seconds)
-    return struct.pack(f"<{n}h", *(int(3000 * math.sin(i / 7.0) + rng.randint(-500, 500)) for i in range(n)))
-
-
 def malformed(key: int, rng: random.Random) -> Message:
     """A broken device message on its own topic (the dead letter carries the topic, not the payload)."""
     topic = f"city/aarhus/traffic/bad{key}/data"
@@ -107,7 +99,7 @@ def build_stream(n: int, rng: random.Random) -> list[Message]:
     (the worker pool) and about 1 % malformed messages, each with a unique key."""
     traffic = citypulse_rows(n)
     parking = parking_rows()
-    clips = [pcm(0.1 + 0.1 * i, i) for i in range(4)]
+    clips = [pcm_noise(0.1 + 0.1 * i, seed=i) for i in range(4)]
     out: list[Message] = []
     for key in range(n):
         row = next(traffic)
@@ -160,14 +152,14 @@ def schedule(rng: random.Random, duration_s: float) -> list[tuple[float, str]]:
 
 
 def run_chaos(events: list[tuple[float, str]], start: float, rng: random.Random, agent: Agent, broker: Mosquitto,
-              cloud: RestartableDevCloud, device: Device, chaos: Chaos) -> None:
+              cloud: DevCloud, device: Device, chaos: Chaos) -> None:
     try:
         for at, event in events:
-            time.sleep(max(0.0, start + at - time.monotonic()))
+            time.sleep(max(0.0, start + at - time.monotonic()))  # the schedule: each event at its moment
             stamp = f"{time.monotonic() - start:6.1f}s"
             if event == "kill":
                 agent.kill()
-                time.sleep(rng.uniform(0.0, 1.0))
+                time.sleep(rng.uniform(0.0, 1.0))  # the gateway stays off a moment, as after a power cut
                 agent.start()
                 chaos.kills += 1
             elif event == "broker":
@@ -175,7 +167,7 @@ def run_chaos(events: list[tuple[float, str]], start: float, rng: random.Random,
                 # The broker is gone: no PUBACK can reach the device any more, so this is the complete set of
                 # messages paho will send again after the reconnect.
                 chaos.at_risk |= device.unacknowledged()
-                time.sleep(rng.uniform(0.2, 1.5))
+                time.sleep(rng.uniform(0.2, 1.5))  # the broker's outage
                 broker.start()
                 chaos.restarts += 1
             elif event == "cloud_down":
@@ -200,8 +192,7 @@ def test_stream_survives_kills_broker_restarts_and_cloud_outages(tmp_path: Path)
 
     broker = Mosquitto(tmp_path / "broker", extra_conf=f"max_inflight_messages {BROKER_INFLIGHT}\n")
     broker.start()
-    cloud = RestartableDevCloud(tmp_path / "devcloud")
-    cloud.start()
+    cloud = DevCloud(tmp_path / "devcloud" / "devcloud.log", workers=1, provisioning_s=0.2)
     metrics_port = free_port()
     env = {
         "EDGE_AGENT_STORE__MAX_TASKS": str(MAX_TASKS),
@@ -209,7 +200,8 @@ def test_stream_survives_kills_broker_restarts_and_cloud_outages(tmp_path: Path)
         "EDGE_AGENT_MQTT__PUBLISH_WINDOW": str(PUBLISH_WINDOW),
         "EDGE_AGENT_MAX_PAYLOAD_BYTES": str(MAX_PAYLOAD),
         "EDGE_AGENT_METRICS__PORT": str(metrics_port),
-        **cloud.agent_env(),
+        **cloud.agent_env(connect_timeout_s=0.5, read_timeout_s=5, max_retries=1, retry_min_s=0.05,
+                          retry_max_s=0.2, circuit_failures=3, circuit_cooldown_s=1, provisioning_timeout_s=5),
     }
     agent = Agent(tmp_path / "agent", broker.port, routes=[TRAFFIC_ROUTE, PARKING_ROUTE, NOISE_ROUTE],
                   extra_env=env)
@@ -230,7 +222,7 @@ def test_stream_survives_kills_broker_restarts_and_cloud_outages(tmp_path: Path)
         for i, message in enumerate(messages):
             delay = stream_start + i / RATE - time.monotonic()
             if delay > 0:
-                time.sleep(delay)
+                time.sleep(delay)  # the devices' pace (RATE), the point: a stream, not one burst
             device.publish(message.key, message.topic, message.payload)
             assert chaos.error is None, f"chaos failed: {chaos.error!r}"
         publish_s = elapsed(stream_start)
@@ -248,6 +240,7 @@ def test_stream_survives_kills_broker_restarts_and_cloud_outages(tmp_path: Path)
         def missing() -> int:
             return len(expected.keys() - answered())
 
+        # A poll, not a wait_for: at the deadline the summary below still says what is missing.
         drain_deadline = time.monotonic() + 240
         while missing() and time.monotonic() < drain_deadline:
             assert agent.proc is not None and agent.proc.poll() is None, f"the agent died:\n{agent.log_tail()}"
