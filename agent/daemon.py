@@ -176,7 +176,7 @@ class Daemon:
         s = self.settings
         loop = self._loop = asyncio.get_running_loop()
         counts = self.store.counts()
-        log.info("agent_starting", agent_id=s.agent_id, broker=f"{s.mqtt.host}:{s.mqtt.port}",
+        log.info("agent_starting", agent_id=s.agent_id, broker=", ".join(map(str, s.mqtt.nodes)),
                  protocol=s.mqtt.protocol, store=str(self.store.path), workers=s.local.workers,
                  routes=[r.topic for r in s.routes], resume_pending=counts["pending"],
                  resume_outbox=counts["outbox"], systemd=self.notifier.enabled, cloud=s.cloud.url or "off")
@@ -224,7 +224,7 @@ class Daemon:
         """Readiness, watchdog pings, the systemd status line and the minutely stats line."""
         ready = False
         interval = min(1.0, self.notifier.watchdog_s or 1.0)
-        self.notifier.status(f"connecting to the broker at {self.settings.mqtt.host}:{self.settings.mqtt.port}")
+        self.notifier.status(f"connecting to the broker at {', '.join(map(str, self.settings.mqtt.nodes))}")
         last_status = last_stats = last_state = time.monotonic()
         state_every = self.settings.store.state_interval_s
         while True:
@@ -290,7 +290,7 @@ class Daemon:
 
     def _status_line(self) -> str:
         c = self.ingress.counters
-        state = "connected" if self.link.connected.is_set() else "reconnecting"
+        state = self.link.describe()  # connected or reconnecting; with several brokers the node and failovers
         if self.leaving:
             state = "leaving the group, " + state
         return (f"{state}; {c.received} received, {self.dispatcher.completed} done, "
@@ -562,6 +562,7 @@ class Daemon:
             Gauge("edge_agent_dead_letters_kept_bytes", "Bytes of the dead-letter payloads the store keeps.",
                   lambda: store.dead_letters.bytes),
         ]
+        link.add_metrics(c)  # failover: connections by session_present, failovers, the node in use
         return c
 
 

@@ -110,8 +110,14 @@ def render_status(status: dict[str, Any]) -> str:
     if not broker["connected"] and broker["last_error"]:
         link += f" ({broker['last_error']})"
     group = f", shared group {broker['shared_group']}" if broker["shared_group"] else ""
-    lines.append(f"{label('broker')}{scheme}://{broker['host']}:{broker['port']} (MQTT {broker['protocol']}), "
-                 f"{link}; client id {broker['client_id']}{group}")
+    where = broker.get("node") or f"{broker['host']}:{broker['port']}"
+    nodes = broker.get("nodes") or []
+    failover = ""
+    if len(nodes) > 1:
+        failover = (f"; node {nodes.index(where) + 1} of {len(nodes)} ({', '.join(nodes)}), "
+                    f"{broker.get('failovers', 0)} failover(s)") if where in nodes else ""
+    lines.append(f"{label('broker')}{scheme}://{where} (MQTT {broker['protocol']}), "
+                 f"{link}; client id {broker['client_id']}{group}{failover}")
 
     routes = status["routes"]
     if not routes:

@@ -62,7 +62,8 @@ def test_status_shows_the_running_agent_on_one_screen(broker: Mosquitto, agents:
     assert status["agent_id"] == agent.agent_id and status["ready"] is True and status["healthy"] is True
     assert status["broker"] | {"port": 0} == {
         "host": "127.0.0.1", "port": 0, "protocol": "5", "tls": False, "client_id": f"edge-agent-{agent.agent_id}",
-        "shared_group": None, "connected": True, "last_error": None}
+        "shared_group": None, "connected": True, "last_error": None, "node": f"127.0.0.1:{broker.port}",
+        "nodes": [f"127.0.0.1:{broker.port}"], "failovers": 0, "session_present": False}
     assert [(r["topic"], r["subscription"], r["messages"]) for r in status["routes"]] == [
         (TRAFFIC, "subscribed", 31), ("city/+/noise/+/pcm", "subscribed", 0)]
     assert status["totals"]["received"] == 31

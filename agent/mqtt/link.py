@@ -8,6 +8,12 @@ reconnect in lock-step after a broker restart). Only the blocking connect (TCP a
 worker thread. Every paho callback catches everything: an exception escaping one would unwind paho's
 read loop mid-packet (thingsboard-gateway #2086).
 
+Several brokers (``EDGE_AGENT_MQTT__HOSTS``) are tried in order of preference: the link connects to the first
+that answers and stays there while connected. A lost connection starts, after the usual jittered backoff, a
+round over the other nodes in order and then the one just lost; a round in which no node answered is followed
+by the next backoff and a round over every node in order. A deliberate reconnect (redelivery) goes back to the
+node in use first: with independent brokers the session, and what it holds, lives there.
+
 The link keeps the connection's state; the lean wire path is ``wire.WireClient``, the socket's registration
 on the event loop ``pump.Pump``, the subscriptions ``session.Subscriptions``.
 """
@@ -29,6 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.metrics import LabelledCounter
 from agent.mqtt.pump import Pump
 from agent.mqtt.session import Subscriptions, end_session
 from agent.mqtt.tls import authenticate, explain_connect_error
@@ -37,7 +44,8 @@ from agent.mqtt.wire import Outgoing, WireClient, raw_topic
 from agent.telemetry import get_logger
 
 if TYPE_CHECKING:
-    from agent.config import MqttSettings
+    from agent.config import BrokerNode, MqttSettings
+    from agent.metrics import AgentCollector
 
 log = get_logger(__name__)
 
@@ -103,6 +111,16 @@ class MqttLink:
         self._v5 = settings.protocol == "5"
         self._last_refusal: str | None = None
         self._awaiting_connack = False
+        # Failover (docs/fleets.md#broker-failover): the brokers, the one tried last or in use, what is left to
+        # try in this round, the round after a lost connection, and the node of the last accepted connection.
+        self._nodes = settings.nodes
+        self._index = 0
+        self._pending: list[int] = []
+        self._next_round: list[int] | None = None
+        self._connected_index: int | None = None
+        self.failovers = 0  # connections accepted by another node than the one before (edge_agent_mqtt_failovers)
+        self.session_present: bool | None = None  # the last CONNACK's, None before the first
+        self.connections = {"true": 0, "false": 0}  # accepted connections by session_present
 
         protocol = paho.MQTTv5 if self._v5 else paho.MQTTv311
         client = WireClient(
@@ -215,12 +233,18 @@ class MqttLink:
             if client.socket() is None:
                 if self._lost:
                     self._lost = False
-                    delay = backoff_delay(attempt, self._settings.reconnect_min_s,
-                                          self._settings.reconnect_max_s, self._rng)
-                    attempt += 1
-                    log.info("mqtt_reconnect_wait", seconds=round(delay, 2), attempt=attempt)
-                    await self._wait_out(delay)
-                    continue
+                    if not self._pending:  # a round without an answer, or a lost connection: back off first
+                        delay = backoff_delay(attempt, self._settings.reconnect_min_s,
+                                              self._settings.reconnect_max_s, self._rng)
+                        attempt += 1
+                        log.info("mqtt_reconnect_wait", seconds=round(delay, 2), attempt=attempt)
+                        await self._wait_out(delay)
+                        self._pending = self._next_round or list(range(len(self._nodes)))
+                        self._next_round = None
+                        continue
+                if not self._pending:
+                    self._pending = list(range(len(self._nodes)))
+                self._index = self._pending.pop(0)
                 if not await self._loop.run_in_executor(None, self._try_connect):
                     self._lost = True
                     continue
@@ -234,7 +258,8 @@ class MqttLink:
                     self._dropping = True
                     client.disconnect()
             elif self._awaiting_connack and time.monotonic() > self._connack_deadline:
-                log.warning("mqtt_connect_failed", host=self._settings.host, port=self._settings.port,
+                node = self.node
+                log.warning("mqtt_connect_failed", host=node.host, port=node.port, node=str(node),
                             error=f"no CONNACK within {CONNACK_TIMEOUT_S:.0f} s")
                 self._lose_socket()
             if client.socket() is not None:
@@ -268,20 +293,20 @@ class MqttLink:
             properties.ReceiveMaximum = self._settings.receive_maximum
         # Set before connecting: the event loop may read the CONNACK (and clear this) before connect() returns.
         self._awaiting_connack = True
+        node = self.node
         try:
             self._client.connect(
-                self._settings.host,
-                self._settings.port,
+                node.host,  # with TLS also the SNI and the name the broker's certificate is verified against
+                node.port,
                 keepalive=self._settings.keepalive_s,
                 clean_start=False if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
                 properties=properties,
             )
         except (OSError, ssl.SSLError, ValueError) as exc:
             self._awaiting_connack = False
-            message = explain_connect_error(exc, self._settings)
+            message = explain_connect_error(exc, self._settings, node)
             if message != self._last_refusal:
-                log.warning("mqtt_connect_failed", host=self._settings.host, port=self._settings.port,
-                            error=message)
+                log.warning("mqtt_connect_failed", host=node.host, port=node.port, node=str(node), error=message)
                 self._last_refusal = message
             return False
         return True
@@ -293,7 +318,8 @@ class MqttLink:
         if self._settings.tls.cert_file:
             detail += "; check that it accepts this agent's certificate (EDGE_AGENT_MQTT__TLS__CERT_FILE)"
         if detail != self._last_refusal:
-            log.error("mqtt_connect_failed", host=self._settings.host, port=self._settings.port, error=detail)
+            node = self.node
+            log.error("mqtt_connect_failed", host=node.host, port=node.port, node=str(node), error=detail)
             self._last_refusal = detail
 
     def _lose_socket(self) -> None:
@@ -306,9 +332,55 @@ class MqttLink:
         """Why the latest attempt to connect failed; None once the broker has accepted a connection."""
         return self._last_refusal
 
+    @property
+    def node(self) -> BrokerNode:
+        """The broker in use, or being tried."""
+        return self._nodes[self._index]
+
+    @property
+    def nodes(self) -> tuple[BrokerNode, ...]:
+        return self._nodes
+
+    @property
+    def connected_node(self) -> BrokerNode | None:
+        """The broker of the live connection; None while there is none."""
+        return self._nodes[self._index] if self.connected.is_set() else None
+
+    def describe(self) -> str:
+        """The connection in the status line (STATUS=): connected or reconnecting, and with several brokers the
+        node in use (or being tried) and the failovers so far."""
+        connected = self.connected.is_set()
+        state = "connected" if connected else "reconnecting"
+        if len(self._nodes) > 1:
+            state += (f" {'to' if connected else 'trying'} {self.node} (node {self._index + 1} of "
+                      f"{len(self._nodes)}, {self.failovers} failover{'' if self.failovers == 1 else 's'})")
+        return state
+
+    def add_metrics(self, collector: AgentCollector) -> None:
+        """The link's series: accepted connections by session_present, failovers, and the node in use."""
+        collector.counters += [
+            LabelledCounter("edge_agent_mqtt_connections", "Connections the broker accepted, by whether it "
+                            "resumed the session (session_present).", ("session_present",),
+                            lambda: self.connections),
+            LabelledCounter("edge_agent_mqtt_failovers", "Connections accepted by another broker of "
+                            "EDGE_AGENT_MQTT__HOSTS than the one before.", (), lambda: {(): self.failovers}),
+        ]
+        collector.gauge_maps.append((
+            "edge_agent_mqtt_node", "1 for the broker in use, 0 for the other nodes of EDGE_AGENT_MQTT__HOSTS "
+            "(all 0 while disconnected).", ("node",),
+            lambda: {str(node): float(node == self.connected_node) for node in self._nodes}))
+
     def _connection_ended(self) -> None:
         if self._awaiting_connack and not self._dropping:
             self._refused_before_connack()
+        if self._dropping:
+            # Our own reconnect (redelivery): back to the node in use, whose session holds what we left.
+            self._pending = [self._index, *(i for i in range(len(self._nodes)) if i != self._index)]
+            self._next_round = None
+        elif self.connected.is_set() and not self._stopping:
+            # A lost connection: after the backoff, the others in order of preference, then this one.
+            self._pending = []
+            self._next_round = [*(i for i in range(len(self._nodes)) if i != self._index), self._index]
         self._awaiting_connack = False
         if not self._dropping and not self._stopping:
             self._lost = True
@@ -330,7 +402,7 @@ class MqttLink:
             if reason.is_failure:
                 text = str(reason)
                 if text != self._last_refusal:
-                    log.error("mqtt_connect_refused", reason=text, host=self._settings.host)
+                    log.error("mqtt_connect_refused", reason=text, host=self.node.host, node=str(self.node))
                     self._last_refusal = text
                 return
             self._last_refusal = None
@@ -339,9 +411,21 @@ class MqttLink:
                 self.server_receive_maximum = int(properties.ReceiveMaximum)
             self._subs.send()
             client.publish(status_topic(self._agent_id), b"online", qos=1, retain=True)
+            node = self.node
+            previous, self._connected_index = self._connected_index, self._index
+            self._pending = []
+            self._next_round = None
+            self.session_present = session_present
+            self.connections["true" if session_present else "false"] += 1
             self.connected.set()
-            log.info("mqtt_connected", host=self._settings.host, port=self._settings.port,
+            log.info("mqtt_connected", host=node.host, port=node.port, node=str(node),
                      session_present=session_present, protocol=self._settings.protocol)
+            if previous is not None and previous != self._index:
+                self.failovers += 1
+                # With independent brokers the session starts afresh here (session_present false) and what
+                # devices published to the other node stays there; a cluster resumes it (docs/fleets.md).
+                log.warning("mqtt_failover", from_node=str(self._nodes[previous]), to_node=str(node),
+                            session_present=session_present, failovers=self.failovers)
             self._on_connected_cb(session_present)
         except Exception:
             log.exception("callback_failed", callback="on_connect")
@@ -370,7 +454,8 @@ class MqttLink:
         """After ``stop``: discard this client id's session at the broker, by connecting once with a clean
         start (3.1.1: clean session) and no session expiry, then disconnecting. True once the broker accepted."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, end_session, self._settings, self._client_id, timeout_s)
+        return await loop.run_in_executor(None, end_session, self._settings, self._client_id, timeout_s,
+                                          self.node)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Properties | None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from agent.mqtt.topics import subscription_filter
 from agent.telemetry import get_logger
 
 if TYPE_CHECKING:
-    from agent.config import MqttSettings
+    from agent.config import BrokerNode, MqttSettings
 
 log = get_logger(__name__)
 
@@ -147,9 +148,25 @@ class Subscriptions:
             log.exception("callback_failed", callback="on_unsubscribe")
 
 
-def end_session(s: MqttSettings, client_id: str, timeout_s: float) -> bool:
-    """Discard ``client_id``'s session at the broker: connect once with a clean start (3.1.1: clean session)
-    and no session expiry, then disconnect. Blocking (a worker thread); True once the broker accepted."""
+def end_session(s: MqttSettings, client_id: str, timeout_s: float, first: BrokerNode | None = None) -> bool:
+    """Discard ``client_id``'s session at every broker of ``s.nodes`` that answers, ``first`` (the node in use)
+    first: independent brokers each keep a session of their own; on a cluster the later ones find nothing to
+    discard. Blocking (a worker thread); True once at least one broker accepted."""
+    deadline = time.monotonic() + timeout_s
+    nodes = [first] if first is not None else []
+    nodes += [node for node in s.nodes if node != first]
+    ended = False
+    for node in nodes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        if _end_session_on(s, client_id, left, node):
+            ended = True
+            log.info("mqtt_session_ended", node=str(node))
+    return ended
+
+
+def _end_session_on(s: MqttSettings, client_id: str, timeout_s: float, node: BrokerNode) -> bool:
     v5 = s.protocol == "5"
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
@@ -166,10 +183,10 @@ def end_session(s: MqttSettings, client_id: str, timeout_s: float) -> bool:
     client.on_connect = on_connect
     try:
         # 3.1.1 has clean_session (above) and refuses clean_start.
-        client.connect(s.host, s.port, keepalive=s.keepalive_s,
+        client.connect(node.host, node.port, keepalive=s.keepalive_s,
                        clean_start=True if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY)
     except (OSError, ssl.SSLError, ValueError) as exc:
-        log.error("mqtt_end_session_failed", error=explain_connect_error(exc, s))
+        log.error("mqtt_end_session_failed", node=str(node), error=explain_connect_error(exc, s, node))
         return False
     client.loop_start()
     try:

@@ -25,7 +25,7 @@ from agent.errors import ConfigError
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
 
-    from agent.config import MqttSettings
+    from agent.config import BrokerNode, MqttSettings
 
 _PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
 _PEM_END = b"-----END CERTIFICATE-----"
@@ -119,9 +119,14 @@ def _tlv(der: bytes, pos: int, tag: int) -> tuple[int, int, int]:
     return tag, pos, pos + length
 
 
-def explain_connect_error(exc: BaseException, settings: MqttSettings) -> str:
-    """A failed connection attempt in words an operator can act on."""
-    where = f"{settings.host}:{settings.port}"
+def explain_connect_error(exc: BaseException, settings: MqttSettings, node: BrokerNode | None = None) -> str:
+    """A failed connection attempt to ``node`` (default: the first broker) in words an operator can act on.
+
+    With TLS each broker is verified against its own name: paho sends the host it connects to as SNI and the
+    context checks the certificate against it, so every entry of HOSTS must be a name its node's certificate
+    carries."""
+    node = node or settings.nodes[0]
+    where = str(node)
     if isinstance(exc, ssl.SSLCertVerificationError):
         code = exc.verify_code
         if code == 10:
@@ -130,7 +135,7 @@ def explain_connect_error(exc: BaseException, settings: MqttSettings) -> str:
             return (f"the broker's certificate at {where} is not signed by the CA in "
                     f"EDGE_AGENT_MQTT__TLS__CA_FILE ({exc.verify_message})")
         if code == 62:
-            return f"the broker's certificate does not name {settings.host!r} ({exc.verify_message})"
+            return f"the broker's certificate at {where} does not name {node.host!r} ({exc.verify_message})"
         return f"the broker's certificate at {where} was refused: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         reason = str(exc.reason or exc)
@@ -142,7 +147,7 @@ def explain_connect_error(exc: BaseException, settings: MqttSettings) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return f"nothing accepts connections on {where} (is the broker running?)"
     if isinstance(exc, socket.gaierror):
-        return f"the broker host {settings.host!r} cannot be resolved ({exc.strerror})"
+        return f"the broker host {node.host!r} cannot be resolved ({exc.strerror})"
     if isinstance(exc, TimeoutError | socket.timeout):
         return f"no answer from {where} (timed out)"
     return f"{type(exc).__name__}: {exc}"
