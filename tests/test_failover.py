@@ -21,6 +21,7 @@ from agent.config import BrokerNode, MqttSettings, load_settings
 from agent.errors import ConfigError
 
 from support import Agent, Agents, Collector, Mosquitto, citypulse_rows, free_port, publisher, wait_for
+from tls import CertificateAuthority
 
 TRAFFIC = "city/aarhus/traffic/{}/data"
 FILTER = "city/+/traffic/+/data"
@@ -105,11 +106,15 @@ def brokers(tmp_path: Path) -> Any:
 
 def failover_agent(agents: Agents, first: Mosquitto, ports: list[int], **env: str) -> Agent:
     """An agent whose env file names the brokers in EDGE_AGENT_MQTT__HOSTS instead of HOST and PORT."""
+    return failover_agent_at(agents, first, [f"127.0.0.1:{port}" for port in ports], **env)
+
+
+def failover_agent_at(agents: Agents, first: Mosquitto, nodes: list[str], **env: str) -> Agent:
     agent = agents(first, extra_env={"EDGE_AGENT_MQTT__RECONNECT_MIN_S": "0.1",
                                      "EDGE_AGENT_MQTT__RECONNECT_MAX_S": "0.5", **env})
     lines = [line for line in agent.env_file.read_text().splitlines()
              if not line.startswith(("EDGE_AGENT_MQTT__HOST=", "EDGE_AGENT_MQTT__PORT="))]
-    lines.append("EDGE_AGENT_MQTT__HOSTS=" + json.dumps([f"127.0.0.1:{port}" for port in ports]))
+    lines.append("EDGE_AGENT_MQTT__HOSTS=" + json.dumps(nodes))
     agent.env_file.write_text("".join(line + "\n" for line in lines))
     return agent
 
@@ -214,3 +219,34 @@ def test_a_refusing_node_is_skipped_and_the_order_is_kept(brokers: list[Mosquitt
     assert "nothing accepts connections" in refused[0]["error"]
     assert not b.subscribed(f"edge-agent-{agent.agent_id}", FILTER)
     assert not any(e.get("event") == "mqtt_failover" for e in agent.events())  # starting on A is no failover
+
+
+@pytest.mark.integration
+def test_each_node_is_verified_against_its_own_name(tmp_path: Path, agents: Agents) -> None:
+    # A's certificate names only "localhost", B's only "127.0.0.1". The agent must check each node against the
+    # name it connects to: A reached as 127.0.0.1 is refused, A as localhost is accepted, and after A is gone
+    # B as 127.0.0.1 is accepted (checked against "localhost", or a single configured name, it would not be).
+    ca = CertificateAuthority(tmp_path / "ca")
+    made = []
+    for name, names in (("a", ("localhost",)), ("b", ("127.0.0.1",))):
+        issued = ca.issue(f"broker-{name}", server=True, names=names)
+        made.append(Mosquitto(tmp_path / f"broker-{name}", extra_conf=(
+            f"cafile {ca.ca_file}\ncertfile {issued.cert}\nkeyfile {issued.key}\n")))
+    a, b = made
+    for broker in made:
+        broker.start()
+    try:
+        agent = failover_agent_at(agents, a, [f"127.0.0.1:{a.port}", f"localhost:{a.port}", f"127.0.0.1:{b.port}"],
+                                  EDGE_AGENT_MQTT__TLS__CA_FILE=str(ca.ca_file))
+        agent.start()
+        assert connected_to(agent) == [f"localhost:{a.port}"]
+        (refused, *_) = [e for e in agent.events() if e.get("event") == "mqtt_connect_failed"]
+        assert refused["node"] == f"127.0.0.1:{a.port}"
+        assert f"certificate at 127.0.0.1:{a.port} does not name '127.0.0.1'" in refused["error"], refused
+
+        a.stop()
+        wait_for(lambda: len(connected_to(agent)) == 2, 15, "the failover to B")
+        assert connected_to(agent)[-1] == f"127.0.0.1:{b.port}"
+    finally:
+        for broker in made:
+            broker.stop()

@@ -55,7 +55,9 @@ class CertificateAuthority:
     def ca_file(self) -> Path:
         return self.issued.cert
 
-    def issue(self, name: str, *, server: bool = False, expired: bool = False) -> Issued:
+    def issue(self, name: str, *, server: bool = False, expired: bool = False,
+              names: tuple[str, ...] = ("localhost", "127.0.0.1")) -> Issued:
+        """A certificate signed by this CA; a server's names its ``names`` (DNS names and IP addresses)."""
         key = _key()
         now = dt.datetime.now(dt.UTC)
         start, end = ((now - dt.timedelta(days=10), now - dt.timedelta(days=1)) if expired
@@ -70,5 +72,12 @@ class CertificateAuthority:
         )
         if server:
             builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                [_general_name(n) for n in names]), critical=False)
         return _write(self.directory, name, builder.sign(self.key, hashes.SHA256()), key)
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)

@@ -110,6 +110,7 @@ class MqttLink:
         self.server_receive_maximum = 65535
         self._v5 = settings.protocol == "5"
         self._last_refusal: str | None = None
+        self._refusals: dict[int, str] = {}  # per node, why it last failed: each reason is logged once per node
         self._awaiting_connack = False
         # Failover (docs/fleets.md#broker-failover): the brokers, the one tried last or in use, what is left to
         # try in this round, the round after a lost connection, and the node of the last accepted connection.
@@ -305,9 +306,8 @@ class MqttLink:
         except (OSError, ssl.SSLError, ValueError) as exc:
             self._awaiting_connack = False
             message = explain_connect_error(exc, self._settings, node)
-            if message != self._last_refusal:
+            if self._refused(message):
                 log.warning("mqtt_connect_failed", host=node.host, port=node.port, node=str(node), error=message)
-                self._last_refusal = message
             return False
         return True
 
@@ -317,10 +317,18 @@ class MqttLink:
         detail = "the broker closed the connection before accepting it"
         if self._settings.tls.cert_file:
             detail += "; check that it accepts this agent's certificate (EDGE_AGENT_MQTT__TLS__CERT_FILE)"
-        if detail != self._last_refusal:
+        if self._refused(detail):
             node = self.node
             log.error("mqtt_connect_failed", host=node.host, port=node.port, node=str(node), error=detail)
-            self._last_refusal = detail
+
+    def _refused(self, reason: str) -> bool:
+        """Note why the node being tried failed; True the first time it fails for this reason since the last
+        accepted connection (the reason is then logged: once per node and reason, not at every attempt)."""
+        self._last_refusal = reason
+        if self._refusals.get(self._index) == reason:
+            return False
+        self._refusals[self._index] = reason
+        return True
 
     def _lose_socket(self) -> None:
         """Give up on the current socket without a DISCONNECT (it is broken or the broker never answered)."""
@@ -401,11 +409,11 @@ class MqttLink:
             self._awaiting_connack = False
             if reason.is_failure:
                 text = str(reason)
-                if text != self._last_refusal:
+                if self._refused(text):
                     log.error("mqtt_connect_refused", reason=text, host=self.node.host, node=str(self.node))
-                    self._last_refusal = text
                 return
             self._last_refusal = None
+            self._refusals.clear()
             session_present = bool(getattr(flags, "session_present", False))
             if properties is not None and hasattr(properties, "ReceiveMaximum"):
                 self.server_receive_maximum = int(properties.ReceiveMaximum)

@@ -134,7 +134,7 @@ def explain_connect_error(exc: BaseException, settings: MqttSettings, node: Brok
         if code in (2, 18, 19, 20, 21):
             return (f"the broker's certificate at {where} is not signed by the CA in "
                     f"EDGE_AGENT_MQTT__TLS__CA_FILE ({exc.verify_message})")
-        if code == 62:
+        if code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
             return f"the broker's certificate at {where} does not name {node.host!r} ({exc.verify_message})"
         return f"the broker's certificate at {where} was refused: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
