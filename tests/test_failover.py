@@ -76,6 +76,20 @@ def test_host_and_hosts_together_are_an_error_naming_both(tmp_path: Path, monkey
     assert load_settings(env, explicit=True).mqtt.nodes == (BrokerNode("a", 8883), BrokerNode("b", 1883))
 
 
+def test_the_status_line_names_the_node_only_when_there_are_several() -> None:
+    from agent.mqtt import MqttLink
+
+    def link(settings: MqttSettings) -> MqttLink:
+        return MqttLink(settings, client_id="c", agent_id="gw", topic_filters=[("a/#", 1)],
+                        on_message=lambda m: None, on_puback=lambda mid: None)
+
+    assert link(MqttSettings(host="broker")).describe() == "reconnecting"  # as before failover existed
+    several = link(MqttSettings(hosts=["mqtt-a:8883", "[fd00::7]:8883"]))
+    assert several.describe() == "reconnecting trying mqtt-a:8883 (node 1 of 2, 0 failovers)"
+    assert [str(n) for n in several.nodes] == ["mqtt-a:8883", "[fd00::7]:8883"]
+    assert several.connected_node is None
+
+
 def _problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
     for name in [n for n in os.environ if n.startswith("EDGE_AGENT_")]:
         monkeypatch.delenv(name)
