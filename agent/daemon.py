@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from agent.cloud import CircuitState
+from agent.agent_metrics import build_collector
 from agent.config import Reread, Route, Settings, split_reload
 from agent.deadletters import REPLAY_BATCH, DeadLetterLog, DropLog, Replay
 from agent.dispatch import Dispatcher
@@ -22,12 +22,14 @@ from agent.errors import ConfigError
 from agent.executor import LocalExecutor
 from agent.ingress import Ingress
 from agent.introspect import Introspection, build_policy
-from agent.metrics import AgentCollector, Gauge, LabelledCounter, LabelledHistogram, MetricsServer
+from agent.leave import Leave, leave_pending
+from agent.metrics import MetricsServer
 from agent.mqtt import MqttLink
 from agent.reload import Outcome, outcome_dir, write_outcome
 from agent.store import Committed, Store, ensure_writable
 from agent.systemd import Notifier
-from agent.tasks import StatefulTask, default_registry
+from agent.task_state import restore_task_state, save_task_state, store_barrier
+from agent.tasks import default_registry
 from agent.telemetry import get_logger
 
 if TYPE_CHECKING:
@@ -37,16 +39,11 @@ log = get_logger(__name__)
 
 STATS_EVERY_S = 60.0
 STATUS_EVERY_S = 5.0
-STATE_BATCH = 500  # windows a save hands to the store at once: at most ~1.7 MB of readings at the defaults
 SUBSCRIPTIONS_KEY = "subscriptions"
-LEAVING_KEY = "leaving"  # set while a leave (SIGUSR1) is under way, so a crash or power cut does not undo it
 Reloader = Callable[[], Reread]
 
 
 STUCK_AFTER_S = 10.0
-# Leaving the group ends once nothing has arrived for this long after the broker confirmed the UNSUBSCRIBE:
-# Mosquitto pushes a session's queue as fast as we acknowledge (in milliseconds), so silence means it is empty.
-LEAVE_QUIET_S = 2.0
 # A reload reports once the broker has confirmed its routes, so that what is published after `systemctl reload`
 # returns is routed by them; a broker slower than this is reported as not having confirmed them yet.
 RELOAD_SUBACK_WAIT_S = 10.0
@@ -80,9 +77,6 @@ class Daemon:
                            dead_letter_max_bytes=settings.dead_letters.max_bytes)
         self.notifier = Notifier()
         self.stopping = asyncio.Event()
-        self.leaving = False  # SIGUSR1: leaving the shared group (``_leave``)
-        self._end_session = False  # set once the leave is complete: the stop then discards the session
-        self._leave_task: asyncio.Future[None] | None = None
         self._reloading = asyncio.Lock()  # one reload at a time, each reading its sources after its SIGHUP
         self.loop_tick = time.monotonic()
 
@@ -91,6 +85,14 @@ class Daemon:
             log.info("stop_requested", reason=reason)
             self.notifier.stopping()
             self.stopping.set()
+
+    def request_leave(self) -> None:
+        """SIGUSR1: retire this member losslessly (agent/leave.py, docs/fleets.md#retiring-a-member)."""
+        self.leave.request()
+
+    @property
+    def leaving(self) -> bool:
+        return self.leave.leaving
 
     # ------------------------------------------------------------------ wiring
 
@@ -127,9 +129,16 @@ class Daemon:
             settings=lambda: self.settings, registry=self.registry, ingress=self.ingress, dispatcher=self.dispatcher,
             store=store, link=self.link, publisher=self.publisher, cloud=self.cloud, healthy=self._healthy,
             ready=self._ready)
+        self.leave = Leave(store=store, link=self.link, ingress=self.ingress, dispatcher=self.dispatcher,
+                           publisher=self.publisher, stopping=self.stopping, request_stop=self.request_stop,
+                           announce=lambda: self.notifier.status(self._status_line()),
+                           group=s.mqtt.shared_group, client_id=s.client_id)
         self.metrics: MetricsServer | None = None
         if s.metrics.port:
-            self.metrics = MetricsServer(s.metrics.port, self._collector(), healthy=self._healthy,
+            collector = build_collector(ingress=self.ingress, dispatcher=self.dispatcher, store=store,
+                                        link=self.link, publisher=self.publisher, policy=self.policy,
+                                        cloud=self.cloud)
+            self.metrics = MetricsServer(s.metrics.port, collector, healthy=self._healthy,
                                          ready=self._ready, host=s.metrics.host,
                                          endpoints=self.introspection.endpoints())
 
@@ -181,8 +190,8 @@ class Daemon:
                  routes=[r.topic for r in s.routes], resume_pending=counts["pending"],
                  resume_outbox=counts["outbox"], systemd=self.notifier.enabled, cloud=s.cloud.url or "off")
         self._build(loop)
-        self._restore_task_state()
-        resume_leave = bool(self.store.get_meta(LEAVING_KEY))  # read before the writer thread owns the store
+        restore_task_state(self.registry, self.store)
+        resume_leave = leave_pending(self.store)  # read before the writer thread owns the store
         self._state_saved: asyncio.Future[None] = loop.create_future()  # the periodic save under way, if any
         self._state_saved.set_result(None)
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
@@ -243,7 +252,7 @@ class Daemon:
                 self._log_stats()
                 last_stats = now
             if state_every > 0 and now - last_state >= state_every and self._state_saved.done():
-                self._state_saved = asyncio.ensure_future(self._save_task_state())
+                self._state_saved = asyncio.ensure_future(save_task_state(self.registry, self.store))
                 last_state = now
             self._dead_letter_chores()
             await asyncio.sleep(interval)
@@ -306,39 +315,6 @@ class Daemon:
                  store_rows=self.store.outstanding_rows, queued=self.dispatcher.backlog,
                  running=self.dispatcher.running, results_unconfirmed=self.publisher.inflight,
                  intake_paused=self.ingress.paused, threads=threading.active_count())
-
-    def request_leave(self) -> None:
-        """SIGUSR1: retire this member losslessly (docs/fleets.md#retiring-a-member)."""
-        if self.leaving or self.stopping.is_set():
-            return
-        self.leaving = True
-        self._mark_leaving(True)
-        log.info("leaving_group", group=self.settings.mqtt.shared_group, client_id=self.settings.client_id)
-        self.notifier.status(self._status_line())
-        self.link.leave()
-        self._leave_task = asyncio.ensure_future(self._leave())
-
-    async def _leave(self) -> None:
-        """Unsubscribed: take in what the session still holds, finish every task, have every result and dead
-        letter acknowledged, then stop and end the session, so that nothing is left with this member."""
-        received, quiet_since = -1, 0.0
-        while not self.stopping.is_set():
-            now = time.monotonic()
-            if (self.ingress.counters.received != received or not self.link.left.is_set()
-                    or not self.link.connected.is_set() or self.ingress.paused):
-                received, quiet_since = self.ingress.counters.received, now  # the session may still hold more
-            elif (now - quiet_since >= LEAVE_QUIET_S and self.dispatcher.backlog == 0
-                    and self.dispatcher.running == 0 and self.publisher.idle() and self.store.outstanding_rows == 0):
-                log.info("left_group_drained", received=received, completed=self.dispatcher.completed)
-                self._end_session = True
-                self._mark_leaving(False)
-                self.request_stop("left the group")
-                return
-            await asyncio.sleep(0.1)
-        # A SIGTERM cancels the leave (``_shutdown``): an ordinary stop; the session keeps what it holds.
-
-    def _mark_leaving(self, on: bool) -> None:
-        self.store.call(lambda: self.store.set_meta(LEAVING_KEY, "1" if on else ""))
 
     async def _reload(self) -> None:
         """SIGHUP: apply new routes without a restart; other changes are named and wait for one. The outcome goes
@@ -408,15 +384,14 @@ class Daemon:
 
     async def _shutdown(self) -> int:
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
-        if self.leaving and not self._end_session:
-            self._mark_leaving(False)  # stopped by SIGTERM: the leave is cancelled, not resumed at the next start
+        self.leave.stopping()  # stopped by SIGTERM: a leave under way is cancelled, not resumed at the next start
         self.ingress.closing = True  # new messages stay unacknowledged: the broker keeps them for our next start
         finished = await self.dispatcher.drain(max(0.1, deadline - time.monotonic() - 1.0))
         await self._state_saved  # a periodic save under way finishes first: it holds windows it took
-        await self._save_task_state()  # no task runs any more: the windows are final
+        await save_task_state(self.registry, self.store)  # no task runs any more: the windows are final
         if self.cloud is not None:
             await self.cloud.aclose()  # releases the leases
-        await self._store_barrier()  # results just computed are committed and handed to the publisher
+        await store_barrier(self.store)  # results just computed are committed and handed to the publisher
         # Give them a chance to reach the broker; whatever is left stays in the outbox for the next start.
         while not self.publisher.idle() and self.link.connected.is_set() and time.monotonic() < deadline - 0.5:
             await asyncio.sleep(0.02)
@@ -424,7 +399,7 @@ class Daemon:
         if unconfirmed:  # to the outbox: the next start publishes these results again rather than new ones
             self.store.complete(unconfirmed)
         await self.link.stop(timeout_s=max(0.5, deadline - time.monotonic()))
-        if self._end_session:
+        if self.leave.session_ended:
             ended = await self.link.end_session(timeout_s=max(2.0, deadline - time.monotonic()))
             if ended:
                 log.info("left_group", session="ended")
@@ -440,130 +415,6 @@ class Daemon:
                  results_waiting=self.publisher.backlog, pending_tasks=self.dispatcher.backlog)
         self.notifier.close()
         return 0
-
-    def _stateful_tasks(self) -> list[tuple[str, StatefulTask]]:
-        tasks: list[tuple[str, StatefulTask]] = []
-        for spec in self.registry:
-            fn: object = spec.fn
-            if isinstance(fn, StatefulTask):
-                tasks.append((spec.name, fn))
-        return tasks
-
-    def _restore_task_state(self) -> None:
-        for kind, task in self._stateful_tasks():
-            entries = self.store.load_task_state(kind, task.state_limit)
-            if entries:
-                restored, skipped = task.load_state(entries)
-                log.info("task_state_restored", kind=kind, entries=restored, skipped=skipped)
-
-    async def _save_task_state(self) -> None:
-        """Hand what stateful tasks changed since the last save to the writer, a batch at a time, each one
-        committed before the next is built: saving 10,000 windows never holds them all twice in memory."""
-        for kind, task in self._stateful_tasks():
-            try:
-                while entries := task.dump_state(limit=STATE_BATCH):
-                    self.store.save_task_state(kind, entries, keep=task.state_limit)
-                    await self._store_barrier()
-            except Exception:  # a plugin's dump_state: its state is worth less than the stop or the loop
-                log.exception("task_state_save_failed", kind=kind)
-
-    async def _store_barrier(self) -> None:
-        """Wait until the writer has committed everything queued so far and run its hand-offs."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def release() -> None:
-            loop.call_soon_threadsafe(done.set_result, None)
-
-        self.store.call(release)
-        await done
-
-    # ------------------------------------------------------------------ metrics
-
-    def _collector(self) -> AgentCollector:
-        c = AgentCollector()
-        ingress, dispatcher, store, link, publisher = (self.ingress, self.dispatcher, self.store, self.link,
-                                                       self.publisher)
-
-        def dead_letters() -> dict[str, int]:
-            merged = dict(ingress.counters.dead_by_reason)
-            for reason, n in dispatcher.dead_by_reason.items():
-                merged[reason] = merged.get(reason, 0) + n
-            return merged
-
-        c.counters += [
-            LabelledCounter("edge_agent_messages", "Messages accepted as tasks, by route filter.", ("route",),
-                            lambda: ingress.counters.by_route),
-            LabelledCounter("edge_agent_decisions", "Placement decisions, by target and reason.",
-                            ("target", "reason"), lambda: dispatcher.decisions),
-            LabelledCounter("edge_agent_dead_letters", "Messages sent to the dead-letter topic, by reason.",
-                            ("reason",), dead_letters),
-            LabelledCounter("edge_agent_cloud_requests", "Cloud submissions by outcome (ok, transient, permanent, "
-                            "circuit_open, cancelled: a hedged task's gateway copy finished first); every failed "
-                            "or cancelled one ran on the gateway.", ("outcome",),
-                            lambda: dispatcher.cloud_outcomes),
-            LabelledCounter("edge_agent_hedges", "Cloud tasks that also ran on the gateway because the cloud's "
-                            "answer was overdue.", (), lambda: {(): dispatcher.hedges}),
-            LabelledCounter("edge_agent_hedges_won", "Hedged tasks whose gateway copy finished first (the cloud "
-                            "request was cancelled).", (), lambda: {(): dispatcher.hedges_won}),
-            LabelledCounter("edge_agent_rebinds", "Tasks queued for the gateway that moved to the cloud before they "
-                            "started, because the cloud would now finish them sooner (late binding).", (),
-                            lambda: {(): dispatcher.rebinds}),
-            LabelledCounter("edge_agent_messages_received", "Messages received from the broker.", (),
-                            lambda: {(): ingress.counters.received}),
-            LabelledCounter("edge_agent_duplicates_received", "Redeliveries recognised as already stored.", (),
-                            lambda: {(): ingress.counters.duplicates}),
-            LabelledCounter("edge_agent_store_commits", "Group commits of the store.", (),
-                            lambda: {(): store.commits}),
-            LabelledCounter("edge_agent_dead_letters_dropped", "Kept dead letters dropped, oldest first, to hold "
-                            "EDGE_AGENT_DEAD_LETTERS__MAX_COUNT and __MAX_BYTES.", (),
-                            lambda: {(): store.dead_letters.dropped}),
-            LabelledCounter("edge_agent_dead_letters_replayed", "Dead letters re-admitted as new tasks by "
-                            "`edge-agent dead-letters replay`.", (), lambda: {(): ingress.counters.replayed}),
-        ]
-        c.histograms.append(LabelledHistogram(
-            "edge_agent_task_duration_seconds", "Measured service time of each task, by placement and kind.",
-            ("placement", "kind"), lambda: dispatcher.durations))
-        def estimates() -> dict[str, float]:
-            snapshot = self.policy.snapshot(time.monotonic())
-            return {k: float(v) for k, v in snapshot.items() if isinstance(v, int | float)}
-
-        def terms() -> dict[tuple[str, str], float]:
-            return {(kind, term): value for kind, t in dispatcher.last_terms.items() for term, value in t.items()}
-
-        def circuit() -> dict[str, float]:
-            state = self.cloud.circuit_state if self.cloud is not None else None
-            return {s.value: float(state is s) for s in CircuitState}
-
-        c.gauge_maps += [
-            ("edge_agent_circuit_state", "1 for the cloud circuit breaker's current state (all 0: no cloud).",
-             ("state",), circuit),
-            ("edge_agent_estimate", "The decision model's current estimates (Mbit/s, seconds, counts, bytes).",
-             ("name",), estimates),
-            ("edge_agent_decision_term_seconds", "Terms of the latest decision per task kind.", ("kind", "term"),
-             terms),
-        ]
-        c.gauges += [
-            Gauge("edge_agent_store_tasks", "Tasks and results in the store not yet acknowledged by the broker.",
-                  lambda: store.outstanding_rows),
-            Gauge("edge_agent_store_bytes", "Bytes of inputs and results held in the store.",
-                  lambda: store.outstanding_bytes),
-            Gauge("edge_agent_queue_depth", "Committed tasks waiting to run.", lambda: dispatcher.backlog),
-            Gauge("edge_agent_running_tasks", "Tasks running: in the worker pool, and cloud requests in flight.",
-                  lambda: dispatcher.running),
-            Gauge("edge_agent_results_unacknowledged", "Results published, awaiting the broker's PUBACK.",
-                  lambda: publisher.inflight),
-            Gauge("edge_agent_mqtt_connected", "1 while connected to the broker.",
-                  lambda: float(link.connected.is_set())),
-            Gauge("edge_agent_intake_paused", "1 while the store is full and intake is paused.",
-                  lambda: float(ingress.paused)),
-            Gauge("edge_agent_dead_letters_kept", "Dead letters whose payload the store keeps.",
-                  lambda: store.dead_letters.kept),
-            Gauge("edge_agent_dead_letters_kept_bytes", "Bytes of the dead-letter payloads the store keeps.",
-                  lambda: store.dead_letters.bytes),
-        ]
-        link.add_metrics(c)  # failover: connections by session_present, failovers, the node in use
-        return c
 
 
 def run(settings: Settings, reload: Reloader | None = None) -> int:
