@@ -13,17 +13,17 @@ from agent.cloud import CircuitState
 from agent.metrics import AgentCollector, Gauge, LabelledCounter, LabelledHistogram
 
 if TYPE_CHECKING:
-    from agent.cloud import CloudClient
+    from agent.cloud import Cloud
     from agent.decision import Policy
     from agent.dispatch import Dispatcher
     from agent.egress import Publisher
     from agent.ingress import Ingress
-    from agent.mqtt.link import MqttLink
+    from agent.mqtt import Link
     from agent.store import Store
 
 
-def build_collector(*, ingress: Ingress, dispatcher: Dispatcher, store: Store, link: MqttLink,
-                    publisher: Publisher, policy: Policy, cloud: CloudClient | None) -> AgentCollector:
+def build_collector(*, ingress: Ingress, dispatcher: Dispatcher, store: Store, link: Link,
+                    publisher: Publisher, policy: Policy, cloud: Cloud | None) -> AgentCollector:
     c = AgentCollector()
 
     def dead_letters() -> dict[str, int]:

@@ -1,4 +1,10 @@
-"""Wiring and lifecycle: build the stages, connect them, start, report, reload, stop. No business logic here."""
+"""Wiring and lifecycle: build the stages, connect them, start, report, reload, stop. No business logic here.
+
+Its boundaries can be injected (``Daemon(settings, link=..., cloud=..., store=..., clock=...)``): the MQTT link
+and the cloud client as factories of the Protocols ``agent.mqtt.Link`` and ``agent.cloud.Cloud``, the store as
+an instance; :func:`default_parts` fills in the real ones. Tests build the daemon in-process that way
+(tests/fakes.py).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent.agent_metrics import build_collector
@@ -24,7 +31,7 @@ from agent.ingress import Ingress
 from agent.introspect import Introspection, build_policy
 from agent.leave import Leave, leave_pending
 from agent.metrics import MetricsServer
-from agent.mqtt import MqttLink
+from agent.mqtt import Link, LinkFactory
 from agent.reload import Outcome, outcome_dir, write_outcome
 from agent.store import Committed, Store, ensure_writable
 from agent.systemd import Notifier
@@ -33,7 +40,7 @@ from agent.tasks import default_registry
 from agent.telemetry import get_logger
 
 if TYPE_CHECKING:
-    from agent.cloud import CloudClient
+    from agent.cloud import Cloud, CloudFactory
 
 log = get_logger(__name__)
 
@@ -64,21 +71,87 @@ def health(loop_age_s: float, network_alive: bool, store_healthy: bool) -> tuple
     return (not problems, "; ".join(problems) or "ok")
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What the stages hold in memory before they leave the rest in the store; None: the stage's own default.
+    Tests make them small to have work spill to disk and come back."""
+
+    dispatch_tasks: int | None = None  # committed tasks the dispatcher holds (Dispatcher's memory_cap_tasks)
+    publish_rows: int | None = None  # outbox rows the publisher holds (Publisher's memory_cap)
+    fresh_results: int | None = None  # light results waiting for the window, not in the outbox (fresh_cap)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The daemon's boundaries: what talks to the broker, the cloud, the disk, the worker processes and the clock."""
+
+    store: Store
+    executor: LocalExecutor
+    link: LinkFactory
+    cloud: CloudFactory | None  # None: no cloud URL, no offloading
+    clock: Callable[[], float]
+
+
+def default_parts(settings: Settings, *, link: LinkFactory | None = None, cloud: CloudFactory | None = None,
+                  store: Store | None = None, executor: LocalExecutor | None = None,
+                  clock: Callable[[], float] | None = None) -> Parts:
+    """The real parts for these settings, except those given."""
+    if store is None:
+        ensure_writable(settings.state_dir)
+        store = Store(settings.state_dir, max_tasks=settings.store.max_tasks, max_bytes=settings.store.max_bytes,
+                      synchronous=settings.store.synchronous,
+                      commit_interval_s=settings.store.commit_interval_ms / 1000,
+                      dead_letter_max_count=settings.dead_letters.max_count,
+                      dead_letter_max_bytes=settings.dead_letters.max_bytes)
+    if link is None:
+        from agent.mqtt.link import MqttLink  # and paho
+
+        link = MqttLink
+    if cloud is None and settings.cloud.url:
+        from agent.cloud import CloudClient  # and httpx: only an agent with a cloud loads them
+
+        cloud = CloudClient
+    if executor is None:
+        executor = LocalExecutor(settings.local.workers, settings)  # no worker process starts before warm_up
+    return Parts(store=store, executor=executor, link=link, cloud=cloud if settings.cloud.url else None,
+                 clock=clock or time.monotonic)
+
+
+def tune_process() -> None:
+    """The agent's own process, once its long-lived objects are built."""
+    # Everything built so far lives as long as the process: keep it out of the collector's full passes,
+    # which otherwise walk it all and stall the loop for tens of milliseconds under load.
+    gc.freeze()
+    # Each message leaves a few dozen tracked objects in queues for a moment; at the default threshold of
+    # 700 the young generation was collected every ~80 messages and the middle one every ~800, together
+    # about 3 µs a message. 10,000 cuts that by nine tenths; a pass over 10,000 objects takes ~2 ms.
+    gc.set_threshold(10_000, 10, 10)
+    # The store writer takes the GIL back after each SQLite call; at the default 5 ms switch interval every
+    # one of those waits up to 5 ms behind a busy loop, and a group commit makes several. 1 ms cut the tail
+    # of commit times under load (p99 9 → 6 ms, max 22 → 15 ms in benchmarks/throughput.py's latency phase).
+    sys.setswitchinterval(0.001)
+
+
 class Daemon:
-    def __init__(self, settings: Settings, reload: Reloader | None = None) -> None:
+    def __init__(self, settings: Settings, reload: Reloader | None = None, *, link: LinkFactory | None = None,
+                 cloud: CloudFactory | None = None, store: Store | None = None,
+                 executor: LocalExecutor | None = None, clock: Callable[[], float] | None = None,
+                 limits: Limits = Limits(),
+                 tune_process: bool = True) -> None:
+        """``tune_process``: freeze the start-up objects out of the collector and shorten the GIL switch
+        interval (``run``), as the agent's own process wants; an in-process test leaves its interpreter as is."""
         self.settings = settings
         self._reload_settings = reload
-        ensure_writable(settings.state_dir)
+        self.parts = default_parts(settings, link=link, cloud=cloud, store=store, executor=executor, clock=clock)
+        self._clock = self.parts.clock
+        self._limits = limits
+        self._tune_process = tune_process
         self.registry = default_registry()
-        self.store = Store(settings.state_dir, max_tasks=settings.store.max_tasks,
-                           max_bytes=settings.store.max_bytes, synchronous=settings.store.synchronous,
-                           commit_interval_s=settings.store.commit_interval_ms / 1000,
-                           dead_letter_max_count=settings.dead_letters.max_count,
-                           dead_letter_max_bytes=settings.dead_letters.max_bytes)
+        self.store = self.parts.store
         self.notifier = Notifier()
         self.stopping = asyncio.Event()
         self._reloading = asyncio.Lock()  # one reload at a time, each reading its sources after its SIGHUP
-        self.loop_tick = time.monotonic()
+        self.loop_tick = self._clock()
 
     def request_stop(self, reason: str) -> None:
         if not self.stopping.is_set():
@@ -98,17 +171,19 @@ class Daemon:
 
     def _build(self, loop: asyncio.AbstractEventLoop) -> None:
         s, store = self.settings, self.store
-        self.executor = LocalExecutor(s.local.workers, s)
+        self.executor = self.parts.executor
         self.dead_log, self.dead_drops, self._reading_replays = DeadLetterLog(), DropLog(), False
         self.policy = build_policy(s, self.registry)  # as `edge-agent explain` builds its own
         # No URL, no offloading: the policy then keeps every task local with reason no_cloud.
-        self.cloud: CloudClient | None = None
-        if s.cloud.url:
-            from agent.cloud import CloudClient  # and httpx: only an agent with a cloud loads them
-
-            self.cloud = CloudClient(s.cloud, observer=self.policy)
+        self.cloud: Cloud | None = None
+        if self.parts.cloud is not None:
+            self.cloud = self.parts.cloud(s.cloud, observer=self.policy)
+        limits = self._limits
         self.dispatcher = Dispatcher(agent_id=s.agent_id, registry=self.registry, executor=self.executor,
-                                     store=store, policy=self.policy, cloud=self.cloud, dead_log=self.dead_log)
+                                     store=store, policy=self.policy, cloud=self.cloud, dead_log=self.dead_log,
+                                     clock=self._clock,
+                                     **({} if limits.dispatch_tasks is None
+                                        else {"memory_cap_tasks": limits.dispatch_tasks}))
         self.ingress = Ingress(agent_id=s.agent_id, routes=s.routes, max_payload_bytes=s.max_payload_bytes,
                                store=store, ack=self._ack, request_redelivery=self._request_redelivery,
                                throttle=self._throttle, dead_log=self.dead_log)
@@ -117,18 +192,21 @@ class Daemon:
         self.ingress.remember(store.recent_deliveries(65_535))
         self.ingress.start(loop)
         previous = json.loads(store.get_meta(SUBSCRIPTIONS_KEY) or "[]")
-        self.link = MqttLink(
+        self.link: Link = self.parts.link(
             s.mqtt, client_id=s.client_id, agent_id=s.agent_id,
             topic_filters=[(r.topic, r.qos) for r in s.routes],
             on_message=self.ingress.handle, on_puback=self._acked, on_connected=self._connected,
             unsubscribe=[f for f in previous if f not in {r.topic for r in s.routes}],
         )
-        self.publisher = Publisher(store, self.link.send, window=s.mqtt.publish_window)
+        self.publisher = Publisher(store, self.link.send, window=s.mqtt.publish_window,
+                                   **({} if limits.publish_rows is None else {"memory_cap": limits.publish_rows}))
+        if limits.fresh_results is not None:
+            self.publisher.fresh_cap = limits.fresh_results
         self.publisher.on_room = self.dispatcher.connect_publisher(self.publisher.offer, self.publisher.room)
         self.introspection = Introspection(
             settings=lambda: self.settings, registry=self.registry, ingress=self.ingress, dispatcher=self.dispatcher,
             store=store, link=self.link, publisher=self.publisher, cloud=self.cloud, healthy=self._healthy,
-            ready=self._ready)
+            ready=self._ready, clock=self._clock)
         self.leave = Leave(store=store, link=self.link, ingress=self.ingress, dispatcher=self.dispatcher,
                            publisher=self.publisher, stopping=self.stopping, request_stop=self.request_stop,
                            announce=lambda: self.notifier.status(self._status_line()),
@@ -207,17 +285,8 @@ class Daemon:
         self.introspection.start(loop)
         if any(self.registry.get(r.task).heavy for r in s.routes):
             await self.executor.warm_up()  # a light-only gateway never starts worker processes
-        # Everything built so far lives as long as the process: keep it out of the collector's full passes,
-        # which otherwise walk it all and stall the loop for tens of milliseconds under load.
-        gc.freeze()
-        # Each message leaves a few dozen tracked objects in queues for a moment; at the default threshold of
-        # 700 the young generation was collected every ~80 messages and the middle one every ~800, together
-        # about 3 µs a message. 10,000 cuts that by nine tenths; a pass over 10,000 objects takes ~2 ms.
-        gc.set_threshold(10_000, 10, 10)
-        # The store writer takes the GIL back after each SQLite call; at the default 5 ms switch interval every
-        # one of those waits up to 5 ms behind a busy loop, and a group commit makes several. 1 ms cut the tail
-        # of commit times under load (p99 9 → 6 ms, max 22 → 15 ms in benchmarks/throughput.py's latency phase).
-        sys.setswitchinterval(0.001)
+        if self._tune_process:
+            tune_process()
         self.link.start()
         housekeeping = asyncio.ensure_future(self._housekeeping())
         log.info("agent_started", agent_id=s.agent_id)
@@ -234,10 +303,10 @@ class Daemon:
         ready = False
         interval = min(1.0, self.notifier.watchdog_s or 1.0)
         self.notifier.status(f"connecting to the broker at {', '.join(map(str, self.settings.mqtt.nodes))}")
-        last_status = last_stats = last_state = time.monotonic()
+        last_status = last_stats = last_state = self._clock()
         state_every = self.settings.store.state_interval_s
         while True:
-            now = time.monotonic()
+            now = self._clock()
             self.loop_tick = now  # this coroutine running is the proof that the event loop is not stuck
             if not ready and self.link.connected.is_set() and self.link.subscribed.is_set():
                 ready = True  # store open (it opened before anything else), broker connected, routes subscribed
@@ -281,7 +350,7 @@ class Daemon:
                               max_count=self.store.dead_letter_max_count, max_bytes=self.store.dead_letter_max_bytes)
 
     def _healthy(self) -> tuple[bool, str]:
-        return health(time.monotonic() - self.loop_tick, self.link.alive(within_s=STUCK_AFTER_S),
+        return health(self._clock() - self.loop_tick, self.link.alive(within_s=STUCK_AFTER_S),
                       self.store.healthy())
 
     def _ready(self) -> tuple[bool, str]:

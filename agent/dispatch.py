@@ -40,7 +40,7 @@ from agent.tasks import TaskRegistry
 from agent.telemetry import get_logger
 
 if TYPE_CHECKING:
-    from agent.cloud import CloudClient  # the client itself (and httpx) only once a cloud URL is set
+    from agent.cloud import Cloud  # what the dispatcher uses of the client (CloudClient: httpx, only with a URL)
 
 log = get_logger(__name__)
 
@@ -100,7 +100,7 @@ class Dispatcher:
         executor: LocalExecutor,
         store: Store,
         policy: Policy,
-        cloud: CloudClient | None = None,
+        cloud: Cloud | None = None,
         clock: Callable[[], float] = time.monotonic,
         memory_cap_bytes: int = 16 * 1024 * 1024,
         memory_cap_tasks: int = 3_000,

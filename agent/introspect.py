@@ -35,11 +35,11 @@ from agent.tasks import TaskRegistry
 from agent.telemetry import PROBLEMS
 
 if TYPE_CHECKING:
-    from agent.cloud import CloudClient
+    from agent.cloud import Cloud
     from agent.dispatch import Dispatcher
     from agent.egress import Publisher
     from agent.ingress import Ingress, Router
-    from agent.mqtt import MqttLink
+    from agent.mqtt import Link
     from agent.store import Store
 
 T = TypeVar("T")
@@ -179,8 +179,8 @@ class Introspection:
     """Gathers /status and /explain for the metrics server. Built by the daemon with its stages."""
 
     def __init__(self, *, settings: Callable[[], Settings], registry: TaskRegistry, ingress: Ingress,
-                 dispatcher: Dispatcher, store: Store, link: MqttLink, publisher: Publisher,
-                 cloud: CloudClient | None, healthy: Callable[[], tuple[bool, str]],
+                 dispatcher: Dispatcher, store: Store, link: Link, publisher: Publisher,
+                 cloud: Cloud | None, healthy: Callable[[], tuple[bool, str]],
                  ready: Callable[[], tuple[bool, str]], clock: Callable[[], float] = time.monotonic) -> None:
         self._settings = settings
         self._registry = registry

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from agent.dispatch import Dispatcher
     from agent.egress import Publisher
     from agent.ingress import Ingress
-    from agent.mqtt.link import MqttLink
+    from agent.mqtt import Link
     from agent.store import Store
 
 log = get_logger(__name__)
@@ -38,7 +38,7 @@ def leave_pending(store: Store) -> bool:
 class Leave:
     """The leave's state and its drain loop; the daemon asks ``leaving`` and ``session_ended``."""
 
-    def __init__(self, *, store: Store, link: MqttLink, ingress: Ingress, dispatcher: Dispatcher,
+    def __init__(self, *, store: Store, link: Link, ingress: Ingress, dispatcher: Dispatcher,
                  publisher: Publisher, stopping: asyncio.Event, request_stop: Callable[[str], None],
                  announce: Callable[[], object], group: str | None, client_id: str) -> None:
         self._store, self._link, self._ingress = store, link, ingress

@@ -1,167 +1,124 @@
-"""The stages between store and broker on real SQLite: spilling to disk and reading back, in order, once."""
+"""The daemon in-process between a stand-in broker and real SQLite: work spilled to disk comes back, in order, once.
+
+``Daemon`` is built as ``edge-agent run`` builds it, with the link replaced by tests/fakes.py's ``FakeBroker``
+and memory limits small enough that tasks and results spill to the store and are read back.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from fakes import FakeBroker, start
 
 from agent.config import Settings
-from agent.decision import Policy
-from agent.dispatch import Dispatcher
-from agent.egress import Publisher, Sent
-from agent.executor import LocalExecutor
+from agent.daemon import Daemon, Limits
 from agent.mqtt import InboundMessage, MqttLink
-from agent.store import Committed, NewTask, Store
-from agent.tasks import default_registry
+from agent.store import NewTask, Store
+
+from support import wait_until
+
+TOPIC = "city/a/traffic/1/data"
+
+
+def settings_for(tmp_path: Path) -> Settings:
+    return Settings(state_dir=tmp_path, local={"workers": 1}, metrics={"port": 0},  # type: ignore[arg-type]
+                    routes=[{"topic": "city/+/traffic/+/data", "task": "sensor.stats"}])
+
+
+def body(i: int) -> bytes:
+    return json.dumps({"seq": i, "speed": 40 + i % 7}).encode()
 
 
 def task(i: int) -> NewTask:
-    body = json.dumps({"seq": i, "speed": 40 + i % 7}).encode()
-    return NewTask(f"t{i}", "city/a/traffic/1/data", "sensor.stats", "auto", {"topic": "city/a/traffic/1/data"},
-                   body, len(body), 1000.0, None, None)
+    return NewTask(f"t{i}", TOPIC, "sensor.stats", "auto", {"topic": TOPIC}, body(i), len(body(i)), 1000.0, None,
+                   None)
 
 
-async def run_pipeline(tmp_path: Path, n: int, *, publish_cap: int, dispatch_cap: int, preload: bool,
-                       direct_cap: int | None = None,
-                       outbox_rows: list[int] | None = None) -> tuple[list[dict[str, Any]], Store]:
-    """Tasks through dispatcher and publisher with a broker stand-in that acknowledges every publish.
+def seqs(broker: FakeBroker) -> list[int]:
+    return [json.loads(payload)["result"]["fields"]["seq"]["value"] for _, payload in broker.published]
 
-    ``direct_cap``: results of light tasks skip the outbox, at most that many waiting for the window (as the
-    daemon wires it); ``outbox_rows`` collects how many rows each write to the outbox carried."""
-    loop = asyncio.get_running_loop()
+
+async def run_agent(tmp_path: Path, broker: FakeBroker, n_published: int, *, limits: Limits, sent: int = 0,
+                    store: Store | None = None, settle: bool = True, vanish: bool = False) -> Daemon:
+    """Start the daemon, have devices publish ``sent`` messages, wait for ``n_published`` results, stop it
+    (``vanish``: the broker goes away first, so the stop does not wait for its acknowledgements)."""
+    daemon = Daemon(settings_for(tmp_path), link=broker.link, store=store, limits=limits, tune_process=False)
+    running = await start(daemon, broker)
+    for i in range(sent):
+        broker.publish(TOPIC, body(i))
+    await wait_until(lambda: len(broker.published) >= n_published, 20, f"{n_published} results", interval=0.005)
+    if settle:
+        await wait_until(lambda: daemon.publisher.idle() and daemon.dispatcher.idle(), 20, "the stages to settle",
+                         interval=0.005)
+        # Every task the policy was told about has left its queues again.
+        snapshot = daemon.policy.snapshot(asyncio.get_running_loop().time())
+        assert snapshot["inline_tasks"] == 0
+        assert snapshot["local_tasks"] == 0
+    if vanish:
+        broker.connected.clear()
+    daemon.request_stop("test")
+    assert await running == 0
+    return daemon
+
+
+def counts(tmp_path: Path) -> dict[str, int]:
     store = Store(tmp_path, max_tasks=100_000, max_bytes=100_000_000)
-    published: list[dict[str, Any]] = []
-    mids = iter(range(1, 1_000_000))
-    boxes: dict[str, Any] = {}
+    try:
+        return store.counts()
+    finally:
+        store.stop()
 
-    def send(messages: Sequence[Sent], resend: Sequence[int] | None = None) -> list[int]:
-        sent = []
-        for i, message in enumerate(messages):
-            published.append(json.loads(message.payload))
-            sent.append(next(mids) if resend is None else resend[i])
-        loop.call_soon(boxes["publisher"].acked, sent)  # the broker's PUBACKs
-        return sent
 
-    settings = Settings(state_dir=tmp_path, local={"workers": 1})  # type: ignore[arg-type]
-    dispatcher = Dispatcher(agent_id="gw", registry=default_registry(), executor=LocalExecutor(1, settings),
-                            store=store, policy=Policy(settings.decision, inline_kinds=["sensor.stats"]),
-                            memory_cap_tasks=dispatch_cap)
-    publisher = Publisher(store, send, window=7, memory_cap=publish_cap)
-    boxes["publisher"] = publisher
-    if direct_cap is not None:
-        publisher.fresh_cap = direct_cap
-        publisher.on_room = dispatcher.connect_publisher(publisher.offer, publisher.room)
+def test_spilled_tasks_come_back_once_and_in_order(tmp_path: Path) -> None:
+    # 3000 messages against a dispatcher holding 40 tasks and a publisher taking 20 results at a time: the rest
+    # waits in the store, is read back in commit order, and every device message is acknowledged once stored.
+    broker = FakeBroker()
+    outbox_rows: list[int] = []
+    store = Store(tmp_path, max_tasks=100_000, max_bytes=100_000_000)
+    complete = store.complete
+    store.complete = lambda results, *dead: (outbox_rows.append(len(results)), complete(results, *dead))[1]  # type: ignore[method-assign]
+    daemon = asyncio.run(run_agent(tmp_path, broker, 3000, sent=3000, store=store,
+                                   limits=Limits(dispatch_tasks=40, publish_rows=50, fresh_results=20)))
+    assert seqs(broker) == list(range(3000))  # once each, in commit order
+    assert sorted(mid for mid, _ in broker.acks) == list(range(1, 3001))
+    # Light results skip the outbox: the dispatcher holds its tasks rather than overflow results into it.
+    assert sum(outbox_rows) == 0
+    assert daemon.dispatcher.completed == 3000
+    assert counts(tmp_path) == {"pending": 0, "outbox": 0, "published": 3000}
 
-    def deliver(committed: Committed) -> None:
-        dispatcher.accept(committed.tasks, committed.number)
-        publisher.accept(committed.outbox, committed.number)
 
-    if preload:  # as after a restart: everything is already in the store
+def test_unacknowledged_results_go_to_the_outbox_at_a_stop_and_the_next_start_publishes_them(tmp_path: Path) -> None:
+    # A broker that takes results and never acknowledges them: at a stop the results sent and those waiting for
+    # the window go to the outbox, and the next start publishes those same bytes, read back 50 rows at a time.
+    silent = FakeBroker(ack_publishes=False)
+    asyncio.run(run_agent(tmp_path, silent, 300, sent=300, settle=False, vanish=True,
+                          limits=Limits(dispatch_tasks=40, fresh_results=400)))
+    assert counts(tmp_path) == {"pending": 0, "outbox": 300, "published": 0}
+    broker = FakeBroker()
+    asyncio.run(run_agent(tmp_path, broker, 300, limits=Limits(publish_rows=50)))
+    assert sorted(p for _, p in broker.published) == sorted(p for _, p in silent.published)
+    assert counts(tmp_path) == {"pending": 0, "outbox": 0, "published": 300}
+
+
+def test_restart_resumes_pending_tasks(tmp_path: Path) -> None:
+    async def preload() -> None:  # as after a restart: everything is already in the store
+        loop = asyncio.get_running_loop()
+        store = Store(tmp_path, max_tasks=100_000, max_bytes=100_000_000)
         store.start(lambda c: None)
-        store.ingest([task(i) for i in range(n)], [])
+        store.ingest([task(i) for i in range(2500)], [])
         done = asyncio.Event()
         store.call(lambda: loop.call_soon_threadsafe(done.set))
         await done.wait()
         store.stop()
-        store = Store(tmp_path, max_tasks=100_000, max_bytes=100_000_000)
-        dispatcher._store = store
-        publisher._store = store
-    if outbox_rows is not None:
-        complete = store.complete
-        store.complete = lambda results, *dead: (outbox_rows.append(len(results)), complete(results, *dead))[1]  # type: ignore[method-assign]
-    store.start(lambda c: loop.call_soon_threadsafe(deliver, c))
-    dispatcher.start(loop)
-    publisher.start(loop)
-    if not preload:
-        for i in range(n):
-            store.ingest([task(i)], [])
-    for _ in range(2000):
-        await asyncio.sleep(0.01)
-        if len(published) >= n and publisher.idle() and dispatcher.idle():
-            break
-    await asyncio.sleep(0.1)
-    # Every task the policy was told about has left its queues again.
-    snapshot = dispatcher.policy.snapshot(loop.time())
-    assert snapshot["inline_tasks"] == 0
-    assert snapshot["local_tasks"] == 0
-    return published, store
 
-
-def test_spilled_tasks_and_results_come_back_once_and_in_order(tmp_path: Path) -> None:
-    published, store = asyncio.run(run_pipeline(tmp_path, 3000, publish_cap=50, dispatch_cap=40, preload=False))
-    seqs = [m["result"]["fields"]["seq"]["value"] for m in published]
-    assert sorted(seqs) == list(range(3000))
-    assert len(seqs) == 3000  # nothing twice
-    assert store.outstanding_rows == 0
-    assert store.counts()["published"] == 3000
-    store.stop()
-
-
-def test_light_results_skip_the_outbox_and_tasks_wait_for_the_publisher(tmp_path: Path) -> None:
-    # A publisher taking 20 results at a time and a window of 7: the dispatcher must hold its light tasks
-    # rather than overflow results into the outbox, and every pending row becomes a tombstone directly.
-    outbox_rows: list[int] = []
-    published, store = asyncio.run(run_pipeline(tmp_path, 3000, publish_cap=50, dispatch_cap=400, preload=False,
-                                                direct_cap=20, outbox_rows=outbox_rows))
-    seqs = [m["result"]["fields"]["seq"]["value"] for m in published]
-    assert seqs == list(range(3000))  # once each, in commit order
-    assert sum(outbox_rows) == 0
-    assert store.outstanding_rows == 0 and store.outstanding_bytes == 0
-    assert store.counts() == {"pending": 0, "outbox": 0, "published": 3000}
-    store.stop()
-
-
-def test_unacknowledged_direct_results_go_to_the_outbox_at_a_stop(tmp_path: Path) -> None:
-    # A broker that takes results and never acknowledges them: at a stop the results sent and those waiting
-    # for the window are handed back for the outbox, and the next start publishes those same bytes.
-    async def scenario() -> list[bytes]:
-        loop = asyncio.get_running_loop()
-        store = Store(tmp_path, max_tasks=100, max_bytes=1_000_000)
-        hooked: list[Committed] = []
-        store.start(lambda c: loop.call_soon_threadsafe(hooked.append, c))
-        store.ingest([task(i) for i in range(5)], [])
-        while sum(len(c.tasks) for c in hooked) < 5:
-            await asyncio.sleep(0.01)
-        refs = [ref for c in hooked for ref in c.tasks]
-        sent: list[bytes] = []
-        mids = iter(range(1, 100))
-
-        def send(messages: Sequence[Sent], resend: Sequence[int] | None = None) -> list[int]:
-            sent.extend(message.payload for message in messages)
-            return [next(mids) for _ in messages] if resend is None else list(resend)
-
-        publisher = Publisher(store, send, window=2)
-        publisher.start(loop)
-        await asyncio.sleep(0.05)  # the (empty) outbox read-back
-        results = [(ref.id, ref.size, "edge/gw/results/x", f"r{ref.task_id}".encode()) for ref in refs]
-        assert publisher.offer(results) == []
-        assert sent == [b"rt0", b"rt1"]  # the window
-        unconfirmed = publisher.take_unconfirmed()
-        assert sorted(r[3] for r in unconfirmed) == [f"rt{i}".encode() for i in range(5)]
-        assert publisher.idle()
-        store.complete(unconfirmed)
-        store.stop()
-        again = Store(tmp_path, max_tasks=100, max_bytes=1_000_000)
-        got: asyncio.Future[list[bytes]] = loop.create_future()
-        again.start(lambda c: None)
-        again.load_outbox(0, 100, lambda rows: loop.call_soon_threadsafe(got.set_result, [r.payload for r in rows]))
-        payloads = await got
-        assert again.counts()["pending"] == 0
-        again.stop()
-        return payloads
-
-    assert sorted(asyncio.run(scenario())) == [f"rt{i}".encode() for i in range(5)]
-
-
-def test_restart_resumes_pending_tasks(tmp_path: Path) -> None:
-    published, store = asyncio.run(run_pipeline(tmp_path, 2500, publish_cap=100, dispatch_cap=300, preload=True))
-    assert sorted(m["result"]["fields"]["seq"]["value"] for m in published) == list(range(2500))
+    asyncio.run(preload())
+    broker = FakeBroker()
+    asyncio.run(run_agent(tmp_path, broker, 2500, limits=Limits(dispatch_tasks=300, publish_rows=100)))
     # Light tasks run in commit order, so the windows see the readings in the order they arrived.
-    assert [m["result"]["fields"]["seq"]["value"] for m in published] == list(range(2500))
-    store.stop()
+    assert seqs(broker) == list(range(2500))
+    assert counts(tmp_path) == {"pending": 0, "outbox": 0, "published": 2500}
 
 
 def test_no_exception_escapes_a_paho_callback(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ Usage by the daemon::
     await client.aclose()                                              # releases the leases
 
 ``client.circuit_open(now)`` tells the decision to keep tasks local; ``client.lease_status()`` gives it the
-lease capacity.
+lease capacity. ``Cloud`` is what the agent uses of a client (a Protocol: tests stand in for it), and
+``CloudFactory`` how one is built (``CloudClient`` itself).
 
 The client (and with it httpx) is imported on first use of its names: an agent without a cloud URL never loads
 httpx, and the errors, the circuit breaker and the backoff come without it.
@@ -22,6 +23,7 @@ from agent.cloud._backoff import compute_backoff, parse_retry_after
 from agent.cloud._circuit import CircuitBreaker, CircuitState
 from agent.cloud._errors import CircuitOpen, CloudError, PermanentCloudError, TransientCloudError
 from agent.cloud._leases import Lease, choose_lease
+from agent.cloud._surface import Cloud, CloudFactory
 
 if TYPE_CHECKING:
     from agent.cloud._client import CloudClient, CloudObserver, CloudResult, LeaseSnapshot
@@ -40,8 +42,10 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpen",
     "CircuitState",
+    "Cloud",
     "CloudClient",
     "CloudError",
+    "CloudFactory",
     "CloudObserver",
     "CloudResult",
     "Lease",

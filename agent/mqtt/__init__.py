@@ -5,7 +5,8 @@
 - ``wire``: the lean wire path, the only module that touches paho's private names;
 - ``pump``: paho's external-loop interface driven by the asyncio loop;
 - ``session``: the subscriptions after every CONNACK, the broker's answers, leaving, ending the session;
-- ``link``: ``MqttLink``: connect, supervise, subscribe, acknowledge, send.
+- ``link``: ``MqttLink``: connect, supervise, subscribe, acknowledge, send;
+- ``surface``: ``Link``, what the daemon uses of it, and ``LinkFactory`` (Protocols: tests stand in for it).
 
 The names below are re-exported lazily: ``agent.config`` imports ``agent.mqtt.topics`` to validate routes,
 and importing the package must then load neither paho nor the settings it is still building.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from agent.mqtt.surface import Flag, Link, LinkFactory
 from agent.mqtt.topics import (
     dead_letter_topic,
     results_topic,
@@ -31,7 +33,10 @@ if TYPE_CHECKING:
     from agent.mqtt.wire import Outgoing
 
 __all__ = [
+    "Flag",
     "InboundMessage",
+    "Link",
+    "LinkFactory",
     "MqttLink",
     "Outgoing",
     "backoff_delay",
