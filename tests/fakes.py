@@ -4,6 +4,10 @@
 records every publish and acknowledgement, pushes device messages queued by ``publish`` as a broker does (a burst
 a loop turn, at most the Receive Maximum unacknowledged, none while the agent pauses reading) and acknowledges
 each publish (PUBACK) on the loop's next turn unless ``ack_publishes`` is off. It satisfies ``agent.mqtt.Link``.
+
+``StalledCloud`` (an ``agent.cloud.Cloud`` whose submissions hang until the test lets them answer) and
+``GatedPool`` (the worker pool, running heavy tasks only once the test opens its gate) make the timing of hedges
+and late binding the test's to choose: no real cloud or pool can be held at a chosen moment.
 """
 
 from __future__ import annotations
@@ -12,12 +16,16 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+from agent.cloud import CircuitState
+from agent.cloud._client import CloudResult, LeaseSnapshot
 from agent.config import BrokerNode
 from agent.daemon import Daemon
+from agent.executor import LocalExecutor
 from agent.mqtt.link import InboundMessage
+from agent.tasks import default_registry
 
 if TYPE_CHECKING:
     from agent.config import MqttSettings
@@ -155,6 +163,72 @@ class FakeBroker:
         pass
 
 
+
+class StalledCloud:
+    """Answers a submission only when ``answer`` is set; records submissions and cancellations."""
+
+    def __init__(self) -> None:
+        self.answer = asyncio.Event()
+        self.submitted: list[str] = []
+        self.cancelled: list[str] = []
+        self.sees_uploads = False  # as where the kernel's send queue cannot be read
+        self.uploaded = asyncio.Event()  # with sees_uploads: the upload ends when this is set
+        self.circuit_state = CircuitState.CLOSED
+
+    def circuit_open(self, now: float) -> bool:
+        return False
+
+    def prewarm(self) -> None:
+        pass
+
+    def lease_status(self) -> LeaseSnapshot:
+        return LeaseSnapshot(ready=True, slots=4, provisioning=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    async def submit(self, task_id: str, kind: str, payload: bytes,
+                     options: Mapping[str, Any] | None = None,
+                     on_uploaded: Callable[[], None] | None = None) -> CloudResult:
+        self.submitted.append(task_id)
+        try:
+            if self.sees_uploads:
+                await self.uploaded.wait()
+                if on_uploaded is not None:
+                    on_uploaded()
+            await self.answer.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(task_id)
+            raise
+        result, exec_s = LocalExecutor.run_inline(default_registry().get(kind), payload, options or {})
+        return CloudResult(task_id, kind, result, exec_s, exec_s + 0.05, 0.01, 1, "lease-1")
+
+    async def aclose(self) -> None:
+        pass
+
+
+class GatedPool:
+    """The worker pool, except that a heavy task runs only once ``gate`` is open."""
+
+    workers = 1
+    run_inline = staticmethod(LocalExecutor.run_inline)
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.started = 0
+
+    async def warm_up(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    async def run_in_pool(self, kind: str, payload: bytes, options: Mapping[str, Any]) -> tuple[dict[str, Any], float]:
+        self.started += 1
+        await self.gate.wait()
+        return LocalExecutor.run_inline(default_registry().get(kind), payload, options)
+
+
 async def start(daemon: Daemon, broker: FakeBroker, timeout_s: float = 10.0) -> asyncio.Future[int]:
     """Run the daemon on this loop until its link has started; stop it with ``daemon.request_stop`` and await the
     returned future (the exit status)."""
@@ -171,6 +245,8 @@ async def start(daemon: Daemon, broker: FakeBroker, timeout_s: float = 10.0) -> 
 
 
 if TYPE_CHECKING:  # mypy checks the stand-in against the Protocol the daemon takes
+    from agent.cloud import Cloud
     from agent.mqtt import LinkFactory
 
     _link: LinkFactory = FakeBroker().link
+    _cloud: Cloud = StalledCloud()

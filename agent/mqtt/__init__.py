@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from agent.mqtt.surface import Flag, Link, LinkFactory
 from agent.mqtt.topics import (
     dead_letter_topic,
     results_topic,
@@ -29,6 +28,7 @@ from agent.mqtt.topics import (
 
 if TYPE_CHECKING:
     from agent.mqtt.link import InboundMessage, MqttLink, backoff_delay
+    from agent.mqtt.surface import Flag, Link, LinkFactory
     from agent.mqtt.tls import certificate_expiry, explain_connect_error, tls_context
     from agent.mqtt.wire import Outgoing
 
@@ -59,6 +59,9 @@ _LAZY = {
     "explain_connect_error": "tls",
     "tls_context": "tls",
     "Outgoing": "wire",
+    "Flag": "surface",
+    "Link": "surface",
+    "LinkFactory": "surface",
 }
 
 

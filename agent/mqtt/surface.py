@@ -1,7 +1,7 @@
 """What the daemon uses of its MQTT link: :class:`Link`, and :class:`LinkFactory`, how one is built.
 
 ``MqttLink`` is the one implementation; tests build the daemon with a stand-in (tests/fakes.py). Nothing here
-imports paho or the settings: ``agent.mqtt`` re-exports these names eagerly.
+imports paho or the settings; ``agent.mqtt`` re-exports these names lazily, as the others.
 """
 
 from __future__ import annotations
