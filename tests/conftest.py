@@ -73,3 +73,12 @@ def devcloud(tmp_path: Path) -> Iterator[DevCloud]:
     server = DevCloud(tmp_path / "devcloud.log")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """For in-process load_settings: no EDGE_AGENT_* names and no credentials directory from the caller."""
+    for name in list(os.environ):
+        if name.upper().startswith("EDGE_AGENT_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+    return monkeypatch

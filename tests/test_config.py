@@ -38,14 +38,6 @@ def clean_environ() -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """For in-process load_settings: the same clean environment as the subprocesses get."""
-    for name in list(os.environ):
-        if name.upper().startswith(ENV_PREFIX) or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-    return monkeypatch
-
 
 def check_config(env_file: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -5,7 +5,6 @@ real ``edge-agent check-config`` / ``edge-agent run``."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -35,13 +34,6 @@ from agent.tasks import default_registry
 PREFIX = "edge-agent: configuration error: "
 SECRET = f"secret-{uuid.uuid4().hex}"
 
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in list(os.environ):
-        if name.upper().startswith(ENV_PREFIX) or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
-    return monkeypatch
 
 
 def problems(env_file: Path | None) -> list[tuple[str, str]]:
