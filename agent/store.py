@@ -894,18 +894,23 @@ def _chunks(values: list[Any], width: int) -> Iterable[tuple[int, list[Any]]]:
 
 
 # Only "?" placeholders and the state constants are formatted into these statements (hence the S608 waivers).
+def _rows_of(rows: int, columns: int) -> str:
+    """The VALUES list of a multi-row statement: ``rows`` groups of ``columns`` placeholders."""
+    return ",".join(["(" + ",".join("?" * columns) + ")"] * rows)
+
+
 @functools.cache
 def _insert_sql(rows: int) -> str:
     # Pending rows: the state and the empty result columns are written here, not bound (a bound value costs
     # the writer the GIL; this runs for every message).
-    values = ",".join(["(" + ",".join("?" * 11) + ")"] * rows)
+    values = _rows_of(rows, 11)
     return ("INSERT INTO tasks (id, task_id, topic, kind, placement, options, payload, size, received_at, "  # noqa: S608
             f"mid, crc, state) SELECT *, {PENDING} FROM (VALUES {values}) WHERE column1 IS NOT NULL")
 
 
 @functools.cache
 def _insert_dead_sql(rows: int) -> str:
-    values = ",".join(["(" + ",".join("?" * 15) + ")"] * rows)
+    values = _rows_of(rows, 15)
     return ("INSERT INTO tasks (id, task_id, topic, kind, placement, options, payload, size, received_at, "  # noqa: S608
             f"mid, crc, state, out_topic, out_payload, out_seq) SELECT * FROM (VALUES {values}) "
             "WHERE column1 IS NOT NULL")
@@ -914,7 +919,7 @@ def _insert_dead_sql(rows: int) -> str:
 @functools.cache
 def _keep_dead_sql(rows: int) -> str:
     # OR IGNORE: an id already kept (only a hand-edited store has one) must not stop every commit after it.
-    values = ",".join(["(" + ",".join("?" * 9) + ")"] * rows)
+    values = _rows_of(rows, 9)
     return ("INSERT OR IGNORE INTO dead_letters (id, task_id, topic, reason, detail, size, received_at, "  # noqa: S608
             f"payload, truncated, dead_at) SELECT *, ?1 FROM (VALUES {values}) WHERE column1 IS NOT NULL "
             "RETURNING length(payload)")
@@ -923,7 +928,7 @@ def _keep_dead_sql(rows: int) -> str:
 @functools.cache
 def _copy_dead_sql(rows: int) -> str:
     # The task's input, still in its pending row (the complete in the same transaction drops it afterwards).
-    values = ",".join(["(?,?,?,?)"] * rows)
+    values = _rows_of(rows, 4)
     return ("INSERT OR IGNORE INTO dead_letters (id, task_id, topic, reason, detail, size, received_at, "  # noqa: S608
             "dead_at, payload, truncated) SELECT v.column1, t.task_id, t.topic, v.column2, v.column3, t.size, "
             f"t.received_at, ?1, t.payload, 0 FROM (VALUES {values}) AS v JOIN tasks AS t ON t.id = v.column4 "
@@ -937,7 +942,7 @@ def _forget_dead_sql(rows: int) -> str:
 
 @functools.cache
 def _complete_sql(rows: int) -> str:
-    values = ",".join(["(?,?,?,?)"] * rows)
+    values = _rows_of(rows, 4)
     return ("UPDATE tasks SET state=1, payload=NULL, out_topic=v.column2, out_payload=v.column3, "  # noqa: S608
             f"out_seq=v.column4 FROM (VALUES {values}) AS v WHERE tasks.id=v.column1 AND tasks.state=0")
 
