@@ -1,0 +1,1 @@
+"""The archive: raw inputs of archive routes kept for their retention, on the gateway or in cloud storage."""
