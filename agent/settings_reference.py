@@ -24,8 +24,8 @@ from agent.config import (
     KindPrior,
     Route,
     Settings,
-    _default_kind_priors,
-    _default_routes,
+    default_kind_priors,
+    default_routes,
     leaves,
     strip_optional,
     variable,
@@ -194,7 +194,7 @@ def markdown() -> str:
         "",
         "The default routes:\n",
         "```json",
-        _json([r.model_dump(mode="json") for r in _default_routes()]),
+        _json([r.model_dump(mode="json") for r in default_routes()]),
         "```\n",
         "## Kind priors\n",
         "`EDGE_AGENT_DECISION__KINDS` maps a task kind (or `*`) to what the agent assumes of it before it has "
@@ -206,7 +206,7 @@ def markdown() -> str:
         "",
         "The default priors:\n",
         "```json",
-        _json({kind: prior.model_dump(mode="json") for kind, prior in _default_kind_priors().items()}),
+        _json({kind: prior.model_dump(mode="json") for kind, prior in default_kind_priors().items()}),
         "```",
     ]
     assert DecisionSettings.model_fields["kinds"].annotation == dict[str, KindPrior]
