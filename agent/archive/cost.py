@@ -11,10 +11,12 @@ Per sealed segment, in the currency of the prices:
   C_retrieval = expected retrieved GB × the cloud's egress price.
 
 The gateway's disk is already paid for: its only cost is that a byte held here forces another byte to the cloud
-once the disk budget is full. Its shadow price is therefore the cloud's storage cost of this segment per
-GB-month (upload spread over its months, plus the storage price) scaled by how full the budget is: nearly nothing
-on an empty disk, equal to the cloud's at ``KNEE`` of the budget, unbounded past it. The manager keeps the budget
-as a hard limit on top of this (over it, the oldest segments leave whatever the price).
+once the disk budget is full. Its shadow price per GB-month is therefore the price of a first month in the cloud
+(the upload plus a month of storage) scaled by how full the budget is: nearly nothing on an empty disk, the
+cloud's at ``KNEE`` of the budget, unbounded past it. One price per GB-month for every route: a segment kept for
+three months holds the disk three times as long as one kept for a month, and leaves first when disk gets dear.
+The manager keeps the budget as a hard limit on top of this (over it, the oldest segments leave whatever the
+price).
 
 Expected retrievals come from :class:`RetrievalRate`, learned per route from real queries with the route's
 ``retrievals_per_month`` as the prior.
@@ -41,11 +43,12 @@ __all__ = [
 
 GB = 1e9  # storage and transfer are priced per decimal gigabyte
 SECONDS_PER_MONTH = 30 * 86_400.0  # a month of retention and of storage prices: 30 days
-# The disk fill at which a byte on the gateway costs as much as the same byte kept in the cloud. Below it the
-# price falls off fast (a half-full disk costs 1 % of the cloud's), above it it climbs to infinity at the budget:
-# the archive uses most of its budget before it pays for cloud storage, and keeps room for a burst.
-KNEE = 0.9
-_STEEPNESS = 2.0
+# The disk fill at which a GB-month on the gateway is priced like a first month in the cloud. Below it the price
+# falls off fast (at 90 % of the budget it is under a hundredth of that), above it it climbs to infinity
+# at the budget: the archive uses nearly all of its budget before it pays for the cloud, and the rest is room for
+# a burst. Each per cent left unused is a per cent of the budget's worth paid to the cloud (archive replay).
+KNEE = 0.97
+_STEEPNESS = 4.0
 
 Choice = Literal["gateway", "cloud"]
 
@@ -98,7 +101,7 @@ class Placement:
 
 
 def shadow_factor(disk_used_bytes: int, disk_budget_bytes: int) -> float:
-    """The disk's shadow price as a fraction of the cloud's storage price: ((u / (1 - u)) / (K / (1 - K)))²
+    """The disk's shadow price as a fraction of a first month in the cloud: ((u / (1 - u)) / (K / (1 - K)))⁴
     for the fill u, 1 at ``KNEE``, infinite at or over the budget."""
     fill = disk_used_bytes / disk_budget_bytes
     if fill >= 1.0:
@@ -135,8 +138,8 @@ def place_segment(facts: SegmentFacts, prices: ArchivePrices) -> Placement:
 
     fill = facts.disk_used_bytes / prices.disk_budget_bytes
     factor = shadow_factor(facts.disk_used_bytes, prices.disk_budget_bytes)
-    # The cloud's storage cost of this segment per GB-month: what a byte here displaces once the disk is full.
-    reference = prices.cloud_storage_per_gb_month + (prices.uplink_per_gb / months if months > 0 else 0.0)
+    # A first month in the cloud per GB: what a byte here displaces for a month once the disk is full.
+    reference = prices.uplink_per_gb + prices.cloud_storage_per_gb_month
     shadow = factor * reference if factor > 0 else 0.0
     gateway_storage = gb * months * shadow if gb * months > 0 else 0.0
     gateway_retrieval = retrieved_gb * prices.uplink_per_gb
@@ -147,13 +150,13 @@ def place_segment(facts: SegmentFacts, prices: ArchivePrices) -> Placement:
         "disk_budget_bytes": float(prices.disk_budget_bytes),
         "disk_fill": fill,
         "shadow_factor": factor,
-        "cloud_per_gb_month": reference,
+        "cloud_month_per_gb": reference,
         "shadow_per_gb_month": shadow,
         "expected_reads": reads,
         "retrieved_gb": retrieved_gb,
         "uplink_per_gb": prices.uplink_per_gb,
         "storage_formula": "size_gb × months_left × shadow_per_gb_month "
-                           "(shadow_per_gb_month = shadow_factor × cloud_per_gb_month)",
+                           "(shadow_per_gb_month = shadow_factor × cloud_month_per_gb)",
         "retrieval_formula": "retrieved_gb × uplink_per_gb",
     })
 
@@ -170,29 +173,39 @@ class RetrievalRate:
     """How often a route's archived data is read back, learned online from real reads, the route's prior first.
 
     What it learns is a flow ratio: bytes read back (from either place) per byte sealed, both as sums fading
-    with ``half_life_days``. In a steady archive that is the number of times a segment is read over its life,
-    whatever the ages the queries ask for (recent clips after a complaint, a month of counts for planning), and
-    it needs no notion of how much data the route holds. Divided by the retention it is the expected reads per
-    month of a segment's data, which :class:`SegmentFacts` takes. The prior counts as ``prior_weight_days`` of
-    observation, so the first query of a quiet route does not swing a month of placements.
+    with a half-life. In a steady archive that is the number of times a segment is read over its life, whatever
+    the ages the queries ask for (recent clips after a complaint, a month of counts for planning), and it needs
+    no notion of how much data the route holds. Divided by the retention it is the expected reads per month of a
+    segment's data, which :class:`SegmentFacts` takes.
+
+    The half-life defaults to the retention, and to at least a month: a segment's reads are spread over its
+    life, and a city reads much of its data back once a month (a report), which must not swing the estimate
+    between reports. The prior counts as ``prior_weight_days`` of observation that fades like the rest, so the
+    first query of a quiet route does not swing a month of placements, and a year later the prior is forgotten.
     """
 
     __slots__ = ("_half_life_s", "_last", "_prior", "_prior_weight_s", "_read", "_retention_months", "_sealed",
                  "_seen_s")
 
-    def __init__(self, prior_per_month: float, retention_days: float, *, half_life_days: float = 7.0,
-                 prior_weight_days: float = 2.0, start: float | None = None) -> None:
+    def __init__(self, prior_per_month: float, retention_days: float, *, half_life_days: float | None = None,
+                 prior_weight_days: float = 7.0, start: float | None = None) -> None:
+        if half_life_days is None:
+            half_life_days = max(retention_days, 30.0)
         if prior_per_month < 0 or retention_days <= 0 or half_life_days <= 0 or prior_weight_days < 0:
             raise ValueError("need prior_per_month >= 0, retention_days > 0, half_life_days > 0, "
                              "prior_weight_days >= 0")
         self._prior = prior_per_month
         self._retention_months = retention_days * 86_400.0 / SECONDS_PER_MONTH
         self._half_life_s = half_life_days * 86_400.0
-        self._prior_weight_s = prior_weight_days * 86_400.0
+        self._prior_weight_s = prior_weight_days * 86_400.0  # fades like the observations
         self._read = 0.0  # faded bytes read back
         self._sealed = 0.0  # faded bytes sealed
         self._seen_s = 0.0  # faded seconds of observation
         self._last = start
+
+    @property
+    def half_life_days(self) -> float:
+        return self._half_life_s / 86_400.0
 
     def _advance(self, now: float) -> None:
         if self._last is None:
@@ -204,6 +217,7 @@ class RetrievalRate:
         fade = 0.5 ** (dt / self._half_life_s)
         self._read *= fade
         self._sealed *= fade
+        self._prior_weight_s *= fade
         # The integral of the fading over dt: the weight of the time just observed, as it stands now.
         self._seen_s = self._seen_s * fade + self._half_life_s / math.log(2) * (1.0 - fade)
         self._last = now
@@ -242,5 +256,7 @@ class RetrievalRate:
         return w * observed + (1.0 - w) * self._prior
 
     def snapshot(self, now: float) -> dict[str, float | None]:
+        """The estimate and where it comes from, for explain and /status."""
         return {"per_month": self.per_month(now), "prior_per_month": self._prior,
-                "observed_per_month": self.observed_per_month(now), "weight": self.weight(now)}
+                "observed_per_month": self.observed_per_month(now), "weight": self.weight(now),
+                "half_life_days": self.half_life_days}
