@@ -90,6 +90,46 @@ def test_the_status_line_names_the_node_only_when_there_are_several() -> None:
     assert several.connected_node is None
 
 
+def test_the_order_of_nodes_after_a_loss_a_dead_round_and_a_redelivery() -> None:
+    # The bookkeeping alone (agent.mqtt.failover): the tests below drive the same through real brokers.
+    from agent.mqtt.failover import Failover
+
+    a, b, c = BrokerNode("a", 1883), BrokerNode("b", 1883), BrokerNode("c", 1883)
+    failover = Failover((a, b, c))
+
+    def round_from_here() -> list[BrokerNode]:
+        tried = []
+        while not failover.round_over:
+            tried.append(failover.advance())
+        return tried
+
+    assert failover.advance() == a and failover.accepted() is None  # the first connection is no failover
+    failover.lost()
+    assert failover.round_over  # back off before anything else
+    failover.next_round()
+    assert round_from_here() == [b, c, a]  # the others in order of preference, then the one just lost
+    failover.next_round()  # no node answered: after the next backoff, every node in order
+    assert failover.advance() == a
+    assert failover.advance() == b and failover.accepted() == a and failover.failovers == 1
+    failover.dropped()  # our own reconnect: back to b, whose session holds what we left unacknowledged
+    assert round_from_here() == [b, a, c]
+    assert failover.describe(connected=False) == " trying c:1883 (node 3 of 3, 1 failover)"
+
+
+def test_a_refusal_is_reported_once_per_node_and_reason_until_a_connection_is_accepted() -> None:
+    from agent.mqtt.failover import Failover
+
+    failover = Failover((BrokerNode("a", 1883), BrokerNode("b", 1883)))
+    failover.advance()
+    assert failover.refused("refused") and not failover.refused("refused")
+    assert failover.refused("timed out") and failover.last_refusal == "timed out"
+    failover.advance()
+    assert failover.refused("timed out")  # another node: its own first time
+    failover.accepted()
+    assert failover.last_refusal is None and failover.refused("timed out")
+    assert Failover((BrokerNode("a", 1883),)).describe(connected=True) == ""
+
+
 def _problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
     for name in [n for n in os.environ if n.startswith("EDGE_AGENT_")]:
         monkeypatch.delenv(name)

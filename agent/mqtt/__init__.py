@@ -5,6 +5,8 @@
 - ``wire``: the lean wire path, the only module that touches paho's private names;
 - ``pump``: paho's external-loop interface driven by the asyncio loop;
 - ``session``: the subscriptions after every CONNACK, the broker's answers, leaving, ending the session;
+- ``inbound``: device messages as paho hands them over, converted at once into ``InboundMessage``;
+- ``failover``: which of several brokers to try next, and why each one last failed;
 - ``link``: ``MqttLink``: connect, supervise, subscribe, acknowledge, send;
 - ``surface``: ``Link``, what the daemon uses of it, and ``LinkFactory`` (Protocols: tests stand in for it).
 
@@ -27,7 +29,8 @@ from agent.mqtt.topics import (
 )
 
 if TYPE_CHECKING:
-    from agent.mqtt.link import InboundMessage, MqttLink, backoff_delay
+    from agent.mqtt.inbound import InboundMessage
+    from agent.mqtt.link import MqttLink, backoff_delay
     from agent.mqtt.surface import Flag, Link, LinkFactory
     from agent.mqtt.tls import certificate_expiry, explain_connect_error, tls_context
     from agent.mqtt.wire import Outgoing
@@ -52,7 +55,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "InboundMessage": "link",
+    "InboundMessage": "inbound",
     "MqttLink": "link",
     "backoff_delay": "link",
     "certificate_expiry": "tls",

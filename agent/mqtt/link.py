@@ -8,14 +8,9 @@ reconnect in lock-step after a broker restart). Only the blocking connect (TCP a
 worker thread. Every paho callback catches everything: an exception escaping one would unwind paho's
 read loop mid-packet (thingsboard-gateway #2086).
 
-Several brokers (``EDGE_AGENT_MQTT__HOSTS``) are tried in order of preference: the link connects to the first
-that answers and stays there while connected. A lost connection starts, after the usual jittered backoff, a
-round over the other nodes in order and then the one just lost; a round in which no node answered is followed
-by the next backoff and a round over every node in order. A deliberate reconnect (redelivery) goes back to the
-node in use first: with independent brokers the session, and what it holds, lives there.
-
 The link keeps the connection's state; the lean wire path is ``wire.WireClient``, the socket's registration
-on the event loop ``pump.Pump``, the subscriptions ``session.Subscriptions``.
+on the event loop ``pump.Pump``, the subscriptions ``session.Subscriptions``, and which of several brokers
+(``EDGE_AGENT_MQTT__HOSTS``) to try next ``failover.Failover``.
 """
 
 from __future__ import annotations
@@ -27,20 +22,21 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.metrics import LabelledCounter
+from agent.mqtt.failover import Failover
+from agent.mqtt.inbound import Inbound
+from agent.mqtt.inbound import InboundMessage as InboundMessage  # public here too: agent.mqtt.link.InboundMessage
 from agent.mqtt.pump import Pump
-from agent.mqtt.session import Subscriptions, end_session
-from agent.mqtt.tls import authenticate, explain_connect_error
+from agent.mqtt.session import Subscriptions, end_session, new_client, resume_session
+from agent.mqtt.tls import explain_connect_error
 from agent.mqtt.topics import status_topic
-from agent.mqtt.wire import Outgoing, WireClient, raw_topic
+from agent.mqtt.wire import Outgoing
 from agent.telemetry import get_logger
 
 if TYPE_CHECKING:
@@ -48,17 +44,6 @@ if TYPE_CHECKING:
     from agent.metrics import AgentCollector
 
 log = get_logger(__name__)
-
-
-class InboundMessage(NamedTuple):
-    """A device message as paho handed it over (NamedTuple: cheapest immutable value on the hot path)."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    mid: int
-    dup: bool
-    received_at: float  # wall clock, for dead letters and the latency figures
 
 
 def backoff_delay(attempt: int, minimum: float, maximum: float, rng: random.Random) -> float:
@@ -93,7 +78,6 @@ class MqttLink:
         self._settings = settings
         self._agent_id = agent_id
         self._client_id = client_id
-        self._on_message_cb = on_message
         self._on_puback_cb = on_puback
         self._on_connected_cb = on_connected
         self._rng = random.Random()
@@ -109,41 +93,18 @@ class MqttLink:
         self.heartbeat = time.monotonic()  # refreshed by every pass of the supervisor (watchdog)
         self.server_receive_maximum = 65535
         self._v5 = settings.protocol == "5"
-        self._last_refusal: str | None = None
-        self._refusals: dict[int, str] = {}  # per node, why it last failed: each reason is logged once per node
         self._awaiting_connack = False
-        # Failover (docs/fleets.md#broker-failover): the brokers, the one tried last or in use, what is left to
-        # try in this round, the round after a lost connection, and the node of the last accepted connection.
-        self._nodes = settings.nodes
-        self._index = 0
-        self._pending: list[int] = []
-        self._next_round: list[int] | None = None
-        self._connected_index: int | None = None
-        self.failovers = 0  # connections accepted by another node than the one before (edge_agent_mqtt_failovers)
+        self._failover = Failover(settings.nodes)
         self.session_present: bool | None = None  # the last CONNACK's, None before the first
         self.connections = {"true": 0, "false": 0}  # accepted connections by session_present
 
-        protocol = paho.MQTTv5 if self._v5 else paho.MQTTv311
-        client = WireClient(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=protocol,
-            # 3.1.1: a persistent session; MQTT 5 uses clean_start=False plus a session expiry on connect.
-            clean_session=None if self._v5 else False,
-            manual_ack=True,
-            reconnect_on_failure=False,
-        )
-        # We bound the results awaiting PUBACK ourselves; paho's limit costs O(in-flight) per PUBACK
-        # (docs/contributing.md#paho-mqtt-traps).
-        client.max_inflight_messages_set(0)
-        client.max_queued_messages_set(0)
-        authenticate(client, settings)
-        client.will_set(status_topic(agent_id), b"offline", qos=1, retain=True)
+        client = new_client(settings, client_id, agent_id)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+        inbound = Inbound(on_message, self.ack)
+        client.on_message = inbound.from_paho
         client.on_publish = self._on_publish
-        client.inbound = self._inbound
+        client.inbound = inbound.from_wire
         client.settled = self._on_puback_cb
         self._client = client
         self._pump = Pump(client, self._lose_socket)
@@ -234,18 +195,15 @@ class MqttLink:
             if client.socket() is None:
                 if self._lost:
                     self._lost = False
-                    if not self._pending:  # a round without an answer, or a lost connection: back off first
+                    if self._failover.round_over:  # a round without an answer, or a lost connection: back off
                         delay = backoff_delay(attempt, self._settings.reconnect_min_s,
                                               self._settings.reconnect_max_s, self._rng)
                         attempt += 1
                         log.info("mqtt_reconnect_wait", seconds=round(delay, 2), attempt=attempt)
                         await self._wait_out(delay)
-                        self._pending = self._next_round or list(range(len(self._nodes)))
-                        self._next_round = None
+                        self._failover.next_round()
                         continue
-                if not self._pending:
-                    self._pending = list(range(len(self._nodes)))
-                self._index = self._pending.pop(0)
+                self._failover.advance()
                 if not await self._loop.run_in_executor(None, self._try_connect):
                     self._lost = True
                     continue
@@ -287,26 +245,15 @@ class MqttLink:
 
     def _try_connect(self) -> bool:
         """The blocking part (TCP connect, TLS handshake, CONNECT queued); runs in a worker thread."""
-        properties: Properties | None = None
-        if self._v5:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = self._settings.session_expiry_s
-            properties.ReceiveMaximum = self._settings.receive_maximum
         # Set before connecting: the event loop may read the CONNACK (and clear this) before connect() returns.
         self._awaiting_connack = True
         node = self.node
         try:
-            self._client.connect(
-                node.host,  # with TLS also the SNI and the name the broker's certificate is verified against
-                node.port,
-                keepalive=self._settings.keepalive_s,
-                clean_start=False if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-                properties=properties,
-            )
+            resume_session(self._client, self._settings, node)
         except (OSError, ssl.SSLError, ValueError) as exc:
             self._awaiting_connack = False
             message = explain_connect_error(exc, self._settings, node)
-            if self._refused(message):
+            if self._failover.refused(message):
                 log.warning("mqtt_connect_failed", host=node.host, port=node.port, node=str(node), error=message)
             return False
         return True
@@ -317,18 +264,9 @@ class MqttLink:
         detail = "the broker closed the connection before accepting it"
         if self._settings.tls.cert_file:
             detail += "; check that it accepts this agent's certificate (EDGE_AGENT_MQTT__TLS__CERT_FILE)"
-        if self._refused(detail):
+        if self._failover.refused(detail):
             node = self.node
             log.error("mqtt_connect_failed", host=node.host, port=node.port, node=str(node), error=detail)
-
-    def _refused(self, reason: str) -> bool:
-        """Note why the node being tried failed; True the first time it fails for this reason since the last
-        accepted connection (the reason is then logged: once per node and reason, not at every attempt)."""
-        self._last_refusal = reason
-        if self._refusals.get(self._index) == reason:
-            return False
-        self._refusals[self._index] = reason
-        return True
 
     def _lose_socket(self) -> None:
         """Give up on the current socket without a DISCONNECT (it is broken or the broker never answered)."""
@@ -338,31 +276,32 @@ class MqttLink:
     @property
     def last_connect_error(self) -> str | None:
         """Why the latest attempt to connect failed; None once the broker has accepted a connection."""
-        return self._last_refusal
+        return self._failover.last_refusal
 
     @property
     def node(self) -> BrokerNode:
         """The broker in use, or being tried."""
-        return self._nodes[self._index]
+        return self._failover.node
 
     @property
     def nodes(self) -> tuple[BrokerNode, ...]:
-        return self._nodes
+        return self._failover.nodes
 
     @property
     def connected_node(self) -> BrokerNode | None:
         """The broker of the live connection; None while there is none."""
-        return self._nodes[self._index] if self.connected.is_set() else None
+        return self._failover.node if self.connected.is_set() else None
+
+    @property
+    def failovers(self) -> int:
+        """Connections accepted by another node than the one before (edge_agent_mqtt_failovers)."""
+        return self._failover.failovers
 
     def describe(self) -> str:
         """The connection in the status line (STATUS=): connected or reconnecting, and with several brokers the
         node in use (or being tried) and the failovers so far."""
         connected = self.connected.is_set()
-        state = "connected" if connected else "reconnecting"
-        if len(self._nodes) > 1:
-            state += (f" {'to' if connected else 'trying'} {self.node} (node {self._index + 1} of "
-                      f"{len(self._nodes)}, {self.failovers} failover{'' if self.failovers == 1 else 's'})")
-        return state
+        return ("connected" if connected else "reconnecting") + self._failover.describe(connected)
 
     def add_metrics(self, collector: AgentCollector) -> None:
         """The link's series: accepted connections by session_present, failovers, and the node in use."""
@@ -376,19 +315,15 @@ class MqttLink:
         collector.gauge_maps.append((
             "edge_agent_mqtt_node", "1 for the broker in use, 0 for the other nodes of EDGE_AGENT_MQTT__HOSTS "
             "(all 0 while disconnected).", ("node",),
-            lambda: {str(node): float(node == self.connected_node) for node in self._nodes}))
+            lambda: {str(node): float(node == self.connected_node) for node in self.nodes}))
 
     def _connection_ended(self) -> None:
         if self._awaiting_connack and not self._dropping:
             self._refused_before_connack()
         if self._dropping:
-            # Our own reconnect (redelivery): back to the node in use, whose session holds what we left.
-            self._pending = [self._index, *(i for i in range(len(self._nodes)) if i != self._index)]
-            self._next_round = None
+            self._failover.dropped()
         elif self.connected.is_set() and not self._stopping:
-            # A lost connection: after the backoff, the others in order of preference, then this one.
-            self._pending = []
-            self._next_round = [*(i for i in range(len(self._nodes)) if i != self._index), self._index]
+            self._failover.lost()
         self._awaiting_connack = False
         if not self._dropping and not self._stopping:
             self._lost = True
@@ -409,30 +344,25 @@ class MqttLink:
             self._awaiting_connack = False
             if reason.is_failure:
                 text = str(reason)
-                if self._refused(text):
+                if self._failover.refused(text):
                     log.error("mqtt_connect_refused", reason=text, host=self.node.host, node=str(self.node))
                 return
-            self._last_refusal = None
-            self._refusals.clear()
+            previous = self._failover.accepted()
             session_present = bool(getattr(flags, "session_present", False))
             if properties is not None and hasattr(properties, "ReceiveMaximum"):
                 self.server_receive_maximum = int(properties.ReceiveMaximum)
             self._subs.send()
             client.publish(status_topic(self._agent_id), b"online", qos=1, retain=True)
             node = self.node
-            previous, self._connected_index = self._connected_index, self._index
-            self._pending = []
-            self._next_round = None
             self.session_present = session_present
             self.connections["true" if session_present else "false"] += 1
             self.connected.set()
             log.info("mqtt_connected", host=node.host, port=node.port, node=str(node),
                      session_present=session_present, protocol=self._settings.protocol)
-            if previous is not None and previous != self._index:
-                self.failovers += 1
+            if previous is not None:
                 # With independent brokers the session starts afresh here (session_present false) and what
                 # devices published to the other node stays there; a cluster resumes it (docs/fleets.md).
-                log.warning("mqtt_failover", from_node=str(self._nodes[previous]), to_node=str(node),
+                log.warning("mqtt_failover", from_node=str(previous), to_node=str(node),
                             session_present=session_present, failovers=self.failovers)
             self._on_connected_cb(session_present)
         except Exception:
@@ -473,35 +403,6 @@ class MqttLink:
             self._connection_ended()
         except Exception:
             log.exception("callback_failed", callback="on_disconnect")
-
-    def _inbound(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool) -> None:
-        try:
-            try:
-                text = topic.decode()
-            except UnicodeDecodeError:
-                # MQTT forbids it and brokers reject it; if one slips through, it cannot be routed or replied to.
-                log.error("mqtt_topic_not_utf8", raw=repr(topic[:200]))
-                self.ack(mid, qos)
-                return
-            self._on_message_cb(InboundMessage(text, payload, qos, mid, dup, time.time()))
-        except Exception:
-            log.exception("callback_failed", callback="on_message")
-
-    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        """QoS 2 messages, which take paho's own path."""
-        try:
-            try:
-                topic = message.topic
-            except UnicodeDecodeError:
-                # MQTT forbids it and brokers reject it; if one slips through, it cannot be routed or replied to.
-                log.error("mqtt_topic_not_utf8", raw=repr(raw_topic(message)[:200]))
-                self.ack(message.mid, message.qos)
-                return
-            self._on_message_cb(
-                InboundMessage(topic, bytes(message.payload), message.qos, message.mid, bool(message.dup), time.time())
-            )
-        except Exception:
-            log.exception("callback_failed", callback="on_message")
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
                     properties: Properties | None) -> None:

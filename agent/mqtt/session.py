@@ -1,4 +1,5 @@
-"""The broker's session: the routes' filters after every CONNACK, the broker's answers, leaving, its end.
+"""The broker's session: the link's client and its connect, which resume it; the routes' filters after every
+CONNACK, the broker's answers, leaving; its end.
 
 docs/design.md#mqtt-contract (Subscriptions): each route's filter at its QoS, in the shared form when a group
 is set, with retain handling 1 on MQTT 5; filters earlier routes left in the session are unsubscribed.
@@ -14,18 +15,60 @@ from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.mqtt.tls import authenticate, explain_connect_error
-from agent.mqtt.topics import subscription_filter
+from agent.mqtt.topics import status_topic, subscription_filter
+from agent.mqtt.wire import WireClient
 from agent.telemetry import get_logger
 
 if TYPE_CHECKING:
     from agent.config import BrokerNode, MqttSettings
 
 log = get_logger(__name__)
+
+
+def new_client(s: MqttSettings, client_id: str, agent_id: str) -> WireClient:
+    """The link's client: a persistent session, acknowledgements and reconnects left to the link, the retained
+    ``offline`` status as its will."""
+    v5 = s.protocol == "5"
+    client = WireClient(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+        # 3.1.1: a persistent session; MQTT 5 uses clean_start=False plus a session expiry on connect.
+        clean_session=None if v5 else False,
+        manual_ack=True,
+        reconnect_on_failure=False,
+    )
+    # We bound the results awaiting PUBACK ourselves; paho's limit costs O(in-flight) per PUBACK
+    # (docs/contributing.md#paho-mqtt-traps).
+    client.max_inflight_messages_set(0)
+    client.max_queued_messages_set(0)
+    authenticate(client, s)
+    client.will_set(status_topic(agent_id), b"offline", qos=1, retain=True)
+    return client
+
+
+def resume_session(client: paho.Client, s: MqttSettings, node: BrokerNode) -> None:
+    """Connect ``client`` to ``node``, resuming its session there (or starting one that outlives the connection).
+    Blocking: the TCP connect, the TLS handshake, the CONNECT queued; raises what paho's ``connect`` raises."""
+    v5 = s.protocol == "5"
+    properties: Properties | None = None
+    if v5:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = s.session_expiry_s
+        properties.ReceiveMaximum = s.receive_maximum
+    client.connect(
+        node.host,  # with TLS also the SNI and the name the broker's certificate is verified against
+        node.port,
+        keepalive=s.keepalive_s,
+        clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+        properties=properties,
+    )
 
 
 class Subscriptions:
