@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS segments (
     PRIMARY KEY (route, segment_id)
 );
 CREATE INDEX IF NOT EXISTS segments_time ON segments (first_at);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS reads (
     route    TEXT NOT NULL,
     at       REAL NOT NULL,
@@ -149,6 +153,13 @@ class Catalog:
         """What the sealed segments on the gateway occupy (``uploading`` ones are still on disk)."""
         row = self._db().execute("SELECT coalesce(sum(size), 0) FROM segments WHERE place != 'cloud'").fetchone()
         return int(row[0])
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db().execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def record_read(self, route: str, at: float, read_bytes: int, fraction: float) -> None:
         self._db().execute("INSERT INTO reads VALUES (?, ?, ?, ?)", (route, at, read_bytes, fraction))

@@ -48,6 +48,10 @@ class Intake:
         self._last_id = 0
         self.appended = 0  # records since the start (a metric)
         self.sealed = 0
+        # Set by the manager while the disk budget is full and no segment can leave: inputs are then not
+        # archived (counted in ``refused``) rather than the budget broken or the agent's intake held.
+        self.refusing = False
+        self.refused = 0
         self.routes = set(routes)
         # Task ids of what recovery found unsealed: what a reconciliation must not append again.
         self.recovered_ids: set[str] = set()
@@ -120,7 +124,9 @@ class Intake:
         """Make committed inputs durable in their routes' journals (one fdatasync per route and batch)."""
         with self._lock:
             for route, records in by_route.items():
-                if records:
+                if self.refusing:
+                    self.refused += len(records)
+                elif records:
                     self._journal(route).append(records, self._clock())
                     self.appended += len(records)
 
