@@ -1,0 +1,683 @@
+"""``edge-agent archive replay``: a month of archive routes, placed by the agent and by baselines, in money.
+
+A workload (``agent/archive/workloads/*.json``) gives each route's data rate, retention, prior and the queries
+that read it back, and the prices and disk budget. The replay draws the segments and the queries once, then
+places every segment under each policy and prices what happens, with the real prices only (uploads and reads
+from the gateway over the metered uplink, cloud GB-months, cloud egress; the gateway's disk costs nothing, but
+its budget is a hard limit):
+
+- ``agent``: the daemon's decision code, :func:`agent.archive.cost.place_segment` at each seal with a
+  :class:`~agent.archive.cost.RetrievalRate` per route learning from the simulated queries;
+- ``always_local`` and ``always_cloud``;
+- ``oracle``: knows every segment's future reads and every future seal, and schedules each segment (stay, go at
+  its seal, or leave after some days) at least cost within the disk budget. That is an integer program; the
+  replay solves its Lagrangian relaxation (a price per byte of disk at each moment) by subgradient ascent, which
+  gives a lower bound (``bound``) on any schedule's cost, and repairs the relaxation's schedules into feasible
+  ones, the cheapest of which is the oracle's. Without a binding budget the two are equal and exact.
+
+Every policy runs under the placement manager's hard rule: after a seal that takes the disk over its budget, the
+oldest segments on the gateway move to the cloud until it fits. The replay begins with the archive in its steady
+state: a warm-up of the longest retention (decided by the same policy, learning included) whose segments are not
+counted; the costs are those of the segments sealed during ``days``, over their whole lives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.archive.cost import GB, SECONDS_PER_MONTH, ArchivePrices, RetrievalRate, SegmentFacts, place_segment
+
+__all__ = [
+    "POLICIES",
+    "SHIPPED",
+    "ArchiveWorkload",
+    "Costs",
+    "Query",
+    "Result",
+    "Route",
+    "add_arguments",
+    "as_json",
+    "format_table",
+    "load_workload",
+    "run",
+    "run_replay",
+    "shipped",
+]
+
+DAY = 86_400.0
+HOUR = 3_600.0
+MONTH = SECONDS_PER_MONTH
+WORKLOADS = Path(__file__).with_name("workloads")
+SHIPPED = ("default", "full-disk", "read-heavy", "expensive-uplink")
+POLICIES = ("agent", "always_local", "always_cloud", "oracle", "route_oracle")
+EX_USAGE = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One way a route's archive is read back: each query reads ``span_hours`` of the route's time line.
+
+    Periodic (``every_hours`` > 0): the span ends ``lag_hours`` before each query (a nightly export of the
+    previous day). At random (``per_month`` > 0, Poisson): the span ends at a uniform time within the last
+    ``within_days`` (complaints about a noise, an investigation)."""
+
+    span_hours: float
+    every_hours: float = 0.0
+    per_month: float = 0.0
+    lag_hours: float = 0.0
+    within_days: float = 0.0
+
+    def check(self) -> None:
+        if self.span_hours <= 0 or min(self.lag_hours, self.within_days) < 0:
+            raise ValueError("a query needs span_hours > 0, lag_hours and within_days >= 0")
+        if (self.every_hours > 0) == (self.per_month > 0) or min(self.every_hours, self.per_month) < 0:
+            raise ValueError("a query is either periodic (every_hours > 0) or at random (per_month > 0)")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """An archive route: its data rate, retention (``days``), configured prior and the queries that read it."""
+
+    name: str
+    gb_per_day: float
+    days: float
+    retrievals_per_month: float
+    queries: tuple[Query, ...] = ()
+
+    def check(self) -> None:
+        if not self.name or self.gb_per_day <= 0 or self.days <= 0 or self.retrievals_per_month < 0:
+            raise ValueError(f"route {self.name!r}: need a name, gb_per_day > 0, days > 0, "
+                             "retrievals_per_month >= 0")
+        for query in self.queries:
+            query.check()
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveWorkload:
+    name: str
+    routes: tuple[Route, ...]
+    prices: ArchivePrices
+    description: str = ""
+    days: float = 30.0  # segments sealed during this long are counted
+    seal_age_s: float = 3_600.0  # a segment is sealed after this long ...
+    seal_bytes: int = 128_000_000  # ... or at this size, whichever comes first
+    size_sigma: float = 0.1  # segment sizes vary log-normally around the route's rate
+    warmup_days: float | None = None  # None: the longest retention (the archive starts in its steady state)
+    seed: int = 1
+    oracle_grid_days: float = 1.0  # the oracle may move a segment to the cloud at its seal or after n × this
+
+    def check(self) -> None:
+        if not self.routes or self.days <= 0:
+            raise ValueError("a workload needs routes and days > 0")
+        if self.seal_age_s <= 0 or self.seal_bytes <= 0 or self.size_sigma < 0 or self.oracle_grid_days <= 0:
+            raise ValueError("seal_age_s, seal_bytes and oracle_grid_days must be > 0, size_sigma >= 0")
+        if self.warmup_days is not None and self.warmup_days < 0:
+            raise ValueError("warmup_days must be >= 0")
+        if len({route.name for route in self.routes}) != len(self.routes):
+            raise ValueError("route names must be unique")
+        for route in self.routes:
+            route.check()
+        self.prices.check()
+
+    @property
+    def warmup_s(self) -> float:
+        days = max(r.days for r in self.routes) if self.warmup_days is None else self.warmup_days
+        return days * DAY
+
+
+def _build(cls: Any, data: Mapping[str, Any], what: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {what} fields: {', '.join(sorted(unknown))}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ValueError(f"bad {what}: {exc}") from None
+
+
+def workload_from_dict(data: Mapping[str, Any], name: str) -> ArchiveWorkload:
+    """A workload from its JSON form: top-level fields of :class:`ArchiveWorkload` (``name`` defaults to the
+    file's), ``prices`` those of :class:`~agent.archive.cost.ArchivePrices`, ``routes`` a list of
+    :class:`Route` with ``queries`` lists of :class:`Query`."""
+    values = dict(data)
+    try:
+        routes = tuple(
+            _build(Route, {**route, "queries": tuple(_build(Query, q, "query") for q in route.get("queries", ()))},
+                   "route")
+            for route in values.pop("routes", ()))
+        prices = _build(ArchivePrices, values.pop("prices", {}), "prices")
+    except (AttributeError, TypeError):
+        raise ValueError("routes are objects with their queries a list of objects; prices an object") from None
+    values.setdefault("name", name)
+    workload: ArchiveWorkload = _build(ArchiveWorkload, {**values, "routes": routes, "prices": prices}, "workload")
+    workload.check()
+    return workload
+
+
+def load_workload(path: Path) -> ArchiveWorkload:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read: {exc.strerror}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return workload_from_dict(data, path.stem)
+
+
+def shipped(name: str) -> ArchiveWorkload:
+    """One of the workloads that ship with the agent (:data:`SHIPPED`), by name."""
+    if name not in SHIPPED:
+        raise ValueError(f"no shipped workload {name!r}; there are {', '.join(SHIPPED)}")
+    return load_workload(WORKLOADS / f"{name}.json")
+
+
+@dataclass(frozen=True, slots=True)
+class World:
+    """Everything random, drawn once and common to all policies: the segments and who reads them when."""
+
+    route: np.ndarray[Any, Any]  # per segment, sorted by seal time
+    start: np.ndarray[Any, Any]
+    sealed: np.ndarray[Any, Any]
+    size: np.ndarray[Any, Any]
+    expires: np.ndarray[Any, Any]
+    counted: np.ndarray[Any, Any]  # sealed during the replayed days (not the warm-up)
+    read_t: np.ndarray[Any, Any]  # read events, sorted by time: a query read segment read_seg at read_t
+    read_seg: np.ndarray[Any, Any]
+    queries: int
+
+
+def generate(workload: ArchiveWorkload) -> World:
+    rng = np.random.default_rng(workload.seed)
+    t0, t1 = -workload.warmup_s, workload.days * DAY
+    parts: list[tuple[np.ndarray[Any, Any], ...]] = []
+    for i, route in enumerate(workload.routes):
+        rate = route.gb_per_day * GB / DAY
+        interval = min(workload.seal_age_s, workload.seal_bytes / rate)
+        sealed = np.arange(t0 + interval, t1 + 1e-9, interval)
+        size = np.maximum(rate * interval * rng.lognormal(0.0, workload.size_sigma, sealed.size), 1.0)
+        parts.append((np.full(sealed.size, i), sealed - interval, sealed, size, sealed + route.days * DAY))
+    route_a, start, sealed, size, expires = (np.concatenate([p[k] for p in parts]) for k in range(5))
+    order = np.argsort(sealed, kind="stable")
+    route_a, start, sealed, size, expires = route_a[order], start[order], sealed[order], size[order], expires[order]
+    end = float(expires.max())
+
+    read_t: list[np.ndarray[Any, Any]] = []
+    read_seg: list[np.ndarray[Any, Any]] = []
+    queries = 0
+    for i, route in enumerate(workload.routes):
+        mine = np.flatnonzero(route_a == i)  # by seal time, and so by start
+        for query in route.queries:
+            if query.every_hours > 0:
+                at = np.arange(t0 + query.every_hours * HOUR, end, query.every_hours * HOUR)
+                ends = at - query.lag_hours * HOUR
+            else:
+                n = int(rng.poisson(query.per_month * (end - t0) / MONTH))
+                at = np.sort(rng.uniform(t0, end, n))
+                ends = at - rng.uniform(0.0, query.within_days * DAY, n)
+            for t, w1 in zip(at.tolist(), ends.tolist(), strict=True):
+                w0 = w1 - query.span_hours * HOUR
+                lo = int(np.searchsorted(sealed[mine], w0, side="right"))
+                hi = int(np.searchsorted(start[mine], w1, side="left"))
+                hit = mine[lo:hi]
+                hit = hit[(sealed[hit] <= t) & (expires[hit] > t)]
+                queries += 1
+                read_t.append(np.full(hit.size, t))
+                read_seg.append(hit)
+    rt = np.concatenate(read_t) if read_t else np.zeros(0)
+    rs = np.concatenate(read_seg).astype(np.int64) if read_seg else np.zeros(0, dtype=np.int64)
+    order = np.argsort(rt, kind="stable")
+    return World(route_a, start, sealed, size, expires, sealed > 0.0, rt[order], rs[order], queries)
+
+
+@dataclass(frozen=True, slots=True)
+class Costs:
+    """What one policy's placements cost, for the counted segments over their whole lives."""
+
+    upload: float  # bytes sent to the cloud over the uplink
+    cloud_storage: float  # GB-months in the cloud
+    gateway_reads: float  # bytes read from the gateway, over the uplink
+    cloud_reads: float  # bytes read from the cloud, egress
+    cloud_share: float  # of the counted bytes, the share that ended up in the cloud
+    forced_share: float  # of the counted bytes, the share the disk budget forced out
+    peak_disk_bytes: float  # the most the archive held on the gateway from the first counted seal on
+
+    @property
+    def storage(self) -> float:
+        return self.upload + self.cloud_storage
+
+    @property
+    def retrieval(self) -> float:
+        return self.gateway_reads + self.cloud_reads
+
+    @property
+    def total(self) -> float:
+        return self.storage + self.retrieval
+
+
+def evaluate(world: World, prices: ArchivePrices, moved_at: np.ndarray[Any, Any],
+             forced: np.ndarray[Any, Any] | None = None, *, weights: np.ndarray[Any, Any] | None = None) -> Costs:
+    """Price a schedule: ``moved_at`` per segment is when it left for the cloud (its seal time: straight there;
+    inf: never). ``weights``: which segments count (default: those sealed during the replayed days)."""
+    w = world.counted.astype(float) if weights is None else weights
+    moved = np.isfinite(moved_at)
+    size_gb = world.size / GB
+    upload = float(np.sum(w * moved * size_gb)) * prices.uplink_per_gb
+    months = np.where(moved, (world.expires - np.where(moved, moved_at, 0.0)) / MONTH, 0.0)
+    cloud_storage = float(np.sum(w * size_gb * np.maximum(months, 0.0))) * prices.cloud_storage_per_gb_month
+    in_cloud = world.read_t >= moved_at[world.read_seg]
+    read_gb = size_gb[world.read_seg] * w[world.read_seg]
+    gateway_reads = float(np.sum(read_gb[~in_cloud])) * prices.uplink_per_gb
+    cloud_reads = float(np.sum(read_gb[in_cloud])) * prices.cloud_egress_per_gb
+    total_bytes = float(np.sum(w * world.size)) or 1.0
+    forced_bytes = 0.0 if forced is None else float(np.sum(w * world.size * forced))
+    return Costs(upload, cloud_storage, gateway_reads, cloud_reads, float(np.sum(w * world.size * moved)) / total_bytes,
+                 forced_bytes / total_bytes, peak_disk(world, moved_at))
+
+
+def peak_disk(world: World, moved_at: np.ndarray[Any, Any], since: float = 0.0) -> float:
+    """The most the schedule keeps on the gateway's disk from ``since`` on (right after a seal, where it peaks)."""
+    leaves = np.minimum(moved_at, world.expires)
+    ins = world.sealed[leaves > world.sealed]
+    sizes = world.size[leaves > world.sealed]
+    outs = leaves[leaves > world.sealed]
+    times = np.concatenate([ins, outs])
+    deltas = np.concatenate([sizes, -sizes])
+    order = np.lexsort((deltas, times))  # at the same instant, what leaves goes first
+    use = np.cumsum(deltas[order])
+    use = use[times[order] >= since]
+    return float(use.max()) if use.size else 0.0
+
+
+# A policy's decision at a seal: (segment, now, disk use with it) -> to the cloud?
+Decide = Callable[[int, float, float], bool]
+
+
+def simulate(world: World, workload: ArchiveWorkload, decide: Decide,
+             on_read: Callable[[int, float], None] | None = None) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Run one policy through the seals, reads and expiries in time order, under the manager's hard rule.
+    Returns each segment's move time (inf: never) and whether the budget forced it."""
+    budget = workload.prices.disk_budget_bytes
+    n = world.size.size
+    moved_at = np.full(n, math.inf)
+    forced = np.zeros(n, dtype=bool)
+    sealed, size, expires = world.sealed.tolist(), world.size.tolist(), world.expires.tolist()
+    local: list[tuple[float, int]] = []  # (seal time, segment): the oldest first
+    expiring: list[tuple[float, int]] = []
+    disk = 0.0
+    reads = iter(zip(world.read_t.tolist(), world.read_seg.tolist(), strict=True))
+    pending = next(reads, None)
+    for seg in range(n):
+        now = sealed[seg]
+        while pending is not None and pending[0] < now:
+            if on_read is not None:
+                on_read(pending[1], pending[0])
+            pending = next(reads, None)
+        while expiring and expiring[0][0] <= now:
+            _, old = heapq.heappop(expiring)
+            if not math.isfinite(moved_at[old]):
+                disk -= size[old]
+        if decide(seg, now, disk + size[seg]):
+            moved_at[seg] = now
+            continue
+        disk += size[seg]
+        heapq.heappush(local, (now, seg))
+        heapq.heappush(expiring, (expires[seg], seg))
+        while disk > budget and local:
+            _, old = heapq.heappop(local)
+            if math.isfinite(moved_at[old]) or expires[old] <= now:
+                continue
+            moved_at[old] = now
+            forced[old] = True
+            disk -= size[old]
+    while pending is not None and on_read is not None:
+        on_read(pending[1], pending[0])
+        pending = next(reads, None)
+    return moved_at, forced
+
+
+class _Agent:
+    """The daemon's decision at each seal, with a retrieval-rate estimate per route fed by the replay's reads."""
+
+    def __init__(self, world: World, workload: ArchiveWorkload) -> None:
+        self._prices = workload.prices
+        start = -workload.warmup_s
+        self._rates = [RetrievalRate(r.retrievals_per_month, r.days, start=start) for r in workload.routes]
+        self._route, self._size = world.route.tolist(), world.size.tolist()
+        self._expires = world.expires.tolist()
+
+    def __call__(self, seg: int, now: float, disk: float) -> bool:
+        rate = self._rates[self._route[seg]]
+        rate.sealed(now, int(self._size[seg]))
+        facts = SegmentFacts(int(self._size[seg]), (self._expires[seg] - now) / MONTH, rate.per_month(now), int(disk))
+        return place_segment(facts, self._prices).choice == "cloud"
+
+    def read(self, seg: int, now: float) -> None:
+        self._rates[self._route[seg]].read(now, int(self._size[seg]))
+
+
+@dataclass(frozen=True, slots=True)
+class OracleSolution:
+    moved_at: np.ndarray[Any, Any]
+    forced: np.ndarray[Any, Any]
+    bound: float  # a lower bound on the total cost of any schedule, all segments (warm-up too)
+    total: float  # the schedule's total cost, all segments
+    iterations: int
+
+
+def oracle(world: World, workload: ArchiveWorkload, *, knows: str = "reads",
+           candidates: tuple[np.ndarray[Any, Any], ...] = (), iterations: int = 200,
+           block_s: float = DAY) -> OracleSolution:
+    """The least-cost clairvoyant schedule within the disk budget (see the module's docstring).
+
+    ``knows="reads"``: each segment's own future reads. ``knows="rates"``: only each route's true reads by age,
+    the same for all of its segments (what the best policy that learns per route could know, without knowing
+    which segment a query will hit); its schedule is chosen on expected costs and then priced on the real reads.
+
+    A segment either stays on the gateway for its whole life, goes to the cloud at its seal, or leaves after
+    k grid steps. The disk constraint is kept at every seal (where the disk's use peaks). Relaxing it with a
+    price per byte at each of those instants splits the problem per segment; the relaxed problem prices a move
+    between two grid points at the least that any instant between them could cost, so its optimum is a lower
+    bound on every schedule's cost, moves off the grid included."""
+    prices = workload.prices
+    u, s, e = prices.uplink_per_gb / GB, prices.cloud_storage_per_gb_month / GB / MONTH, prices.cloud_egress_per_gb / GB
+    budget = float(prices.disk_budget_bytes)
+    n = world.size.size
+    ones = np.ones(n)
+    life = world.expires - world.sealed
+    grid = workload.oracle_grid_days * DAY
+    steps = max(math.ceil(float(life.max()) / grid), 1)
+    ages = np.arange(1, steps + 1) * grid  # move after k grid steps, k = 1..steps
+
+    # Reads of each segment by age bucket: bucket k holds ages in [k·grid, (k+1)·grid).
+    read_age = world.read_t - world.sealed[world.read_seg]
+    buckets = np.minimum((read_age // grid).astype(np.int64), steps)
+    counts = np.zeros((n, steps + 1))
+    np.add.at(counts, (world.read_seg, buckets), 1.0)
+    if knows == "rates":
+        for r in range(len(workload.routes)):
+            mine = world.route == r
+            counts[mine] = counts[mine].mean(axis=0)
+    elif knows != "reads":
+        raise ValueError("knows is 'reads' or 'rates'")
+    before = np.concatenate([np.zeros((n, 1)), np.cumsum(counts, axis=1)], axis=1)  # before[:, k]: age < k·grid
+    total_reads = before[:, -1]
+    b = world.size
+
+    # Options: 0 stay, 1 at the seal, 1 + k: after k grid steps (true cost) / during step k (relaxed).
+    move_age = np.concatenate([[math.inf, 0.0], ages])
+    stay_true = b * u * total_reads
+    seal_true = b * (u + s * life + e * total_reads)
+    after = np.minimum(ages[None, :], life[:, None])
+    n_before = before[:, 1:steps + 1]
+    step_true = b[:, None] * (u + s * (life[:, None] - after) + u * n_before + e * (total_reads[:, None] - n_before))
+    step_true = np.where(ages[None, :] < life[:, None], step_true, np.inf)  # moving after expiry is staying
+    # Relaxed: a move during step k (after (k-1)·grid, at most k·grid): storage from k·grid at the least, the
+    # reads of step k at the cheaper price, the disk held until (k-1)·grid at the least.
+    in_step = counts[:, :steps]
+    lo_before = before[:, :steps]
+    step_relaxed = b[:, None] * (u + s * np.maximum(life[:, None] - ages[None, :], 0.0) + u * lo_before
+                                 + min(u, e) * in_step + e * (total_reads[:, None] - lo_before - in_step))
+    step_relaxed = np.where(ages[None, :] - grid < life[:, None], step_relaxed, np.inf)
+    true_cost = np.column_stack([stay_true, seal_true, step_true])
+    relaxed_cost = np.column_stack([stay_true, seal_true, step_relaxed])
+
+    points = np.unique(world.sealed)
+    first = np.searchsorted(points, world.sealed, side="left")
+    held_true = np.concatenate([world.expires[:, None], world.sealed[:, None],
+                                world.sealed[:, None] + np.minimum(ages[None, :], life[:, None])], axis=1)
+    held_relaxed = held_true.copy()
+    held_relaxed[:, 2:] = world.sealed[:, None] + np.minimum(ages[None, :] - grid, life[:, None])
+    last_true = np.searchsorted(points, held_true, side="left")  # held at points[first:last]
+    last_relaxed = np.searchsorted(points, held_relaxed, side="left")
+
+    def usage(last: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        delta = np.zeros(points.size + 1)
+        np.add.at(delta, first, b)
+        np.add.at(delta, last, -b)
+        return np.cumsum(delta)[:-1]
+
+    def choose(cost: np.ndarray[Any, Any], last: np.ndarray[Any, Any], price: np.ndarray[Any, Any]
+               ) -> tuple[np.ndarray[Any, Any], float]:
+        cum = np.concatenate([[0.0], np.cumsum(price)])
+        penalised = cost + b[:, None] * (cum[last] - cum[first][:, None])
+        pick = np.argmin(penalised, axis=1)
+        return pick, float(np.sum(penalised[np.arange(n), pick]))
+
+    def schedule(pick: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        moved_at = world.sealed + move_age[pick]
+        return _repair(world, budget, moved_at)
+
+    best: tuple[float, np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
+
+    def expected(moved_at: np.ndarray[Any, Any]) -> float:
+        # A schedule's cost on the reads by age bucket (a move within a bucket splits its reads pro rata).
+        moved = np.isfinite(moved_at)
+        age = np.where(moved, moved_at - world.sealed, math.inf)
+        x = np.minimum(age / grid, steps + 1.0)
+        k = np.minimum(np.floor(x).astype(np.int64), steps)
+        reads_before = before[np.arange(n), k] + (x - k) * counts[np.arange(n), np.minimum(k, steps)]
+        reads_before = np.where(moved, np.minimum(reads_before, total_reads), total_reads)
+        cloud_months = np.where(moved, np.maximum(world.expires - np.where(moved, moved_at, 0.0), 0.0), 0.0)
+        return float(np.sum(b * (moved * u + s * cloud_months + u * reads_before
+                                 + e * (total_reads - reads_before))))
+
+    def consider(moved_at: np.ndarray[Any, Any], forced: np.ndarray[Any, Any]) -> None:
+        nonlocal best
+        total = evaluate(world, prices, moved_at, weights=ones).total if knows == "reads" else expected(moved_at)
+        if best is None or total < best[0]:
+            best = (total, moved_at, forced)
+
+    # One price per block of seals (a day): the disk's value changes over days, not between two seals, and a
+    # few hundred prices converge where thousands would not. Any prices >= 0 give a lower bound.
+    block = ((points - points[0]) // block_s).astype(np.int64)
+    prices_per_block = np.zeros(int(block[-1]) + 1)
+    bound = -math.inf
+    done = 0
+    for moved_at in candidates:
+        consider(*_repair(world, budget, moved_at))
+    step = 1.0
+    stale = 0
+    for done in range(1, iterations + 1):
+        price = prices_per_block[block]
+        pick, value = choose(relaxed_cost, last_relaxed, price)
+        dual = value - budget * float(np.sum(price))
+        improved = dual > bound
+        if improved:
+            bound, stale = dual, 0
+        else:
+            stale += 1
+            if stale >= 5:
+                step, stale = step / 2.0, 0
+        if improved or done % 5 == 1:  # the repair is the slow part: only from promising prices
+            true_pick, _ = choose(true_cost, last_true, price)
+            consider(*schedule(true_pick))
+        assert best is not None
+        excess = usage(last_relaxed[np.arange(n), pick]) - budget
+        if done == 1 and not np.any(excess > 0):
+            break  # the budget never binds: the relaxed optimum is feasible, and the repair kept it
+        gradient = np.bincount(block, weights=excess, minlength=prices_per_block.size)
+        gradient = np.where((prices_per_block <= 0) & (gradient < 0), 0.0, gradient)
+        norm = float(np.dot(gradient, gradient))
+        if norm == 0.0 or best[0] - bound <= 1e-4 * best[0] or step < 1e-3:
+            break
+        prices_per_block = np.maximum(prices_per_block + step * (best[0] - dual) / norm * gradient, 0.0)
+    assert best is not None
+    return OracleSolution(best[1], best[2], min(bound, best[0]), best[0], done)
+
+
+def _repair(world: World, budget: float, moved_at: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any],
+                                                                                  np.ndarray[Any, Any]]:
+    """Make a schedule fit the budget: wherever a seal takes the disk over, move out at once the segments on
+    the gateway that would otherwise stay longest (each byte moved frees the most disk-time)."""
+    moved_at = moved_at.copy()
+    forced = np.zeros(moved_at.size, dtype=bool)
+    leaves = np.minimum(moved_at, world.expires)
+    sealed, size = world.sealed.tolist(), world.size.tolist()
+    held: list[tuple[float, int]] = []  # (-leaves, segment): the one staying longest first
+    departures: list[tuple[float, int]] = []
+    gone = np.zeros(moved_at.size, dtype=bool)
+    disk = 0.0
+    for seg in range(moved_at.size):
+        now = sealed[seg]
+        while departures and departures[0][0] <= now:
+            _, old = heapq.heappop(departures)
+            if not gone[old]:
+                gone[old] = True
+                disk -= size[old]
+        if leaves[seg] <= now:
+            continue
+        disk += size[seg]
+        heapq.heappush(held, (-float(leaves[seg]), seg))
+        heapq.heappush(departures, (float(leaves[seg]), seg))
+        while disk > budget and held:
+            _, old = heapq.heappop(held)
+            if gone[old]:
+                continue
+            gone[old] = True
+            moved_at[old] = now
+            forced[old] = True
+            disk -= size[old]
+    return moved_at, forced
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    workload: ArchiveWorkload
+    world: World
+    costs: dict[str, Costs]
+    # How far the oracle's schedule may be from the least possible cost (its Lagrangian lower bound), over the
+    # whole replay; None without an oracle.
+    oracle_gap: float | None
+
+    def ratio(self, policy: str) -> float:
+        return self.costs[policy].total / self.costs["oracle"].total if self.costs["oracle"].total > 0 else 1.0
+
+
+def run_replay(workload: ArchiveWorkload, *, days: float | None = None,
+               policies: tuple[str, ...] = POLICIES) -> Result:
+    if days is not None:
+        workload = replace(workload, days=days)
+    workload.check()
+    world = generate(workload)
+    prices = workload.prices
+    costs: dict[str, Costs] = {}
+    schedules: dict[str, np.ndarray[Any, Any]] = {}
+    for name in policies:
+        if name in ("oracle", "route_oracle"):
+            continue
+        if name == "agent":
+            agent = _Agent(world, workload)
+            moved_at, forced = simulate(world, workload, agent, agent.read)
+        elif name == "always_local":
+            moved_at, forced = simulate(world, workload, lambda seg, now, disk: False)
+        elif name == "always_cloud":
+            moved_at, forced = simulate(world, workload, lambda seg, now, disk: True)
+        else:
+            raise ValueError(f"no policy {name!r}; there are {', '.join(POLICIES)}")
+        schedules[name] = moved_at
+        costs[name] = evaluate(world, prices, moved_at, forced)
+    gap = None
+    # The policies' schedules seed the oracles' search: an oracle is never worse than a schedule it was shown.
+    seeds = tuple(schedules.values())
+    for name, knows in (("oracle", "reads"), ("route_oracle", "rates")):
+        if name in policies:
+            solution = oracle(world, workload, knows=knows, candidates=seeds)
+            costs[name] = evaluate(world, prices, solution.moved_at, solution.forced)
+            if knows == "reads":
+                # Over the whole replay (warm-up too): the segments do not split, the disk is shared.
+                gap = max(solution.total / solution.bound - 1.0, 0.0) if solution.bound > 0 else 0.0
+    return Result(workload, world, costs, gap)
+
+
+def as_json(result: Result) -> dict[str, Any]:
+    """``{"workload", "days", "segments", "queries", "policies": {name: {"total", "storage", "retrieval",
+    "upload", "cloud_storage", "gateway_reads", "cloud_reads", "cloud_share", "forced_share",
+    "peak_disk_bytes"}}, "oracle_gap"}``; money in the prices' currency."""
+    return {
+        "workload": result.workload.name,
+        "days": result.workload.days,
+        "segments": int(np.sum(result.world.counted)),
+        "queries": result.world.queries,
+        "policies": {
+            name: {
+                "total": round(c.total, 4), "storage": round(c.storage, 4), "retrieval": round(c.retrieval, 4),
+                "upload": round(c.upload, 4), "cloud_storage": round(c.cloud_storage, 4),
+                "gateway_reads": round(c.gateway_reads, 4), "cloud_reads": round(c.cloud_reads, 4),
+                "cloud_share": round(c.cloud_share, 4), "forced_share": round(c.forced_share, 4),
+                "peak_disk_bytes": round(c.peak_disk_bytes),
+            }
+            for name, c in result.costs.items()
+        },
+        "oracle_gap": None if result.oracle_gap is None else round(result.oracle_gap, 4),
+    }
+
+
+def format_table(result: Result) -> str:
+    w = result.workload
+    gb_day = sum(r.gb_per_day for r in w.routes)
+    lines = [
+        f"workload {w.name}: {len(w.routes)} route(s), {gb_day:.2f} GB/day, {w.days:g} days counted "
+        f"(after {w.warmup_s / DAY:g} days of warm-up), disk budget {w.prices.disk_budget_bytes / GB:g} GB",
+        f"prices: uplink {w.prices.uplink_per_gb:g}/GB, cloud storage {w.prices.cloud_storage_per_gb_month:g}"
+        f"/GB-month, egress {w.prices.cloud_egress_per_gb:g}/GB, margin {w.prices.margin:.0%}",
+        "",
+        f"{'policy':<14} {'total':>10} {'storage':>10} {'retrieval':>10} {'× oracle':>9} {'in cloud':>9} "
+        f"{'forced':>7} {'peak disk GB':>13}",
+    ]
+    oracle_total = result.costs["oracle"].total if "oracle" in result.costs else 0.0
+    for name, c in result.costs.items():
+        ratio = f"{c.total / oracle_total:9.3f}" if oracle_total > 0 else f"{'-':>9}"
+        lines.append(f"{name:<14} {c.total:10.2f} {c.storage:10.2f} {c.retrieval:10.2f} {ratio} "
+                     f"{c.cloud_share:9.1%} {c.forced_share:7.1%} {c.peak_disk_bytes / GB:13.1f}")
+    if result.oracle_gap is not None:
+        lines.append(f"oracle: each segment's future reads known; route_oracle: each route's read rate only. "
+                     f"The oracle is within {result.oracle_gap:.1%} of the least possible cost.")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``edge-agent archive replay``."""
+    parser.add_argument("--days", type=float, help="days of seals to count (default: the workload's, 30)")
+    parser.add_argument("--workload", action="append", metavar="FILE|NAME",
+                        help="workload JSON, or the name of a shipped one "
+                             f"({', '.join(SHIPPED)}); repeat for several (default: default)")
+    parser.add_argument("--all", action="store_true", help="every shipped workload")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON, one object per workload")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``edge-agent archive replay``: replay each workload named and print its table (or JSON lines)."""
+    names: list[str] = list(SHIPPED) if args.all else (args.workload or ["default"])
+    if args.days is not None and args.days <= 0:
+        print("edge-agent archive replay: --days must be > 0", file=sys.stderr)
+        return EX_USAGE
+    try:
+        # A shipped workload by its name, anything else as a file ("default" in the working directory is a name).
+        workloads = [shipped(name) if name in SHIPPED or (Path(name).suffix == "" and not Path(name).exists())
+                     else load_workload(Path(name)) for name in names]
+    except ValueError as exc:
+        print(f"edge-agent archive replay: {exc}", file=sys.stderr)
+        return EX_USAGE
+    for i, workload in enumerate(workloads):
+        result = run_replay(workload, days=args.days)
+        if args.json:
+            json.dump(as_json(result), sys.stdout)
+            sys.stdout.write("\n")
+        else:
+            if i:
+                print()
+            print(format_table(result))
+    return 0
