@@ -6,14 +6,20 @@ places every segment under each policy and prices what happens, with the real pr
 from the gateway over the metered uplink, cloud GB-months, cloud egress; the gateway's disk costs nothing, but
 its budget is a hard limit):
 
-- ``agent``: the daemon's decision code, :func:`agent.archive.cost.place_segment` at each seal with a
-  :class:`~agent.archive.cost.RetrievalRate` per route learning from the simulated queries;
+- ``agent``: the daemon's decision code, :func:`agent.archive.cost.place_segment` at each seal and again each
+  day for the segments still on the gateway (the daemon's manager asks every few minutes; the disk's fill
+  changes over hours), with a :class:`~agent.archive.cost.RetrievalRate` per route learning from the simulated
+  queries;
 - ``always_local`` and ``always_cloud``;
 - ``oracle``: knows every segment's future reads and every future seal, and schedules each segment (stay, go at
   its seal, or leave after some days) at least cost within the disk budget. That is an integer program; the
   replay solves its Lagrangian relaxation (a price per byte of disk at each moment) by subgradient ascent, which
-  gives a lower bound (``bound``) on any schedule's cost, and repairs the relaxation's schedules into feasible
-  ones, the cheapest of which is the oracle's. Without a binding budget the two are equal and exact.
+  gives a lower bound on any schedule's cost, and repairs the relaxation's schedules into feasible ones, the
+  cheapest of which is the oracle's (``oracle_gap``: how far above the bound it is). Without a binding budget
+  the two are equal and exact;
+- ``route_oracle``: the same search knowing only each route's true reads by age, not which segment a query
+  will hit: what the best policy that learns per route could do. The difference to ``oracle`` is the price of
+  not knowing the dice (which clip a complaint will be about), which no online policy can know.
 
 Every policy runs under the placement manager's hard rule: after a seal that takes the disk over its budget, the
 oldest segments on the gateway move to the cloud until it fits. The replay begins with the archive in its steady
@@ -28,10 +34,10 @@ import heapq
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -301,12 +307,64 @@ def peak_disk(world: World, moved_at: np.ndarray[Any, Any], since: float = 0.0) 
     return float(use.max()) if use.size else 0.0
 
 
-# A policy's decision at a seal: (segment, now, disk use with it) -> to the cloud?
-Decide = Callable[[int, float, float], bool]
+class Policy(Protocol):
+    """What the replay asks of a policy. ``redecide_s``: how often the segments still on the gateway are asked
+    again, oldest first, as the daemon's placement manager does (None: only at their seal)."""
+
+    redecide_s: float | None
+
+    def sealed(self, seg: int, now: float) -> None: ...
+
+    def read(self, seg: int, now: float) -> None: ...
+
+    def to_cloud(self, seg: int, now: float, disk_used: float) -> bool: ...
 
 
-def simulate(world: World, workload: ArchiveWorkload, decide: Decide,
-             on_read: Callable[[int, float], None] | None = None) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+class Fixed:
+    """``always_local`` or ``always_cloud``."""
+
+    redecide_s: float | None = None
+
+    def __init__(self, cloud: bool) -> None:
+        self.cloud = cloud
+
+    def sealed(self, seg: int, now: float) -> None:
+        pass
+
+    def read(self, seg: int, now: float) -> None:
+        pass
+
+    def to_cloud(self, seg: int, now: float, disk_used: float) -> bool:
+        return self.cloud
+
+
+class Agent:
+    """The daemon's decisions: :func:`~agent.archive.cost.place_segment` for each segment at its seal and
+    again every ``redecide_s`` while it is on the gateway, with a
+    :class:`~agent.archive.cost.RetrievalRate` per route fed by the seals and the replay's reads."""
+
+    def __init__(self, world: World, workload: ArchiveWorkload, *, redecide_s: float | None = DAY) -> None:
+        self.redecide_s = redecide_s
+        self._prices = workload.prices
+        start = -workload.warmup_s
+        self._rates = [RetrievalRate(r.retrievals_per_month, r.days, start=start) for r in workload.routes]
+        self._route, self._size = world.route.tolist(), world.size.tolist()
+        self._expires = world.expires.tolist()
+
+    def sealed(self, seg: int, now: float) -> None:
+        self._rates[self._route[seg]].sealed(now, int(self._size[seg]))
+
+    def read(self, seg: int, now: float) -> None:
+        self._rates[self._route[seg]].read(now, int(self._size[seg]))
+
+    def to_cloud(self, seg: int, now: float, disk_used: float) -> bool:
+        rate = self._rates[self._route[seg]].per_month(now)
+        facts = SegmentFacts(int(self._size[seg]), (self._expires[seg] - now) / MONTH, rate, int(disk_used))
+        return place_segment(facts, self._prices).choice == "cloud"
+
+
+def simulate(world: World, workload: ArchiveWorkload, policy: Policy) -> tuple[np.ndarray[Any, Any],
+                                                                               np.ndarray[Any, Any]]:
     """Run one policy through the seals, reads and expiries in time order, under the manager's hard rule.
     Returns each segment's move time (inf: never) and whether the budget forced it."""
     budget = workload.prices.disk_budget_bytes
@@ -319,53 +377,46 @@ def simulate(world: World, workload: ArchiveWorkload, decide: Decide,
     disk = 0.0
     reads = iter(zip(world.read_t.tolist(), world.read_seg.tolist(), strict=True))
     pending = next(reads, None)
+    redecide_at = -math.inf
+
+    def gone(seg: int, now: float) -> bool:
+        return math.isfinite(moved_at[seg]) or expires[seg] <= now
+
     for seg in range(n):
         now = sealed[seg]
         while pending is not None and pending[0] < now:
-            if on_read is not None:
-                on_read(pending[1], pending[0])
+            policy.read(pending[1], pending[0])
             pending = next(reads, None)
         while expiring and expiring[0][0] <= now:
             _, old = heapq.heappop(expiring)
             if not math.isfinite(moved_at[old]):
                 disk -= size[old]
-        if decide(seg, now, disk + size[seg]):
+        policy.sealed(seg, now)
+        if policy.to_cloud(seg, now, disk + size[seg]):
             moved_at[seg] = now
-            continue
-        disk += size[seg]
-        heapq.heappush(local, (now, seg))
-        heapq.heappush(expiring, (expires[seg], seg))
+        else:
+            disk += size[seg]
+            heapq.heappush(local, (now, seg))
+            heapq.heappush(expiring, (expires[seg], seg))
+        if policy.redecide_s is not None and now >= redecide_at:
+            redecide_at = now + policy.redecide_s
+            local = [(t, old) for t, old in local if not gone(old, now)]
+            heapq.heapify(local)
+            for _, old in sorted(local):
+                if policy.to_cloud(old, now, disk):
+                    moved_at[old] = now
+                    disk -= size[old]
         while disk > budget and local:
             _, old = heapq.heappop(local)
-            if math.isfinite(moved_at[old]) or expires[old] <= now:
+            if gone(old, now):
                 continue
             moved_at[old] = now
             forced[old] = True
             disk -= size[old]
-    while pending is not None and on_read is not None:
-        on_read(pending[1], pending[0])
+    while pending is not None:
+        policy.read(pending[1], pending[0])
         pending = next(reads, None)
     return moved_at, forced
-
-
-class _Agent:
-    """The daemon's decision at each seal, with a retrieval-rate estimate per route fed by the replay's reads."""
-
-    def __init__(self, world: World, workload: ArchiveWorkload) -> None:
-        self._prices = workload.prices
-        start = -workload.warmup_s
-        self._rates = [RetrievalRate(r.retrievals_per_month, r.days, start=start) for r in workload.routes]
-        self._route, self._size = world.route.tolist(), world.size.tolist()
-        self._expires = world.expires.tolist()
-
-    def __call__(self, seg: int, now: float, disk: float) -> bool:
-        rate = self._rates[self._route[seg]]
-        rate.sealed(now, int(self._size[seg]))
-        facts = SegmentFacts(int(self._size[seg]), (self._expires[seg] - now) / MONTH, rate.per_month(now), int(disk))
-        return place_segment(facts, self._prices).choice == "cloud"
-
-    def read(self, seg: int, now: float) -> None:
-        self._rates[self._route[seg]].read(now, int(self._size[seg]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,12 +630,9 @@ def run_replay(workload: ArchiveWorkload, *, days: float | None = None,
         if name in ("oracle", "route_oracle"):
             continue
         if name == "agent":
-            agent = _Agent(world, workload)
-            moved_at, forced = simulate(world, workload, agent, agent.read)
-        elif name == "always_local":
-            moved_at, forced = simulate(world, workload, lambda seg, now, disk: False)
-        elif name == "always_cloud":
-            moved_at, forced = simulate(world, workload, lambda seg, now, disk: True)
+            moved_at, forced = simulate(world, workload, Agent(world, workload))
+        elif name in ("always_local", "always_cloud"):
+            moved_at, forced = simulate(world, workload, Fixed(cloud=name == "always_cloud"))
         else:
             raise ValueError(f"no policy {name!r}; there are {', '.join(POLICIES)}")
         schedules[name] = moved_at
