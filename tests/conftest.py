@@ -13,6 +13,9 @@ import pytest
 import support
 from support import Agents, DevCloud, Mosquitto
 
+# The object-storage fixtures (storage_devcloud, storage_client, storage, object_store).
+pytest_plugins = ["storage_fixtures"]
+
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the marks added here count
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -179,14 +179,19 @@ class ObjectStore:
 
     # ------------------------------------------------------------------ the calls
 
-    def put_file(self, key: str, path: Path, sha256_hex: str) -> StoredObject:
-        """Upload ``path`` as ``key``; the store verifies ``sha256_hex``. Nothing partial stays visible."""
+    def put_file(self, key: str, path: Path, sha256_hex: str, *,
+                 on_part: Callable[[int, int], None] | None = None) -> StoredObject:
+        """Upload ``path`` as ``key``; the store verifies ``sha256_hex``. Nothing partial stays visible.
+
+        ``on_part(number, bytes_so_far)`` is called after each part the store has taken (multipart uploads),
+        for progress.
+        """
         size = path.stat().st_size
         if size <= self._multipart_threshold:
             return self._call(f"upload {key}", lambda loc, client: self._put_single(loc, client, key, path,
                                                                                     sha256_hex))
         return self._call(f"upload {key}", lambda loc, client: self._put_multipart(loc, client, key, path,
-                                                                                   sha256_hex))
+                                                                                   sha256_hex, on_part))
 
     def head(self, key: str) -> StoredObject | None:
         """The object's size and SHA-256, or None if there is no such object."""
@@ -297,8 +302,8 @@ class ObjectStore:
                                    retryable=False, code="checksum_mismatch")
         return StoredObject(key, len(data), sha256_hex)
 
-    def _put_multipart(self, loc: StorageLocation, client: S3Client, key: str, path: Path,
-                       sha256_hex: str) -> StoredObject:
+    def _put_multipart(self, loc: StorageLocation, client: S3Client, key: str, path: Path, sha256_hex: str,
+                       on_part: Callable[[int, int], None] | None) -> StoredObject:
         full_key = _full_key(loc, key)
         upload_id = client.create_multipart_upload(Bucket=loc.bucket, Key=full_key, ChecksumAlgorithm="SHA256",
                                                    Metadata={SHA256_METADATA: sha256_hex})["UploadId"]
@@ -314,6 +319,8 @@ class ObjectStore:
                     answer = client.upload_part(Bucket=loc.bucket, Key=full_key, UploadId=upload_id,
                                                 PartNumber=number, Body=data, ChecksumSHA256=part_sum)
                     parts.append({"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": part_sum})
+                    if on_part is not None:
+                        on_part(number, size)
             if whole.hexdigest() != sha256_hex:
                 # Each part was verified by the store; the file itself is not what the caller sealed.
                 raise ObjectStoreError(f"upload {key}: the file's sha256 is {whole.hexdigest()}, not {sha256_hex}",

@@ -39,7 +39,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from agent import __version__
 from agent.devcloud.knobs import Knobs
 from agent.devcloud.pool import WorkerDied, WorkerPool
-from agent.devcloud.schemas import ErrorBody, Resource, ResourceRequest, TaskAnswer
+from agent.devcloud.schemas import (
+    ErrorBody,
+    Resource,
+    ResourceRequest,
+    StorageCredentials,
+    StorageLocation,
+    TaskAnswer,
+)
 from agent.devcloud.state import (
     Counters,
     IdempotencyStore,
@@ -49,6 +56,16 @@ from agent.devcloud.state import (
     StoredAnswer,
     error_answer,
     retry_after_for,
+)
+from agent.devcloud.storage import (
+    BUCKET,
+    Credentials,
+    S3Process,
+    StorageResource,
+    StorageResources,
+    StorageUnavailable,
+    expire_keys,
+    utc,
 )
 from agent.errors import AgentError
 from agent.tasks import default_registry
@@ -68,6 +85,8 @@ class DevCloudConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     queue_per_slot: int = 4
     knobs: Knobs = field(default_factory=Knobs)
+    # Storage resources need the S3 server process (a few seconds to start): only when asked for.
+    storage: bool = False
 
 
 class ApiError(Exception):
@@ -88,6 +107,9 @@ class DevCloud:
         self.uplink = Link()
         self.downlink = Link()
         self.pool: WorkerPool | None = None
+        self.s3 = S3Process()
+        self.storage: StorageResources | None = None
+        self._expiry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         started = time.perf_counter()
@@ -95,9 +117,19 @@ class DevCloud:
         await self.pool.warm_up()
         log.info("devcloud_workers_ready", workers=self.config.workers,
                  seconds=round(time.perf_counter() - started, 3))
+        if self.config.storage:
+            started = time.perf_counter()
+            admin = await self.s3.start()
+            self.storage = await asyncio.to_thread(StorageResources, self.s3, admin)
+            self._expiry = asyncio.create_task(expire_keys(self.storage))
+            log.info("devcloud_storage_ready", endpoint=admin.endpoint, bucket=BUCKET,
+                     seconds=round(time.perf_counter() - started, 3))
 
     async def stop(self) -> None:
         await self.idempotency.cancel_all()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self.s3.stop()
         if self.pool is not None:
             self.pool.shutdown()
 
@@ -115,6 +147,7 @@ class DevCloud:
             "executions_total": sum(self.counters.executions.values()),
             "rejections": dict(self.counters.rejections),
             "leases": self.leases.summary(),
+            "storage": self.storage.summary() if self.storage is not None else None,
         }
 
     def refuse(self, answer: StoredAnswer) -> ApiError:
@@ -212,7 +245,7 @@ def create_app(config: DevCloudConfig) -> FastAPI:
             raise cloud.refuse(error_answer(404, "not_found", f"no resource {resource_id!r}"))
         return lease
 
-    @api.post("/resources", status_code=201, response_model=Resource, summary="Request a compute lease")
+    @api.post("/resources", status_code=201, response_model=Resource, summary="Request a compute lease or storage")
     async def create_resource(
         body: ResourceRequest,
         location: Annotated[str | None, Query(max_length=128, description="where to run")] = None,
@@ -220,6 +253,8 @@ def create_app(config: DevCloudConfig) -> FastAPI:
                                                       description="repeat-safe lease requests")] = None,
     ) -> Response:
         async def produce() -> StoredAnswer:
+            if body.type == "storage":
+                return await _create_storage(cloud, body.quantity, location or "default")
             lease = cloud.leases.create(body.quantity, location or "default", cloud.knobs)
             log.info("devcloud_lease_created", lease=lease.id, quantity=lease.quantity, location=lease.location)
             return StoredAnswer(201, lease.view(time.monotonic()).model_dump(mode="json"))
@@ -233,17 +268,49 @@ def create_app(config: DevCloudConfig) -> FastAPI:
             cloud.counters.replays += replayed
         return _json_response(answer)
 
-    @api.get("/resources/{resource_id}", response_model=Resource, responses=_NOT_FOUND, summary="A lease's state")
+    @api.get("/resources/{resource_id}", response_model=Resource, responses=_NOT_FOUND,
+             summary="A resource's state")
     async def get_resource(resource_id: str) -> Resource:
+        stored = _storage_resource(cloud, resource_id)
+        if stored is not None:
+            return _storage_view(cloud, stored, None)
         return lease_or_404(resource_id).view(time.monotonic())
 
     @api.delete("/resources/{resource_id}", status_code=204, response_class=Response, responses=_NOT_FOUND,
                 summary="Release a lease")
     async def delete_resource(resource_id: str) -> Response:
+        stored = _storage_resource(cloud, resource_id)
+        if stored is not None:
+            try:
+                await asyncio.to_thread(_storage_of(cloud).release, stored)
+            except StorageUnavailable as exc:
+                raise cloud.refuse(_storage_down(cloud, exc)) from None
+            log.info("devcloud_storage_released", resource=stored.id)
+            return Response(status_code=204)
         lease = lease_or_404(resource_id)
         cloud.leases.release(lease)
         log.info("devcloud_lease_released", lease=lease.id)
         return Response(status_code=204)
+
+    @api.post("/resources/{resource_id}/credentials", response_model=StorageCredentials,
+              responses={**_NOT_FOUND, 409: {**_ERROR, "description": "not a storage resource"}},
+              summary="New credentials for a storage resource")
+    async def renew_credentials(resource_id: str) -> StorageCredentials:
+        stored = _storage_resource(cloud, resource_id)
+        if stored is None:
+            if cloud.leases.get(resource_id) is not None:
+                raise cloud.refuse(error_answer(409, "not_storage",
+                                                f"resource {resource_id!r} is a compute lease, not storage"))
+            raise cloud.refuse(error_answer(404, "not_found", f"no resource {resource_id!r}"))
+        if stored.released_at is not None:
+            raise cloud.refuse(error_answer(404, "released", f"resource {resource_id!r} was released"))
+        try:
+            credentials = await asyncio.to_thread(_storage_of(cloud).new_credentials, stored,
+                                                  cloud.knobs.credentials_ttl_s)
+        except StorageUnavailable as exc:
+            raise cloud.refuse(_storage_down(cloud, exc)) from None
+        log.info("devcloud_storage_credentials", resource=stored.id, key=credentials.access_key_id)
+        return _credentials_body(credentials)
 
     @api.post(
         TASKS_PATH.removeprefix("/api/v1"),
@@ -340,6 +407,47 @@ def create_app(config: DevCloudConfig) -> FastAPI:
 
     app.include_router(admin)
     return app
+
+
+async def _create_storage(cloud: DevCloud, quantity_gb: int, location: str) -> StoredAnswer:
+    if cloud.storage is None:
+        return error_answer(400, "unsupported_type",
+                            "this resource API offers no storage (the devcloud was started without --storage)")
+    try:
+        stored, credentials = await asyncio.to_thread(cloud.storage.create, quantity_gb, location,
+                                                      cloud.knobs.credentials_ttl_s)
+    except StorageUnavailable as exc:
+        return _storage_down(cloud, exc)
+    log.info("devcloud_storage_created", resource=stored.id, quantity_gb=quantity_gb, location=location)
+    return StoredAnswer(201, _storage_view(cloud, stored, credentials).model_dump(mode="json"))
+
+
+def _storage_of(cloud: DevCloud) -> StorageResources:
+    assert cloud.storage is not None  # a storage resource exists only where storage was started
+    return cloud.storage
+
+
+def _storage_resource(cloud: DevCloud, resource_id: str) -> StorageResource | None:
+    return cloud.storage.get(resource_id) if cloud.storage is not None else None
+
+
+def _storage_down(cloud: DevCloud, exc: StorageUnavailable) -> StoredAnswer:
+    return error_answer(503, "storage_unavailable", str(exc), max(1, cloud.knobs.retry_after_s))
+
+
+def _credentials_body(credentials: Credentials) -> StorageCredentials:
+    return StorageCredentials(access_key_id=credentials.access_key_id,
+                              secret_access_key=credentials.secret_access_key, session_token=None,
+                              expires_at=utc(credentials.expires_at))
+
+
+def _storage_view(cloud: DevCloud, stored: StorageResource, credentials: Credentials | None) -> Resource:
+    admin = _storage_of(cloud).admin
+    return Resource(
+        id=stored.id, type="storage", quantity=stored.quantity_gb, location=stored.location,
+        status="released" if stored.released_at is not None else "ready", expires_at=None,
+        storage=StorageLocation(endpoint=admin.endpoint, bucket=BUCKET, prefix=stored.prefix, region=admin.region,
+                                credentials=_credentials_body(credentials) if credentials is not None else None))
 
 
 def _task_options(cloud: DevCloud, kind: str, header: str | None) -> dict[str, Any]:

@@ -38,6 +38,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
                         help="serve HTTPS with this certificate (chain) …")
     parser.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="… and this private key")
+    parser.add_argument("--storage", action="store_true",
+                        help="offer storage resources, on an S3-compatible server process it starts (moto)")
     knobs = parser.add_argument_group("fault and network injection (also POST /admin/knobs at run time)")
     defaults = Knobs()
     knobs.add_argument("--provisioning-delay", type=float, default=defaults.provisioning_delay_s,
@@ -51,6 +53,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     knobs.add_argument("--retry-after", type=int, default=defaults.retry_after_s,
                        help="Retry-After seconds of injected 429/503 answers")
     knobs.add_argument("--lease-ttl", type=float, default=defaults.lease_ttl_s, help="lease lifetime in seconds")
+    knobs.add_argument("--credentials-ttl", type=float, default=defaults.credentials_ttl_s,
+                       help=f"lifetime of storage credentials in seconds (default: {defaults.credentials_ttl_s})")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument("--export-openapi", type=Path, metavar="PATH", default=None,
@@ -88,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         knobs = Knobs(provisioning_delay_s=args.provisioning_delay, latency_s=args.latency,
                       bandwidth_bytes_per_s=args.bandwidth, error_rate=args.error_rate, outage=args.outage,
-                      retry_after_s=args.retry_after, lease_ttl_s=args.lease_ttl)
+                      retry_after_s=args.retry_after, lease_ttl_s=args.lease_ttl,
+                      credentials_ttl_s=args.credentials_ttl)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         print(f"devcloud: {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
@@ -109,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(Settings.model_construct(log=LogSettings(level=args.log_level)))
     register_secret(token)
     app = create_app(DevCloudConfig(token=token, workers=args.workers, max_body_bytes=args.max_body_bytes,
-                                    knobs=knobs))
+                                    knobs=knobs, storage=args.storage))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=args.access_log,
                             lifespan="on", timeout_graceful_shutdown=5,
                             ssl_certfile=str(args.tls_cert) if args.tls_cert else None,

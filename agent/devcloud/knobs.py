@@ -21,3 +21,5 @@ class Knobs(BaseModel):
     retry_after_s: int = Field(default=1, ge=0, le=3600, description="the Retry-After of injected 429/503")
     throttle_next: int = Field(default=0, ge=0, description="answer the next N API calls 429 with Retry-After")
     lease_ttl_s: float = Field(default=3600.0, gt=0, le=7 * 86_400, description="lease lifetime from its request")
+    credentials_ttl_s: float = Field(default=900.0, gt=0, le=43_200,
+                                     description="lifetime of a storage resource's access keys from their issue")

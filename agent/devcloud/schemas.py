@@ -6,10 +6,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ResourceStatus = Literal["provisioning", "ready", "released"]
+ResourceType = Literal["compute", "storage"]
 MAX_QUANTITY = 256
+MAX_STORAGE_GB = 100_000
 
 
 class ErrorBody(BaseModel):
@@ -22,19 +24,51 @@ class ErrorBody(BaseModel):
 class ResourceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["compute"] = Field(description="the kind of resource; only compute exists")
-    quantity: int = Field(ge=1, le=MAX_QUANTITY, description="vCPUs: how many tasks the lease runs at once")
+    type: ResourceType = Field(description="compute: a lease that runs tasks; storage: S3-compatible object storage")
+    quantity: int = Field(ge=1, le=MAX_STORAGE_GB, description=(
+        f"compute: vCPUs, how many tasks the lease runs at once (at most {MAX_QUANTITY}); storage: GB"))
+
+    @model_validator(mode="after")
+    def _compute_bound(self) -> ResourceRequest:
+        if self.type == "compute" and self.quantity > MAX_QUANTITY:
+            raise ValueError(f"a compute lease has at most {MAX_QUANTITY} vCPUs")
+        return self
+
+
+class StorageCredentials(BaseModel):
+    """Short-lived S3 credentials: refused by the store from ``expires_at`` on; ask for new ones before."""
+
+    access_key_id: str
+    secret_access_key: str
+    session_token: str | None = Field(description="sent as X-Amz-Security-Token when not null")
+    expires_at: datetime = Field(description="UTC; the store refuses these credentials from this time on")
+
+
+class StorageLocation(BaseModel):
+    """Where a storage resource's objects live: keys under ``prefix`` in ``bucket`` at an S3-compatible
+    ``endpoint`` (path-style addressing), signed with AWS Signature V4 for ``region``."""
+
+    endpoint: str = Field(examples=["http://127.0.0.1:9000"])
+    bucket: str
+    prefix: str = Field(description="every object of the resource has a key starting with this")
+    region: str
+    credentials: StorageCredentials | None = Field(
+        description="present when the resource is created; GET leaves them out: POST .../credentials for new ones")
 
 
 class Resource(BaseModel):
-    """A lease. Tasks may be submitted while ``status`` is ``ready``; after ``expires_at`` it is ``released``."""
+    """A resource. A compute lease runs tasks while ``status`` is ``ready`` and is ``released`` after
+    ``expires_at``; a storage resource is ``ready`` at once, has no ``expires_at`` and keeps its objects until
+    it is released (its credentials expire and are renewed)."""
 
     id: str
-    type: Literal["compute"]
-    quantity: int = Field(ge=1, le=MAX_QUANTITY)
+    type: ResourceType
+    quantity: int = Field(ge=1, le=MAX_STORAGE_GB)
     location: str
     status: ResourceStatus
-    expires_at: datetime = Field(description="UTC; the lease is released at this time unless released earlier")
+    expires_at: datetime | None = Field(
+        description="UTC; a compute lease is released at this time unless released earlier; null for storage")
+    storage: StorageLocation | None = Field(default=None, description="storage resources only")
 
 
 class TaskAnswer(BaseModel):
