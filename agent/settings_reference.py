@@ -51,6 +51,7 @@ SECTIONS = {
     "dead_letters": "Dead letters",
     "log": "Logging",
     "decision": "Decision model",
+    "archive": "Archive (docs/archive.md)",
 }
 
 HEADER = """\
@@ -108,7 +109,7 @@ def type_of(field: FieldInfo) -> str:
         text = "string"
     elif get_origin(annotation) is list:
         text = "JSON list"
-    elif get_origin(annotation) is dict:
+    elif get_origin(annotation) is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
         text = "JSON object"
     else:
         raise TypeError(f"no words for the type {annotation!r}")

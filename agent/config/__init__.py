@@ -16,6 +16,7 @@ The package, one concern a module: ``_names`` (which variables are settings), ``
 ``_loading`` (strict loading, problems named by variable) and ``_sources`` (reading again at a reload).
 """
 
+from agent.config._archive import ArchiveSettings, RouteArchive
 from agent.config._decision import DecisionSettings, KindPrior, default_kind_priors
 from agent.config._loading import DEFAULT_ENV_FILE, RouteCheck, load_settings
 from agent.config._mqtt import BrokerNode, MqttSettings, TlsSettings
@@ -45,6 +46,7 @@ __all__ = [
     "ENV_PREFIX",
     "NOT_SETTINGS",
     "RELOADABLE",
+    "ArchiveSettings",
     "BrokerNode",
     "CloudSettings",
     "DeadLetterSettings",
@@ -56,6 +58,7 @@ __all__ = [
     "MqttSettings",
     "Reread",
     "Route",
+    "RouteArchive",
     "RouteCheck",
     "Settings",
     "Sources",

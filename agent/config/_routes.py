@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from agent.config._archive import RouteArchive
 from agent.decision import Placement
 from agent.mqtt.topics import validate_topic_filter
 
@@ -25,6 +26,9 @@ class Route(BaseModel):
         default=1, description="subscription QoS. 1: acknowledged only after the commit, never lost; "
         "0: at most once; a message that arrives while the store is full is dropped (logged as "
         "`qos0_message_dropped_store_full`)")
+    archive: RouteArchive | None = Field(
+        default=None, description="keep the route's raw inputs: `{\"days\": D, \"retrievals_per_month\": R}` "
+        "(docs/archive.md)")
 
     @field_validator("topic")
     @classmethod

@@ -17,6 +17,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from agent.config._archive import ArchiveSettings
 from agent.config._decision import DecisionSettings
 from agent.config._mqtt import MqttSettings
 from agent.config._names import ENV_PREFIX, screen
@@ -132,6 +133,7 @@ class Settings(Sourced):
     dead_letters: DeadLetterSettings = DeadLetterSettings()
     log: LogSettings = LogSettings()
     decision: DecisionSettings = DecisionSettings()
+    archive: ArchiveSettings = ArchiveSettings()
     shutdown_timeout_s: float = Field(
         default=10.0, gt=0, le=3600,
         description="how long a stop may spend finishing running tasks before it keeps the rest in the store")
