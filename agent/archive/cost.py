@@ -178,9 +178,10 @@ class RetrievalRate:
     no notion of how much data the route holds. Divided by the retention it is the expected reads per month of a
     segment's data, which :class:`SegmentFacts` takes.
 
-    The half-life defaults to the retention, and to at least a month: a segment's reads are spread over its
-    life, and a city reads much of its data back once a month (a report), which must not swing the estimate
-    between reports. The prior counts as ``prior_weight_days`` of observation that fades like the rest, so the
+    The half-life defaults to twice the retention, and to at least two months: a segment's reads are spread over
+    its life, and a city reads much of its data back in lumps (a monthly report); a lump every P days swings the
+    estimate by a factor of 2^(P / half-life) between lumps, ±17 % at most for lumps once a retention or once a
+    month. The prior counts as ``prior_weight_days`` of observation that fades like the rest, so the
     first query of a quiet route does not swing a month of placements, and a year later the prior is forgotten.
     """
 
@@ -190,7 +191,7 @@ class RetrievalRate:
     def __init__(self, prior_per_month: float, retention_days: float, *, half_life_days: float | None = None,
                  prior_weight_days: float = 7.0, start: float | None = None) -> None:
         if half_life_days is None:
-            half_life_days = max(retention_days, 30.0)
+            half_life_days = max(2.0 * retention_days, 60.0)
         if prior_per_month < 0 or retention_days <= 0 or half_life_days <= 0 or prior_weight_days < 0:
             raise ValueError("need prior_per_month >= 0, retention_days > 0, half_life_days > 0, "
                              "prior_weight_days >= 0")
