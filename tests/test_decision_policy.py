@@ -544,6 +544,43 @@ def test_a_cloud_task_the_model_chose_is_hedged_once_well_past_its_prediction() 
                                                 model.HEDGE_LOCAL_RATIO * d.t_local_s))
 
 
+def test_a_hedge_copy_waits_while_the_gateway_now_needs_longer_than_the_task_has_waited() -> None:
+    from agent.decision import model
+
+    policy = fast_cloud_policy()
+    line = policy.snapshot(5.0)["kinds"][NOISE]
+    for _ in range(COLD_RUNS):  # a kind with measured runs: no cold-start scaling of the running clips
+        policy.observe_local(NOISE, 160_000, line["local_fixed_s"] + 160_000 * line["local_per_byte_s"], 5.0)
+    task = Task(NOISE, 160_000)
+    d = policy.decide(task, 5.0)
+    assert d.target == "cloud"
+    policy.task_started("cloud", task, 5.0)
+    at_deadline = 5.0 + d.hedge_after_s
+    # The gateway needs no longer than the decision saw: the copy is due at the deadline.
+    assert d.hedge_after_s >= model.HEDGE_LOCAL_RATIO * d.t_local_s
+    assert policy.hedge_delay(task, 5.0, at_deadline) == 0.0
+    # Since then it fell behind (ten more clips queued) and learned it is slower: the copy would run
+    # after the cloud's answer, so it waits, for what the gateway would now need, counted from the decision.
+    for _ in range(10):
+        policy.task_started("local", Task(NOISE, 160_000), at_deadline)
+    for i in range(60):
+        policy.observe_local(NOISE, 160_000, 3 * d.terms["local_service_s"], at_deadline + i * 1e-3)
+    now = at_deadline + 0.1
+    delay = policy.hedge_delay(task, 5.0, now)
+    later = policy.decide(Task(NOISE, 160_000), now)  # what the gateway would now need: wait + service
+    assert delay == pytest.approx(5.0 + model.HEDGE_LOCAL_RATIO * later.t_local_s - now)
+    assert delay > 3 * d.t_local_s
+    # At the upload's deadline only the gateway's queue counts: a stalled upload is rescued at once on a free
+    # worker, but not ahead of a backlog the task has not waited out.
+    upload_delay = policy.hedge_delay(task, 5.0, now, upload=True)
+    assert upload_delay == pytest.approx(5.0 + model.HEDGE_LOCAL_RATIO * later.terms["local_wait_s"] - now)
+    assert 0.0 < upload_delay < delay
+    idle = fast_cloud_policy()
+    for _ in range(4):
+        idle.task_finished("local", Task(NOISE, 160_000), 5.0)
+    assert idle.hedge_delay(task, 5.0, 5.01, upload=True) == 0.0
+
+
 def test_the_upload_has_a_deadline_of_its_own_before_the_tasks() -> None:
     from agent.decision import model
 

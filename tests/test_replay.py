@@ -279,11 +279,14 @@ def test_a_prior_factor_sets_the_agents_prior_off_by_that_factor() -> None:
 @pytest.mark.parametrize("name", sorted(p.name for p in WORKLOADS.glob("*.json")))
 def test_shipped_workloads_replay_and_late_binding_loses_nothing(name: str) -> None:
     replay = run_replay(DEFAULT_UPLINK, workload=load_workload(WORKLOADS / name),
-                        policies=("agent", "agent_no_late_binding", "always_local", "oracle"))
+                        policies=(*POLICIES, "agent_no_late_binding"))
     stats = replay.stats
     n = len(replay.arrivals)
     for outcome in replay.outcomes.values():
         assert len(outcome.completion_s) == n and all(0.0 < c < math.inf for c in outcome.completion_s)
-    # Late binding never makes the agent much worse than deciding once, and it stays ahead of all-local.
+    # Late binding never makes the agent much worse than deciding once.
     assert stats["agent"].mean_s <= stats["agent_no_late_binding"].mean_s * 1.02
-    assert stats["agent"].mean_s < stats["always_local"].mean_s
+    # The target on the LTE trace (seed 1, as docs/decision.md reports it): within 1.10 × the oracle and
+    # ahead of every baseline.
+    assert replay.ratio("agent") <= 1.10
+    assert stats["agent"].mean_s < min(stats[p].mean_s for p in POLICIES if p not in ("agent", "oracle"))

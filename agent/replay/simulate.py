@@ -185,8 +185,9 @@ def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, a
 
     A cloud task whose result has not come by its hedge time, or whose upload has not ended by the upload's
     deadline (``Decision.upload_by_s``; the daemon sees an upload end when its last byte is acknowledged, a
-    round trip after it left), gets a local copy, queued at that moment like any local task (it occupies a
-    worker, or the event loop for a light kind). The first result counts:
+    round trip after it left), gets a local copy, queued like any local task (it occupies a worker, or the event
+    loop for a light kind) at that moment, or later if the gateway would now need longer for it than the task
+    has waited (``Policy.hedge_delay``, asked again when that time comes). The first result counts:
 
     - the local copy finishes first: the cloud request is cancelled then. Its upload keeps the uplink until
       it would have ended all the same: the bytes already handed to the socket's send buffer and the modem's
@@ -208,6 +209,7 @@ def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, a
     cloud: list[bool] = []
     cancelled: dict[int, float] = {}  # hedged cloud copies the local copy beat: task index → cancellation time
     hedged: set[int] = set()  # tasks given a gateway copy
+    decided_at: dict[int, float] = {}  # cloud tasks → when they were sent there
     # Heavy tasks queued for the gateway by a decision, latest last: (index, start, end, what its end replaced).
     # Late binding takes them back from the end while they have not started.
     queued: list[tuple[int, float, float, float]] = []
@@ -233,6 +235,7 @@ def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, a
             cloud[j] = False
 
     def offload(j: int, now: float, decision_hedge_s: float, upload_by_s: float) -> None:
+        decided_at[j] = now
         plan = world.plan_cloud(j, now)
         world.commit_cloud(plan)
         if plan.new_lease:
@@ -292,10 +295,16 @@ def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, a
                 policy.task_finished("cloud", tasks[j], t)
             elif what in (_HEDGE, _HEDGE_UPLOAD):
                 assert plan is not None
-                # At the task's deadline, or at its upload's if the upload is still running: whichever comes first.
+                # At the task's deadline, or at its upload's if the upload is still running: whichever comes first,
+                # once the gateway would now finish a copy soon enough (Policy.hedge_delay); else asked again then.
                 if j not in hedged and (what == _HEDGE or t < plan.up_end + a.rtt_s[j]):
-                    hedged.add(j)
-                    hedge(j, t, plan)
+                    delay = policy.hedge_delay(tasks[j], decided_at[j], t, upload=what == _HEDGE_UPLOAD)
+                    if delay > 0.0:
+                        if t + delay < plan.done:
+                            push(t + delay, what, j, plan)
+                    else:
+                        hedged.add(j)
+                        hedge(j, t, plan)
             elif what == _CANCEL_CLOUD:
                 policy.cloud_cancelled(tasks[j], t)
             else:  # _DROP_LOCAL
