@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
@@ -38,19 +40,39 @@ from agent.config import CloudSettings
 
 
 def test_backoff_doubles_from_the_minimum_and_stops_at_the_maximum() -> None:
+    # Retry n waits between min·2^(n-1) and min·2^n: spread from the first retry on, capped by the maximum.
     top = [compute_backoff(n, 0.2, 5.0, jitter=1.0) for n in range(1, 8)]
-    assert top == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+    assert top == [0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+    bottom = [compute_backoff(n, 0.2, 5.0, jitter=0.0) for n in range(1, 8)]
+    assert bottom == [0.2, 0.4, 0.8, 1.6, 2.5, 2.5, 2.5]
 
 
 def test_backoff_jitter_spreads_over_the_upper_half_within_the_bounds() -> None:
-    assert compute_backoff(3, 0.2, 5.0, jitter=0.0) == pytest.approx(0.4)  # half of 0.8
-    assert compute_backoff(3, 0.2, 5.0, jitter=0.5) == pytest.approx(0.6)
+    assert compute_backoff(3, 0.2, 5.0, jitter=0.0) == pytest.approx(0.8)  # half of 1.6
+    assert compute_backoff(3, 0.2, 5.0, jitter=0.5) == pytest.approx(1.2)
     # The first retry never goes below the minimum, the later ones never above the maximum.
     assert compute_backoff(1, 0.2, 5.0, jitter=0.0) == 0.2
     assert compute_backoff(1000, 0.2, 5.0, jitter=0.0) == 2.5
     for attempt in range(1, 40):
         for jitter in (0.0, 0.3, 0.999, 1.0):
             assert 0.2 <= compute_backoff(attempt, 0.2, 5.0, jitter) <= 5.0
+    assert compute_backoff(3, 2.0, 1.0, jitter=0.5) == 1.0  # crossed bounds: the maximum wins
+
+
+@settings(deadline=None)  # pure arithmetic: a slow example is a loaded machine, not a slow backoff
+@given(attempt=st.integers(min_value=1, max_value=10_000), min_s=st.floats(min_value=1e-3, max_value=600),
+       ratio=st.floats(min_value=1, max_value=1e4), jitter=st.floats(min_value=0, max_value=1))
+def test_backoff_never_leaves_its_bounds_and_always_spreads(attempt: int, min_s: float, ratio: float,
+                                                            jitter: float) -> None:
+    max_s = min_s * ratio
+    delay = compute_backoff(attempt, min_s, max_s, jitter)
+    assert min_s <= delay <= max_s
+    earliest, latest = compute_backoff(attempt, min_s, max_s, 0.0), compute_backoff(attempt, min_s, max_s, 1.0)
+    assert earliest <= delay <= latest
+    # A fleet that failed together spreads over at least this much at every retry, the first included.
+    assert latest - earliest >= min(min_s, max_s / 2, max_s - min_s) * (1 - 1e-9)
+    assert earliest >= latest / 2  # equal jitter: no retry sooner than half the longest wait of its step
+    assert compute_backoff(attempt + 1, min_s, max_s, jitter) >= delay * (1 - 1e-12)  # it never shrinks
 
 
 @pytest.mark.parametrize(("attempt", "jitter"), [(0, 0.5), (1, -0.1), (1, 1.5)])

@@ -19,7 +19,8 @@ httpx, and the errors, the circuit breaker and the backoff come without it.
 
 from typing import TYPE_CHECKING, Any
 
-from agent.cloud._backoff import compute_backoff, parse_retry_after
+from agent.backoff import compute_backoff
+from agent.cloud._backoff import parse_retry_after
 from agent.cloud._circuit import CircuitBreaker, CircuitState
 from agent.cloud._errors import CircuitOpen, CloudError, PermanentCloudError, TransientCloudError
 from agent.cloud._leases import Lease, choose_lease

@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 
 from agent import __version__
-from agent.cloud._backoff import compute_backoff, parse_retry_after
+from agent.backoff import compute_backoff
+from agent.cloud._backoff import parse_retry_after
 from agent.cloud._circuit import CircuitBreaker
 from agent.cloud._errors import CloudError, PermanentCloudError, TransientCloudError
 from agent.cloud._uplink import Upload, UploadWatch, watched_transport

@@ -1,4 +1,4 @@
-"""Retry arithmetic as pure functions: backoff with jitter and the ``Retry-After`` header."""
+"""Backing off as the server asks: the ``Retry-After`` header. The agent's own backoff is ``agent.backoff``."""
 
 from __future__ import annotations
 
@@ -7,26 +7,10 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
 
-def compute_backoff(attempt: int, min_s: float, max_s: float, jitter: float) -> float:
-    """Seconds to wait before retry number ``attempt`` (1 = the first retry).
-
-    Exponential (``min_s``·2^(attempt-1), capped at ``max_s``) with "equal jitter": a uniform draw over the
-    upper half of that figure (``jitter`` in [0, 1) picks where), so clients that failed together spread out
-    yet none retries sooner than half the nominal delay. The result always lies in [min_s, max_s].
-    """
-    if attempt < 1:
-        raise ValueError("attempt counts retries from 1")
-    if not 0.0 <= jitter <= 1.0:
-        raise ValueError("jitter must be in [0, 1]")
-    # min(...) before the power would overflow for large attempts; 2**64 is beyond any sensible max_s ratio.
-    nominal = min(max_s, min_s * 2.0 ** min(attempt - 1, 64))
-    return min(max_s, max(min_s, nominal * (0.5 + 0.5 * jitter)))
-
-
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
     """``Retry-After`` (RFC 9110 §10.2.3) in seconds from ``now``: delay-seconds or an HTTP-date.
 
-    None when absent or unreadable (the caller then uses its own backoff); a date in the past gives 0.
+    None when absent or unreadable (the caller then uses ``agent.backoff``); a date in the past gives 0.
     """
     if value is None:
         return None

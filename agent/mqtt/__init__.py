@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from agent.backoff import compute_backoff
 from agent.mqtt.topics import (
     dead_letter_topic,
     results_topic,
@@ -29,8 +30,10 @@ from agent.mqtt.topics import (
 )
 
 if TYPE_CHECKING:
+    import random
+
     from agent.mqtt.inbound import InboundMessage
-    from agent.mqtt.link import MqttLink, backoff_delay
+    from agent.mqtt.link import MqttLink
     from agent.mqtt.surface import Flag, Link, LinkFactory
     from agent.mqtt.tls import certificate_expiry, explain_connect_error, tls_context
     from agent.mqtt.wire import Outgoing
@@ -57,7 +60,6 @@ __all__ = [
 _LAZY = {
     "InboundMessage": "inbound",
     "MqttLink": "link",
-    "backoff_delay": "link",
     "certificate_expiry": "tls",
     "explain_connect_error": "tls",
     "tls_context": "tls",
@@ -66,6 +68,12 @@ _LAZY = {
     "Link": "surface",
     "LinkFactory": "surface",
 }
+
+
+def backoff_delay(attempt: int, minimum: float, maximum: float, rng: random.Random) -> float:
+    """``agent.backoff.compute_backoff`` under the name and arguments this package exported before there was one
+    backoff: the jitter drawn from ``rng``, and ``attempt`` 0, which this name allowed, at the minimum."""
+    return compute_backoff(attempt, minimum, maximum, rng.random()) if attempt else minimum
 
 
 def __getattr__(name: str) -> Any:

@@ -28,6 +28,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.backoff import compute_backoff
 from agent.metrics import LabelledCounter
 from agent.mqtt.failover import Failover
 from agent.mqtt.inbound import Inbound
@@ -44,12 +45,6 @@ if TYPE_CHECKING:
     from agent.metrics import AgentCollector
 
 log = get_logger(__name__)
-
-
-def backoff_delay(attempt: int, minimum: float, maximum: float, rng: random.Random) -> float:
-    """Exponential backoff with "equal jitter": half the step is fixed, half random, capped at ``maximum``."""
-    step = min(maximum, minimum * (2 ** min(attempt, 30)))
-    return float(step / 2 + rng.uniform(0, step / 2))
 
 
 TICK_S = 0.5  # supervisor period: keepalive checks, reconnect decisions, watchdog heartbeat
@@ -196,9 +191,9 @@ class MqttLink:
                 if self._lost:
                     self._lost = False
                     if self._failover.round_over:  # a round without an answer, or a lost connection: back off
-                        delay = backoff_delay(attempt, self._settings.reconnect_min_s,
-                                              self._settings.reconnect_max_s, self._rng)
                         attempt += 1
+                        delay = compute_backoff(attempt, self._settings.reconnect_min_s,
+                                                self._settings.reconnect_max_s, self._rng.random())
                         log.info("mqtt_reconnect_wait", seconds=round(delay, 2), attempt=attempt)
                         await self._wait_out(delay)
                         self._failover.next_round()
