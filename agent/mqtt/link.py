@@ -122,8 +122,7 @@ class MqttLink:
     def request_reconnect(self) -> None:
         """Reconnect so the broker redelivers the QoS 1 messages we left unacknowledged (store was full)."""
         self._reconnect_requested = True
-        if self._wake is not None:
-            self._wake.set()
+        self._poke()
 
     def alive(self, within_s: float) -> bool:
         return self._supervisor is not None and not self._supervisor.done() and (
