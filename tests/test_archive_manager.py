@@ -1,10 +1,12 @@
-"""The placement manager against real S3 (the devcloud's S3 server: moto in server mode, IAM on, checksums
-verified): segments go to the cloud when cheaper and stay when not, retention deletes on both sides, a cloud
-that fails keeps the archive on the gateway within its budget with the operator warned, and a SIGKILL during an
-upload loses nothing and leaves no incomplete upload behind (agent/archive/manager.py)."""
+"""The placement manager against real S3 through the devcloud's storage resources (its S3 server: moto in
+server mode, IAM on, checksums verified): segments go to the cloud when cheaper and stay when not, retention
+deletes on both sides, a cloud that fails keeps the archive on the gateway within its budget with the operator
+warned, and a SIGKILL during an upload loses nothing and leaves no incomplete upload behind
+(agent/archive/manager.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,10 +14,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
 from structlog.testing import capture_logs
@@ -24,10 +24,13 @@ from agent.archive.catalog import Catalog
 from agent.archive.cost import ArchivePrices
 from agent.archive.intake import Intake, Sealing
 from agent.archive.manager import Manager, RoutePolicy, object_key
-from agent.archive.objectstore import ObjectStore, StorageLocation
+from agent.archive.objectstore import ObjectStore
 from agent.archive.segment import Record, file_chunks, read_segment
 
 from support import wait_for
+
+if TYPE_CHECKING:
+    from agent.cloud._storage import StorageResource
 
 ROUTE = "city/+/noise/+/pcm"
 DAY = 86_400.0
@@ -36,50 +39,6 @@ DAY = 86_400.0
 PRICES = ArchivePrices(uplink_per_gb=0.5, cloud_storage_per_gb_month=0.02, cloud_egress_per_gb=0.01,
                        disk_budget_bytes=200_000, margin=0.1)
 READ_OFTEN = 10.0
-
-
-@dataclass
-class S3:
-    endpoint: str
-    region: str
-    access_key_id: str
-    secret_access_key: str
-    process: subprocess.Popen[str]
-    bucket: str = ""
-
-    def location(self, bucket: str | None = None, expires_in_s: float = 3600) -> StorageLocation:
-        return StorageLocation("res-1", self.endpoint, bucket or self.bucket, "gw-1/", self.region,
-                               self.access_key_id,
-                               self.secret_access_key, None, time.time() + expires_in_s)
-
-    def client(self) -> Any:
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region,
-                            aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key)
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[S3]:
-    """One S3 server for the module (it takes seconds to start); each test has a bucket of its own."""
-    process = subprocess.Popen([sys.executable, "-m", "agent.devcloud.s3server", "--port", "0"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None and process.stdin is not None
-    ready = json.loads(process.stdout.readline())  # its readiness line
-    server = S3(ready["endpoint"], ready["region"], ready["access_key_id"], ready["secret_access_key"], process)
-    yield server
-    process.stdin.close()
-    process.terminate()
-    process.wait(10)
-    process.stdout.close()
-
-
-@pytest.fixture
-def s3(s3_server: S3) -> S3:
-    bucket = f"archive-{os.urandom(4).hex()}"
-    s3_server.client().create_bucket(Bucket=bucket)
-    s3_server.bucket = bucket
-    return s3_server
 
 
 def make(root: Path, prices: ArchivePrices, objects: ObjectStore | None, *, days: float = 30,
@@ -113,9 +72,9 @@ def read_all(manager: Manager, objects: ObjectStore) -> list[str]:
     return ids
 
 
-def test_segments_go_to_the_cloud_when_cheaper_and_local_copies_leave_after_the_upload(tmp_path: Path,
-                                                                                       s3: S3) -> None:
-    objects = ObjectStore(s3.location)
+def test_segments_go_to_the_cloud_when_cheaper_and_local_copies_leave_after_the_upload(
+        tmp_path: Path, object_store: ObjectStore) -> None:
+    objects = object_store
     manager = make(tmp_path, PRICES, objects, reads=READ_OFTEN)
     ids = fill(manager, 3)
     entries = manager.catalog.entries(route=ROUTE)
@@ -130,8 +89,8 @@ def test_segments_go_to_the_cloud_when_cheaper_and_local_copies_leave_after_the_
     assert manager.counters.uploads == 3
 
 
-def test_segments_stay_on_the_gateway_when_it_is_cheaper(tmp_path: Path, s3: S3) -> None:
-    objects = ObjectStore(s3.location)
+def test_segments_stay_on_the_gateway_when_it_is_cheaper(tmp_path: Path, object_store: ObjectStore) -> None:
+    objects = object_store
     manager = make(tmp_path, PRICES, objects, reads=0.0)
     fill(manager, 2)
     entries = manager.catalog.entries(route=ROUTE)
@@ -141,9 +100,9 @@ def test_segments_stay_on_the_gateway_when_it_is_cheaper(tmp_path: Path, s3: S3)
     assert objects.list() == []
 
 
-def test_retention_deletes_on_both_sides(tmp_path: Path, s3: S3) -> None:
+def test_retention_deletes_on_both_sides(tmp_path: Path, object_store: ObjectStore) -> None:
     clock = [time.time()]
-    objects = ObjectStore(s3.location)
+    objects = object_store
     # Room for two segments: the oldest goes to the cloud (over the budget), the others stay on the gateway.
     prices = ArchivePrices(uplink_per_gb=0.5, cloud_storage_per_gb_month=0.02, cloud_egress_per_gb=0.01,
                            disk_budget_bytes=60_000, margin=0.1)
@@ -163,9 +122,9 @@ def test_retention_deletes_on_both_sides(tmp_path: Path, s3: S3) -> None:
     assert manager.counters.deleted_cloud >= 1 and manager.counters.deleted_gateway >= 1
 
 
-def test_a_failing_cloud_keeps_the_archive_on_the_gateway_within_its_budget_and_warns(tmp_path: Path,
-                                                                                      s3: S3) -> None:
-    objects = ObjectStore(lambda: s3.location(bucket="no-such-bucket"))  # every call fails
+def test_a_failing_cloud_keeps_the_archive_on_the_gateway_within_its_budget_and_warns(
+        tmp_path: Path, storage: StorageResource) -> None:
+    objects = ObjectStore(lambda: dataclasses.replace(storage.location(), bucket="no-such-bucket"))  # all fail
     clock = [time.time()]
     manager = make(tmp_path, PRICES, objects, reads=READ_OFTEN, clock=clock)
     manager.cloud_retry_s = 60
@@ -179,7 +138,7 @@ def test_a_failing_cloud_keeps_the_archive_on_the_gateway_within_its_budget_and_
     assert manager.catalog.disk_bytes() <= PRICES.disk_budget_bytes + 30_000
     assert manager.intake.refused > 0
     # The cloud comes back: segments leave, there is room again and archiving resumes.
-    manager.objects = ObjectStore(s3.location)
+    manager.objects = ObjectStore(storage.location)
     clock[0] += 61
     with capture_logs() as logs:
         manager.run_once()
@@ -210,7 +169,8 @@ UPLOADER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_sigkill_during_an_upload_loses_nothing_and_leaves_no_incomplete_upload(tmp_path: Path, s3: S3) -> None:
+def test_sigkill_during_an_upload_loses_nothing_and_leaves_no_incomplete_upload(tmp_path: Path,
+                                                                                 storage: StorageResource) -> None:
     catalog = Catalog(tmp_path / "catalog.db")
     intake = Intake(tmp_path, catalog, [ROUTE], Sealing(age_s=3600, max_bytes=1 << 30))
     intake.open()
@@ -219,11 +179,11 @@ def test_sigkill_during_an_upload_loses_nothing_and_leaves_no_incomplete_upload(
     intake.append({ROUTE: records})
     intake.seal_due(force=True)
     intake.close()
-    location = s3.location()
+    location = storage.location()
     loc = {k: getattr(location, k) for k in location.__dataclass_fields__}
     child = subprocess.Popen([sys.executable, "-c", UPLOADER, str(tmp_path), ROUTE, json.dumps(loc)],
                              stdout=subprocess.DEVNULL)
-    objects = ObjectStore(s3.location)
+    objects = ObjectStore(storage.location)
     try:
         # Killed once the upload has begun: its first part is in the store, the object is not complete.
         wait_for(lambda: bool(objects.list_incomplete_uploads()), 60, "the upload to start", interval=0.01)

@@ -46,7 +46,7 @@ def all_records(intake: Intake) -> list[Record]:
     out: list[Record] = []
     for entry in intake.catalog.entries(route=ROUTE):
         out.extend(read_segment(file_chunks(intake.directory(ROUTE) / f"{entry.segment_id}.seg")))
-    return out + intake.unsealed(ROUTE)
+    return out + intake.unsealed(ROUTE)[1]
 
 
 def test_sealed_segment_reads_back_in_order_and_checks_itself(tmp_path: Path) -> None:

@@ -155,11 +155,13 @@ class Intake:
                      raw_bytes=info.raw_bytes, size=info.size)
         return sealed
 
-    def unsealed(self, route: str) -> list[Record]:
-        """The records of a route's open journal (a query reads them too)."""
+    def unsealed(self, route: str) -> tuple[str, list[Record]]:
+        """The id and records of a route's open journal (a query reads them too)."""
         with self._lock:
             journal = self._journals.get(route)
-            return recover_journal(journal.path) if journal is not None and journal.count else []
+            if journal is None or not journal.count:
+                return "", []
+            return journal.path.stem, recover_journal(journal.path, repair=False)
 
     def unsealed_bytes(self) -> int:
         with self._lock:
