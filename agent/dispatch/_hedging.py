@@ -43,12 +43,12 @@ class Hedging(DispatchQueues):
         hedge_after = decision.hedge_after_s if decision is not None else math.inf
         if math.isfinite(hedge_after):
             self._hedge_timers[ref.id] = loop.call_later(max(0.0, item.decided_at + hedge_after - now),
-                                                         self._hedge, item, payload)
+                                                         self._hedge, item, payload, False)
         upload_by = decision.upload_by_s if decision is not None else math.inf
         # Only where each upload's end is seen: inferred from the answer, every upload would look overdue.
         if math.isfinite(upload_by) and self.cloud.sees_uploads:
             self._upload_timers[ref.id] = loop.call_later(max(0.0, item.decided_at + upload_by - now),
-                                                          self._hedge, item, payload)
+                                                          self._hedge, item, payload, True)
             return functools.partial(_cancel_timer, self._upload_timers, ref.id)
         return None
 
@@ -56,14 +56,23 @@ class Hedging(DispatchQueues):
         _cancel_timer(self._hedge_timers, row_id)
         _cancel_timer(self._upload_timers, row_id)
 
-    def _hedge(self, item: Admitted, payload: bytes) -> None:
-        """The cloud task, or its upload, is overdue: queue a gateway copy too, behind the tasks queued there
-        already (as the policy counts it, and as the replay simulates it)."""
+    def _hedge(self, item: Admitted, payload: bytes, upload: bool) -> None:
+        """The cloud task, or (``upload``) its upload, is overdue: queue a gateway copy too, behind the tasks
+        queued there already (as the policy counts it, and as the replay simulates it), once the gateway would
+        now need no longer for it than the task has waited (``Policy.hedge_delay``; asked again then)."""
         ref = item.ref
-        self._disarm_hedge(ref.id)  # one copy at most, whichever deadline came first
         if self.closing or ref.id not in self._cloud_running or ref.id in self._hedge_copies:
+            self._disarm_hedge(ref.id)
             return
-        self.policy.task_started("local", item.task, self._clock())
+        now = self._clock()
+        delay = self.policy.hedge_delay(item.task, item.decided_at, now, upload=upload)
+        if delay > 0.0:
+            assert self._loop is not None
+            timers = self._upload_timers if upload else self._hedge_timers
+            timers[ref.id] = self._loop.call_later(delay, self._hedge, item, payload, upload)
+            return
+        self._disarm_hedge(ref.id)  # one copy at most, whichever deadline came first
+        self.policy.task_started("local", item.task, now)
         self.hedges += 1
         copy = item._replace(ref=ref._replace(payload=payload), hedge=True)
         self._hedge_copies[ref.id] = copy
