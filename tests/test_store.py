@@ -281,7 +281,7 @@ def test_a_commit_interval_gathers_trickling_rows_into_one_group(tmp_path: Path)
 
 def writer_gathering(store: Store) -> None:
     """Until the writer has taken the rows queued so far and waits for the interval with them."""
-    wait_for(lambda: store._gathering, 10, "the writer to wait out the commit interval")
+    wait_for(lambda: store._writer.gathering, 10, "the writer to wait out the commit interval")
 
 
 def test_enough_rows_a_read_or_a_stop_end_the_wait_at_once(tmp_path: Path) -> None:
@@ -343,7 +343,7 @@ def test_a_commit_hanging_too_long_makes_the_writer_unhealthy(store: Store) -> N
 
 def test_old_tombstones_are_pruned_a_bounded_number_at_a_time(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import agent.store as store_module
+    import agent.store._transitions as store_module
 
     monkeypatch.setattr(store_module, "TOMBSTONES_KEPT", 100)
     monkeypatch.setattr(store_module, "PRUNE_EVERY", 10)
