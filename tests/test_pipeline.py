@@ -136,7 +136,7 @@ def test_no_exception_escapes_a_paho_callback(tmp_path: Path) -> None:
         mid = 3
         dup = False
 
-    link._on_message(link._client, None, Message())  # type: ignore[arg-type]
+    link._client.on_message(link._client, None, Message())  # type: ignore[arg-type,misc]  # Inbound.from_paho
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.reasoncodes import ReasonCode
 
