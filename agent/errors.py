@@ -6,8 +6,9 @@
     │   ├── InvalidJson      reason ``invalid_json``
     │   └── InvalidPayload   reason ``invalid_payload``
     ├── UnknownTask          no task for this topic or name; reason ``unknown_task``
-    └── StoreError           the durable store cannot be opened or written
-        └── StoreFull        the configured bound is reached; intake pauses, nothing is dropped
+    └── StoreError           the store's writer was handed an operation it does not know (a bug); a store that
+                             cannot be opened is a ConfigError, a failed commit is retried, and a full store
+                             pauses intake (``Store.has_room``): none of those raise
 """
 
 from __future__ import annotations
@@ -55,8 +56,5 @@ class UnknownTask(AgentError):
 
 
 class StoreError(AgentError):
-    """The durable store failed."""
+    """The durable store was used wrongly (see the tree above)."""
 
-
-class StoreFull(StoreError):
-    """The store holds as many tasks or bytes as it may."""

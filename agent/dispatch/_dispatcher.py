@@ -25,7 +25,7 @@ from agent.telemetry import get_logger
 if TYPE_CHECKING:
     from agent.cloud import Cloud
 
-log = get_logger(__name__)
+log = get_logger("agent.dispatch")  # the name its events have always carried
 
 INLINE_BUDGET = 256  # light tasks per loop turn, so acks and PUBACK hand-offs are not starved
 WORKER_RETRIES = 1  # a task whose worker died is tried once more before it is dead-lettered
