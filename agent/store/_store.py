@@ -34,7 +34,6 @@ class Store:
         self._reader: sqlite3.Connection | None = None
         self._hook: CommitHook = lambda committed: None
         self.commits = 0
-        self.last_commit_s = 0.0
         self.busy_since: float | None = None  # monotonic start of the group being written, for health checks
         self._db = open_store(state_dir, self.path, synchronous.upper())
         rows, size, seq, top = self._db.execute(
@@ -226,7 +225,6 @@ class Store:
 
     def _commit(self, group: list[Op]) -> None:
         """Writer thread: commit a group of writes, then run the hook."""
-        started = time.perf_counter()
         self.busy_since = time.monotonic()
         committed, released_bytes, dead_letters = self._rows.write(group)
         if dead_letters is not None:
@@ -236,7 +234,6 @@ class Store:
         self.busy_since = None
         self.commits += 1
         committed.number = self.commits
-        self.last_commit_s = time.perf_counter() - started
         try:
             self._hook(committed)
         except Exception:
