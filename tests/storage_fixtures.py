@@ -15,12 +15,12 @@ if TYPE_CHECKING:  # imported in the fixtures: every test module loads this file
     from agent.cloud._storage import StorageClient, StorageResource
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def storage_devcloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCloud]:
-    """The devcloud with storage, one per test module (its S3 server takes seconds to start); tests isolate
-    themselves by each using storage resources of their own. ``storage_devcloud.settings()`` are the agent's
+    """The devcloud with storage, started once for the whole run (its S3 server takes seconds to start): tests
+    keep apart by each using storage resources of their own. ``storage_devcloud.settings()`` are the agent's
     cloud settings for it, ``storage_devcloud.agent_env()`` its environment; knobs changed by a test (e.g.
-    ``credentials_ttl_s``) are reset after it by the ``storage`` fixture."""
+    ``credentials_ttl_s``) are reset after each test by the ``storage_client`` fixture."""
     server = DevCloud(tmp_path_factory.mktemp("storage-devcloud") / "devcloud.log", "--storage", workers=1)
     yield server
     server.stop()

@@ -127,6 +127,12 @@ class StorageClient:
     def close(self) -> None:
         self._http.close()
 
+    def __enter__(self) -> StorageClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ HTTP
 
     def _send(self, what: str, method: str, path: str, *, not_found_ok: bool = False,

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -138,7 +138,10 @@ class StorageResources:
         return self._by_id.get(resource_id)
 
     def create(self, quantity_gb: int, location: str, ttl_s: float) -> tuple[StorageResource, Credentials]:
-        self._check_running()
+        with self._reaching():
+            return self._create(quantity_gb, location, ttl_s)
+
+    def _create(self, quantity_gb: int, location: str, ttl_s: float) -> tuple[StorageResource, Credentials]:
         resource_id = f"s-{uuid.uuid4().hex}"
         resource = StorageResource(resource_id, quantity_gb, location, prefix=f"{resource_id}/",
                                    user=f"edge-{resource_id}")
@@ -150,14 +153,13 @@ class StorageResources:
         return resource, self.new_credentials(resource, ttl_s)
 
     def new_credentials(self, resource: StorageResource, ttl_s: float) -> Credentials:
-        self._check_running()
-        with self._lock:
+        with self._reaching(), self._lock:
             while len(resource.keys) >= KEYS_PER_USER:
                 self._delete_key(resource, resource.keys[0])
             key = self._iam.create_access_key(UserName=resource.user)["AccessKey"]
             credentials = Credentials(key["AccessKeyId"], key["SecretAccessKey"], self.clock() + ttl_s)
             resource.keys.append(credentials)
-        return credentials
+            return credentials
 
     def next_expiry(self) -> float | None:
         with self._lock:
@@ -178,7 +180,10 @@ class StorageResources:
         """Delete the resource's objects, incomplete uploads, keys and user (idempotent)."""
         if resource.released_at is not None:
             return
-        self._check_running()
+        with self._reaching():
+            self._release(resource)
+
+    def _release(self, resource: StorageResource) -> None:
         paginator = self._s3.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=BUCKET, Prefix=resource.prefix):
             items = [{"Key": item["Key"]} for item in page.get("Contents", [])]
@@ -208,6 +213,18 @@ class StorageResources:
     def _check_running(self) -> None:
         if not self._server.running:
             raise StorageUnavailable("the S3 server is not running")
+
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """The S3 server checked before a call, and a connection it breaks mapped to :class:`StorageUnavailable`
+        (it may die between the check and the call)."""
+        from botocore.exceptions import BotoCoreError
+
+        self._check_running()
+        try:
+            yield
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"the S3 server cannot be reached: {exc}") from exc
 
 
 def _policy(prefix: str) -> dict[str, Any]:

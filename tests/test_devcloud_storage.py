@@ -1,0 +1,205 @@
+"""The resource API's storage resources on the devcloud (``--storage``) and the agent's client for them: what
+the API answers and refuses, prefixes that keep resources apart, release, and the S3 server process's life."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import signal
+from collections.abc import Iterator
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import psutil
+import pytest
+from botocore.exceptions import ClientError
+
+from agent.archive.objectstore import ObjectStore, StorageLocation
+from agent.cloud import PermanentCloudError
+from agent.cloud._storage import StorageClient
+
+from support import DevCloud, wait_for
+
+RESOURCES = "/api/v1/resources"
+
+
+@pytest.fixture
+def api(storage_devcloud: DevCloud) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=storage_devcloud.url, headers=storage_devcloud.auth) as client:
+        yield client
+    storage_devcloud.reset()
+
+
+def s3(location: StorageLocation) -> Any:
+    return boto3.client("s3", endpoint_url=location.endpoint, region_name=location.region,
+                        aws_access_key_id=location.access_key_id, aws_secret_access_key=location.secret_access_key)
+
+
+def put(location: StorageLocation, key: str, data: bytes) -> None:
+    s3(location).put_object(Bucket=location.bucket, Key=location.prefix + key, Body=data)
+
+
+def test_a_storage_resource_answers_its_location_and_short_lived_credentials(api: httpx.Client) -> None:
+    api.post("/admin/knobs", json={"credentials_ttl_s": 600})
+    created = api.post(RESOURCES, json={"type": "storage", "quantity": 20})
+
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["type"] == "storage" and body["quantity"] == 20 and body["status"] == "ready"
+    assert body["expires_at"] is None  # storage stays until released; its credentials expire
+    storage = body["storage"]
+    assert storage["endpoint"].startswith("http://127.0.0.1:") and storage["prefix"] == f"{body['id']}/"
+    credentials = storage["credentials"]
+    lifetime = datetime.fromisoformat(credentials["expires_at"]) - parsedate_to_datetime(created.headers["Date"])
+    assert 598 <= lifetime.total_seconds() <= 602 and credentials["session_token"] is None
+
+    described = api.get(f"{RESOURCES}/{body['id']}").json()
+    assert described["storage"]["credentials"] is None  # secrets only where they are issued
+    assert {**described["storage"], "credentials": None} == {**storage, "credentials": None}
+    renewed = api.post(f"{RESOURCES}/{body['id']}/credentials")
+    assert renewed.status_code == 200 and renewed.json()["access_key_id"] != credentials["access_key_id"]
+    assert api.delete(f"{RESOURCES}/{body['id']}").status_code == 204
+
+
+@pytest.mark.parametrize(("body", "detail"), [
+    ({"type": "storage", "quantity": 0}, "body.quantity: Input should be greater than or equal to 1"),
+    ({"type": "storage", "quantity": 100_001}, "body.quantity: Input should be less than or equal to 100000"),
+    ({"type": "storage"}, "body.quantity: Field required"),
+    ({"type": "disk", "quantity": 5}, "body.type: Input should be 'compute' or 'storage'"),
+    ({"type": "storage", "quantity": 5, "bucket": "mine"}, "body.bucket: Extra inputs are not permitted"),
+    ({"type": "compute", "quantity": 300}, "a compute lease has at most 256 vCPUs"),
+])
+def test_bad_storage_requests_are_refused_with_a_clear_error(api: httpx.Client, body: dict[str, Any],
+                                                             detail: str) -> None:
+    answer = api.post(RESOURCES, json=body)
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "invalid_request" and detail in answer.json()["detail"]
+
+
+def test_credentials_only_for_a_live_storage_resource(api: httpx.Client) -> None:
+    lease = api.post(RESOURCES, json={"type": "compute", "quantity": 1}).json()
+    not_storage = api.post(f"{RESOURCES}/{lease['id']}/credentials")
+    assert not_storage.status_code == 409 and not_storage.json()["error"] == "not_storage"
+    unknown = api.post(f"{RESOURCES}/s-unknown/credentials")
+    assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
+    storage = api.post(RESOURCES, json={"type": "storage", "quantity": 1}).json()
+    assert api.delete(f"{RESOURCES}/{storage['id']}").status_code == 204
+    released = api.post(f"{RESOURCES}/{storage['id']}/credentials")
+    assert released.status_code == 404 and released.json()["error"] == "released"
+    assert api.get(f"{RESOURCES}/{storage['id']}").json()["status"] == "released"
+    assert api.delete(f"{RESOURCES}/{storage['id']}").status_code == 204  # idempotent
+    assert api.post(f"{RESOURCES}/{storage['id']}/credentials", headers={"Authorization": "Bearer no"}
+                    ).status_code == 401
+
+
+def test_a_devcloud_without_storage_refuses_storage_requests(devcloud: DevCloud) -> None:
+    answer = httpx.post(f"{devcloud.url}{RESOURCES}", json={"type": "storage", "quantity": 1}, headers=devcloud.auth)
+    assert answer.status_code == 400 and answer.json()["error"] == "unsupported_type"
+    assert "--storage" in answer.json()["detail"]
+    with StorageClient(devcloud.settings()) as client, pytest.raises(PermanentCloudError) as refused:
+        client.request(1)
+    assert refused.value.code == "unsupported_type"
+
+
+def test_each_resource_reaches_its_own_prefix_only(storage_client: StorageClient) -> None:
+    first, second = storage_client.request(1), storage_client.request(1)
+    mine, theirs = first.location(), second.location()
+    put(mine, "traffic/0001.seg", b"first's data")
+
+    with pytest.raises(ClientError) as denied:
+        s3(theirs).get_object(Bucket=mine.bucket, Key=mine.prefix + "traffic/0001.seg")
+    assert denied.value.response["Error"]["Code"] == "AccessDenied"
+    with pytest.raises(ClientError) as denied:
+        s3(theirs).put_object(Bucket=mine.bucket, Key=mine.prefix + "traffic/0002.seg", Body=b"intruder")
+    assert denied.value.response["Error"]["Code"] == "AccessDenied"
+    for resource in (first, second):
+        storage_client.release(resource.id)
+
+
+def test_release_deletes_the_objects_the_incomplete_uploads_and_the_keys(storage_client: StorageClient,
+                                                                          tmp_path: Path) -> None:
+    resource, witness = storage_client.request(1), storage_client.request(1)
+    location = resource.location()
+    put(location, "traffic/0001.seg", b"kept until released")
+    s3(location).create_multipart_upload(Bucket=location.bucket, Key=location.prefix + "traffic/0002.seg")
+
+    storage_client.release(resource.id)
+    storage_client.release(resource.id)  # twice is fine
+
+    # Another resource's credentials may list the bucket (moto cannot restrict a listing to a prefix).
+    seen = s3(witness.location())
+    assert seen.list_objects_v2(Bucket=location.bucket, Prefix=location.prefix).get("Contents", []) == []
+    assert seen.list_multipart_uploads(Bucket=location.bucket, Prefix=location.prefix).get("Uploads", []) == []
+    with pytest.raises(ClientError) as refused:
+        s3(location).head_bucket(Bucket=location.bucket)
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    with pytest.raises(PermanentCloudError) as gone:
+        storage_client.attach(resource.id)
+    assert gone.value.code == "released"
+    storage_client.release(witness.id)
+
+
+def test_an_agent_attaches_to_its_resource_after_a_restart(storage_devcloud: DevCloud, tmp_path: Path) -> None:
+    segment = tmp_path / "0001.seg"
+    segment.write_bytes(b"segment bytes" * 1000)
+    sealed = hashlib.sha256(segment.read_bytes()).hexdigest()
+    with StorageClient(storage_devcloud.settings()) as before:
+        resource = before.request(1, idempotency_key="gateway-7-archive")
+        assert before.request(1, idempotency_key="gateway-7-archive").id == resource.id  # a lost answer repeated
+        ObjectStore(resource.location).put_file("traffic/0001.seg", segment, sealed)
+
+    with StorageClient(storage_devcloud.settings()) as after:  # the restarted agent, with the id it kept
+        again = after.attach(resource.id)
+        store = ObjectStore(again.location)
+        assert b"".join(store.open("traffic/0001.seg")) == segment.read_bytes()
+        after.release(resource.id)
+        with pytest.raises(PermanentCloudError):
+            after.attach("s-never-existed")
+
+
+@pytest.mark.slow  # a devcloud of its own, whose S3 server is killed
+def test_storage_unavailable_when_the_s3_server_is_gone(tmp_path: Path) -> None:
+    cloud = DevCloud(tmp_path / "devcloud.log", "--storage", workers=1)
+    try:
+        with httpx.Client(base_url=cloud.url, headers=cloud.auth) as api:
+            made = api.post(RESOURCES, json={"type": "storage", "quantity": 1}).json()
+            [s3_server] = [child for child in psutil.Process(cloud.proc.pid).children()  # type: ignore[union-attr]
+                           if "agent.devcloud.s3server" in " ".join(child.cmdline())]
+            s3_server.kill()
+            wait_for(lambda: _gone(s3_server), 10, "the S3 server to die")
+
+            answer = api.post(RESOURCES, json={"type": "storage", "quantity": 1})
+            assert answer.status_code == 503 and answer.json()["error"] == "storage_unavailable"
+            assert int(answer.headers["Retry-After"]) >= 1
+            renew = api.post(f"{RESOURCES}/{made['id']}/credentials")
+            assert renew.status_code == 503 and renew.json()["error"] == "storage_unavailable"
+            assert api.get("/healthz").status_code == 200  # compute goes on
+    finally:
+        cloud.stop()
+
+
+@pytest.mark.slow  # a devcloud of its own, killed
+def test_the_s3_server_does_not_outlive_a_killed_devcloud(tmp_path: Path) -> None:
+    cloud = DevCloud(tmp_path / "devcloud.log", "--storage", workers=1)
+    assert cloud.proc is not None
+    try:
+        [s3_server] = [child for child in psutil.Process(cloud.proc.pid).children()
+                       if "agent.devcloud.s3server" in " ".join(child.cmdline())]
+        cloud.proc.send_signal(signal.SIGKILL)  # the devcloud alone, not its process group
+        cloud.proc.wait(10)
+        wait_for(lambda: _gone(s3_server), 10, "the S3 server to exit")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            cloud.stop()
+
+
+def _gone(process: psutil.Process) -> bool:
+    # A dead child its parent has not reaped yet is a zombie: gone for every purpose here.
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
