@@ -128,6 +128,8 @@ class Ingress:
         self.paused = False
         self.closing = False  # set at shutdown: nothing new is acknowledged, the broker keeps it for us
         self._held_back_since_resume = False
+        # Sees each hand-over to the store before the store does (the archive's tap, agent/archive/tap.py).
+        self.on_submit: Callable[[Sequence[NewTask]], None] | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -201,6 +203,8 @@ class Ingress:
         """One hand-over to the store per loop turn (a burst read from the socket), not one per message."""
         rows, acks = self._rows, self._acks
         self._rows, self._acks = [], []
+        if self.on_submit is not None:
+            self.on_submit(rows)
         self._store.submit(rows, acks)
         self.uncommitted += len(rows)
         if self.uncommitted >= INTAKE_HIGH and not self.throttled:
@@ -263,6 +267,8 @@ class Ingress:
         if rows:
             # Straight to the store, not through this turn's batch: the next read of requested replays is then
             # queued behind this commit, which forgets these.
+            if self.on_submit is not None:
+                self.on_submit(rows)
             store.submit(rows, [], replayed)
             self.uncommitted += len(rows)
 
