@@ -20,7 +20,7 @@ EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitS
 EX_USAGE = 2  # bad command-line input (argparse uses 2 as well)
 
 
-_OWN_OPTIONS = ("devcloud", "demo", "dead-letters")  # subcommands whose modules add their options
+_OWN_OPTIONS = ("devcloud", "demo", "dead-letters", "archive")  # subcommands whose modules add their options
 
 
 def _command(argv: Sequence[str]) -> str | None:
@@ -146,6 +146,10 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         from agent.deadletter_admin import add_parser as dead_letter_options  # imports no store, no paho
 
         dead_letter_options(sub, env_file_option)
+    if everything or command == "archive":
+        from agent.archive.cli import add_parser as archive_options  # imports no S3 client, no paho
+
+        archive_options(sub, env_file_option)
     return parser
 
 
@@ -214,6 +218,10 @@ def _main(argv: list[str] | None) -> int:
         return run_demo(args)
     if args.command == "reload":
         return _reload(args)  # reads no settings: the file it is about may be the invalid one
+    if args.command == "archive" and args.archive_command == "replay":
+        from agent.archive.replay import run as archive_replay  # a simulation: no settings
+
+        return archive_replay(args)
     sources = _sources(args)
     try:
         settings = sources.load()
@@ -235,6 +243,10 @@ def _main(argv: list[str] | None) -> int:
             return _config_error(exc)
     if args.command == "status":
         return _status(args, settings)
+    if args.command == "archive":
+        from agent.archive.cli import run as archive
+
+        return archive(args, settings)
 
     import faulthandler
 

@@ -40,6 +40,7 @@ from agent.tasks import default_registry
 from agent.telemetry import get_logger
 
 if TYPE_CHECKING:
+    from agent.archive.service import ArchiveService
     from agent.cloud import Cloud, CloudFactory
 
 log = get_logger(__name__)
@@ -191,6 +192,13 @@ class Daemon:
         # messages unacknowledged than that (Mosquitto 2.0 does), and any of them can come back as a duplicate.
         self.ingress.remember(store.recent_deliveries(65_535))
         self.ingress.start(loop)
+        # The archive (docs/archive.md) only when a route keeps its inputs: otherwise none of it is imported.
+        self.archive: ArchiveService | None = None
+        if any(r.archive is not None for r in s.routes):
+            from agent.archive.service import ArchiveService
+
+            self.archive = ArchiveService(s, match=lambda topic: self.ingress.router.match(topic))
+            self.ingress.on_submit = self.archive.tap.submitted
         previous = json.loads(store.get_meta(SUBSCRIPTIONS_KEY) or "[]")
         self.link: Link = self.parts.link(
             s.mqtt, client_id=s.client_id, agent_id=s.agent_id,
@@ -216,6 +224,10 @@ class Daemon:
             collector = build_collector(ingress=self.ingress, dispatcher=self.dispatcher, store=store,
                                         link=self.link, publisher=self.publisher, policy=self.policy,
                                         cloud=self.cloud)
+            if self.archive is not None:
+                from agent.archive.metrics import add_metrics
+
+                add_metrics(collector, self.archive)
             self.metrics = MetricsServer(s.metrics.port, collector, healthy=self._healthy,
                                          ready=self._ready, host=s.metrics.host,
                                          endpoints=self.introspection.endpoints())
@@ -254,6 +266,9 @@ class Daemon:
             self.ingress.maybe_resume()
 
     def _on_commit(self, committed: Committed) -> None:  # writer thread: one hand-off to the loop per commit
+        if self.archive is not None and committed.ingested:
+            # Durable in the archive before any of these tasks can run (agent/archive/tap.py says why).
+            self.archive.committed(committed.ingested)
         if committed.ingested or committed.acks or committed.tasks or committed.outbox or committed.released:
             self._loop.call_soon_threadsafe(self._deliver, committed)
 
@@ -279,6 +294,9 @@ class Daemon:
 
         if self.metrics is not None:
             self.metrics.start()
+        if self.archive is not None:
+            self.archive.open(self.store.path)  # before the writer: what a crash kept from the archive goes in
+            self.archive.start()
         self.store.start(self._on_commit)
         self.dispatcher.start(loop)
         self.publisher.start(loop)
@@ -446,6 +464,11 @@ class Daemon:
 
     def _apply_routes(self, routes: list[Route], previous: list[Route]) -> None:
         self.ingress.set_routes(routes)
+        if self.archive is not None:
+            self.archive.set_routes(routes)
+        elif any(r.archive is not None for r in routes):
+            log.warning("archive_needs_restart", detail="no route kept its inputs at the start: the archive "
+                        "starts with the next start")
         kept = {r.topic for r in routes}
         self.link.set_subscriptions([(r.topic, r.qos) for r in routes],
                                     [r.topic for r in previous if r.topic not in kept])
@@ -478,6 +501,8 @@ class Daemon:
         self.executor.shutdown()
         self._summarise_dead_letters(force=True)
         self.store.stop()
+        if self.archive is not None:
+            self.archive.stop()  # after the writer: its last commits are archived
         if self.metrics is not None:
             self.metrics.stop()
         log.info("agent_stopped", all_running_finished=finished, results_unconfirmed=self.publisher.inflight,

@@ -94,6 +94,8 @@ class Manager:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one pass at a time (the thread, a test, the stop's last pass)
         self._learn_history()
+        for entry in self.catalog.entries(place="cloud"):
+            self._delete_local(entry)  # a crash came between the catalog's commit of a move and the unlink
 
     # ------------------------------------------------------------------ the thread
 
@@ -128,10 +130,11 @@ class Manager:
         with self._lock:
             now = self._clock()
             for info in self.intake.seal_due():
-                self._rate(info.route).sealed(now, info.size)
+                self.rate(info.route).sealed(now, info.size)
             self._learn_reads()
             self._retention(now)
-            if self._cloud_usable(now) and not self._resumed:
+            # The cloud is first reached when a move must be finished or made (never for a gateway-only archive).
+            if self._cloud_usable(now) and not self._resumed and self.catalog.entries(place="uploading"):
                 self._resume()
             self._place(now)
             self._hold_budget(now)
@@ -139,7 +142,7 @@ class Manager:
 
     # ------------------------------------------------------------------ learning
 
-    def _rate(self, route: str) -> RetrievalRate:
+    def rate(self, route: str) -> RetrievalRate:
         rate = self.rates.get(route)
         if rate is None:
             policy = self.routes.get(route, RoutePolicy(days=30, retrievals_per_month=0.0))
@@ -155,13 +158,13 @@ class Manager:
             self._reads_seen = max(self._reads_seen, rowid)
         for at, kind, route, size in sorted(events):
             if kind == 0:
-                self._rate(route).sealed(at, size)
+                self.rate(route).sealed(at, size)
             else:
-                self._rate(route).read(at, size)
+                self.rate(route).read(at, size)
 
     def _learn_reads(self) -> None:
         for rowid, route, at, size, _ in self.catalog.reads_since(self._reads_seen):
-            self._rate(route).read(at, size)
+            self.rate(route).read(at, size)
             self._reads_seen = rowid
 
     # ------------------------------------------------------------------ retention
@@ -229,9 +232,6 @@ class Manager:
                     log.info("archive_upload_confirmed", route=entry.route, segment=entry.segment_id)
                 else:
                     self.catalog.set_place(entry.route, entry.segment_id, "gateway")  # placed again below
-            for entry in self.catalog.entries(place="cloud"):
-                if self.local_path(entry).exists():
-                    self._delete_local(entry)  # the crash came between the catalog's commit and the unlink
         except (ObjectStoreError, OSError) as exc:
             self._cloud_failed(now, "resume", exc)
             return
@@ -240,6 +240,10 @@ class Manager:
 
     def _upload(self, entry: Entry, now: float) -> bool:
         assert self.objects is not None
+        if not self._resumed:
+            self._resume()  # incomplete uploads a crash left go before this process starts its own
+            if not self._resumed:
+                return False
         key = object_key(entry.route, entry.segment_id)
         self.catalog.set_place(entry.route, entry.segment_id, "uploading", key)
         try:
@@ -267,7 +271,7 @@ class Manager:
         policy = self.routes.get(entry.route, RoutePolicy(days=30, retrievals_per_month=0.0))
         months_left = max(entry.last_at + policy.days * DAY_S - now, 0.0) / SECONDS_PER_MONTH
         facts = SegmentFacts(size_bytes=entry.size, months_left=months_left,
-                             retrievals_per_month=self._rate(entry.route).per_month(now),
+                             retrievals_per_month=self.rate(entry.route).per_month(now),
                              disk_used_bytes=self.disk_used() if disk_used is None else disk_used)
         return place_segment(facts, self.prices)
 

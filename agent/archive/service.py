@@ -1,0 +1,155 @@
+"""The archive in the agent: its parts built from the settings, started, stopped and reported.
+
+Built by the daemon only when a route has an ``archive`` key, so an agent without one imports none of it. The
+parts: the intake (journals and seals, appended from the store's post-commit hook through the tap), the
+placement manager on its thread, the reader for queries, and the MQTT query responder on a connection of its
+own. The object store is reached through a storage resource of the resource API, requested the first time the
+archive needs the cloud; its id is kept in the catalog so a restarted agent (and `edge-agent archive query`)
+finds the same objects.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.archive.catalog import Catalog
+from agent.archive.intake import Intake, Sealing
+from agent.archive.manager import Manager, RoutePolicy
+from agent.archive.query import Reader
+from agent.archive.recovery import reconcile
+from agent.archive.tap import Tap
+from agent.telemetry import get_logger
+
+if TYPE_CHECKING:
+    from agent.archive.objectstore import ObjectStore
+    from agent.archive.responder import Responder
+    from agent.config import Route, Settings
+
+log = get_logger(__name__)
+
+RESOURCE_KEY = "storage_resource_id"
+
+
+def archive_root(settings: Settings) -> Path:
+    return settings.state_dir / "archive"
+
+
+def archived_routes(routes: Sequence[Route]) -> dict[str, RoutePolicy]:
+    return {r.topic: RoutePolicy(r.archive.days, r.archive.retrievals_per_month)
+            for r in routes if r.archive is not None}
+
+
+def open_object_store(settings: Settings, root: Path, *, request: bool = False) -> ObjectStore | None:
+    """The archive's object store, or None without a resource API. Its storage resource is attached (or, with
+    ``request``, requested if there is none yet) on the store's first call, from the calling thread."""
+    if settings.cloud.url is None:
+        return None
+    from agent.archive.objectstore import ObjectStore
+    from agent.cloud._storage import StorageClient, StorageResource
+
+    catalog = Catalog(root / "catalog.db")
+    held: list[StorageResource] = []
+
+    def location() -> Any:
+        if not held:
+            client = StorageClient(settings.cloud)
+            known = catalog.get_meta(RESOURCE_KEY)
+            if known is not None:
+                held.append(client.attach(known))
+            elif request:
+                resource = client.request(settings.archive.cloud_quota_gb,
+                                          idempotency_key=f"archive-{settings.agent_id}")
+                catalog.set_meta(RESOURCE_KEY, resource.id)
+                log.info("archive_storage_requested", resource=resource.id, quota_gb=settings.archive.cloud_quota_gb)
+                held.append(resource)
+            else:
+                raise LookupError("the archive has no storage resource yet (nothing was moved to the cloud)")
+        return held[0].location()
+
+    return ObjectStore(location)
+
+
+class ArchiveService:
+    def __init__(self, settings: Settings, *, match: Callable[[str], Route | None],
+                 clock: Callable[[], float] = time.time) -> None:
+        """``match``: a topic's route as ingress routes it (the first that matches)."""
+        s = settings.archive
+        self.settings = settings
+        self.root = archive_root(settings)
+        self.catalog = Catalog(self.root / "catalog.db")
+        self.policies = archived_routes(settings.routes)
+        self._archived = frozenset(self.policies)
+        self.intake = Intake(self.root, self.catalog, self.policies, Sealing(s.seal_age_s, s.seal_bytes),
+                             clock=clock)
+        self.objects = open_object_store(settings, self.root, request=True)
+        self._match = match
+        self.tap = Tap(match, lambda: self._archived, self.intake)
+        self.manager = Manager(intake=self.intake, catalog=self.catalog, prices=s.prices(), routes=self.policies,
+                               objects=self.objects, clock=clock, tick_s=s.pass_interval_s, redecide_s=s.redecide_s)
+        self.reader = Reader(self.root, self.catalog, lambda: self.objects, unsealed=self.intake.unsealed,
+                             clock=clock)
+        self.responder: Responder | None = None
+
+    def open(self, store_path: Path) -> None:
+        """Before the store's writer starts: recover the archive, then append what a crash kept from it."""
+        self.intake.open()
+        reconcile(store_path, self.intake, self.catalog, self._match, self._archived)
+
+    def start(self) -> None:
+        from agent.archive.responder import Responder
+
+        self.manager.start()
+        self.responder = Responder(self.settings, self.reader)
+        self.responder.start()
+
+    def set_routes(self, routes: Sequence[Route]) -> None:
+        """A reload: the new routes' archive keys apply to what is committed from now on."""
+        self.policies = archived_routes(routes)
+        self._archived = frozenset(self.policies)
+        self.manager.routes = dict(self.policies)
+
+    def committed(self, rows: int) -> None:  # the store's writer thread
+        self.tap.committed(rows)
+
+    def stop(self) -> None:
+        if self.responder is not None:
+            self.responder.stop()
+        self.manager.stop()
+        self.intake.close()
+
+    def alive(self) -> bool:
+        return self.manager.alive()
+
+    def summary(self) -> dict[str, Any]:
+        """For /status and the demo's live view: where the segments are and what placing them cost."""
+        entries = self.catalog.entries()
+        places: dict[str, dict[str, float]] = {}
+        for e in entries:
+            slot = places.setdefault(e.place, {"segments": 0, "bytes": 0})
+            slot["segments"] += 1
+            slot["bytes"] += e.size
+        recent = []
+        for e in sorted((e for e in entries if e.decision), key=lambda e: e.decision["at"] if e.decision else 0)[-8:]:
+            assert e.decision is not None
+            recent.append({"route": e.route, "segment": e.segment_id, "size": e.size, "place": e.place,
+                           "choice": e.decision["choice"], "reason": e.decision["reason"],
+                           "gateway_total": e.decision["gateway"]["total"],
+                           "cloud_total": e.decision["cloud"]["total"]})
+        c = self.manager.counters
+        now = time.time()
+        return {
+            "routes": {route: {"days": p.days, "retrievals_per_month": self.manager.rate(route).per_month(now)}
+                       for route, p in self.policies.items()},
+            "places": places,
+            "disk_used_bytes": self.manager.disk_used(),
+            "disk_budget_bytes": self.manager.prices.disk_budget_bytes,
+            "appended": self.intake.appended, "refused": self.intake.refused, "sealed": self.intake.sealed,
+            "uploads": c.uploads, "uploaded_bytes": c.uploaded_bytes, "forced_uploads": c.forced_uploads,
+            "deleted_gateway": c.deleted_gateway, "deleted_cloud": c.deleted_cloud,
+            "cost_gateway": c.cost_gateway, "cost_cloud": c.cost_cloud,
+            "cloud": "off" if self.objects is None else ("unavailable" if self.manager.cloud_down_since else "ok"),
+            "recent": recent,
+        }
