@@ -12,7 +12,7 @@ are all collected into one :class:`~agent.errors.ConfigError`, each naming its v
 :data:`NOT_SETTINGS` belong to the project's other commands and are let through.
 
 The package, one concern a module: ``_names`` (which variables are settings), ``_sections``, ``_mqtt``,
-``_routes`` and ``_decision`` (the sections' models), ``_settings`` (the settings model and its sources),
+``_routes``, ``_decision`` and ``_archive`` (the sections' models), ``_settings`` (the settings model and its sources),
 ``_loading`` (strict loading, problems named by variable) and ``_sources`` (reading again at a reload).
 """
 
