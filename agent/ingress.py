@@ -143,6 +143,31 @@ class Ingress:
                 marks[mid] = fingerprint(topic, crc)
                 state[mid] = ACKED
 
+    def _acked_under_another_id(self, mid: int, mark: int) -> bool:
+        """Whether a redelivery is of a message committed and acknowledged under another packet id.
+
+        RabbitMQ numbers a session's deliveries afresh on every connection, so what it redelivers after a lost
+        connection (our PUBACK lost with it) or a restart comes under a new id (docs/fleets.md#rabbitmq-310).
+        Only DUP deliveries that the id did not match come here, so this scan (C speed, 65,536 slots) stays off
+        the hot path. Each committed delivery stands for one redelivery: the slot found is spent, and the new
+        id takes its place. A delivery still waiting for its commit (STORED) is not taken: its PUBACK goes out
+        under its old id, so this copy runs again (at-least-once, a second task_id) rather than be lost.
+        """
+        marks, state = self._marks, self._state
+        if marks[mid] == mark and state[mid] == NOT_STORED:
+            return False  # this very delivery was held back under this id (store full): never committed
+        start = 0
+        while True:
+            try:
+                slot = marks.index(mark, start)
+            except ValueError:
+                return False
+            if slot != mid and state[slot] == ACKED:
+                state[slot] = NOT_STORED
+                marks[mid], state[mid] = mark, ACKED
+                return True
+            start = slot + 1
+
     def set_routes(self, routes: Sequence[Route]) -> None:
         self.router = Router(routes)
 
@@ -162,6 +187,11 @@ class Ingress:
                 if self._state[mid] == ACKED:
                     self._ack(mid, qos)  # our first PUBACK was lost with the connection
                 log.debug("duplicate_delivery", topic=msg.topic, mid=mid)
+                return
+            if msg.dup and self._acked_under_another_id(mid, mark):
+                counters.duplicates += 1
+                self._ack(mid, qos)
+                log.debug("duplicate_delivery", topic=msg.topic, mid=mid, renumbered=True)
                 return
 
         if self.closing:
