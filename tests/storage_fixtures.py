@@ -33,7 +33,7 @@ def storage_client(storage_devcloud: DevCloud) -> Iterator[StorageClient]:
     client = StorageClient(storage_devcloud.settings())
     yield client
     client.close()
-    storage_devcloud.reset()  # knobs back to the start-up values for the module's next test
+    storage_devcloud.reset()  # knobs back to the start-up values for the next test
 
 
 @pytest.fixture

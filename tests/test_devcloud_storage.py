@@ -203,3 +203,42 @@ def _gone(process: psutil.Process) -> bool:
         return process.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+@pytest.mark.slow  # fuzzing
+def test_schemathesis_finds_no_server_error_and_no_schema_violation_with_storage(
+        storage_devcloud: DevCloud, api: httpx.Client) -> None:
+    # tests/test_devcloud.py fuzzes a devcloud without storage; this one has it, and real storage ids.
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+    from schemathesis.specs.openapi import checks
+
+    from agent.devcloud.cli import OPENAPI_PATH
+
+    from support import ROOT
+
+    schema = schemathesis.openapi.from_path(ROOT / OPENAPI_PATH)
+    strategy = st.one_of(schema.as_strategy(), schema.as_strategy(schemathesis.GenerationMode.NEGATIVE))
+    chosen = [schemathesis.checks.not_a_server_error, checks.status_code_conformance,
+              checks.content_type_conformance, checks.response_schema_conformance,
+              checks.response_headers_conformance]
+    resource_ids = [api.post(RESOURCES, json={"type": "storage", "quantity": 1}).json()["id"] for _ in range(3)]
+    calls: list[tuple[str, int]] = []
+
+    @given(case=strategy, real=st.sampled_from([None, *resource_ids]),
+           storage_body=st.booleans())
+    @settings(max_examples=60, deadline=None, derandomize=True, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    def run(case: Any, real: str | None, storage_body: bool) -> None:
+        if real is not None and "resource_id" in (case.path_parameters or {}):
+            case.path_parameters["resource_id"] = real
+        if storage_body and case.path == RESOURCES and isinstance(case.body, dict) and "type" in case.body:
+            case.body["type"] = "storage"
+        response = case.call_and_validate(base_url=storage_devcloud.url, headers=storage_devcloud.auth,
+                                          checks=chosen)
+        calls.append((f"{case.method} {case.path}", response.status_code))
+
+    run()
+    assert ("POST /api/v1/resources", 201) in calls
+    assert any("{resource_id}" in path and 200 <= status < 300 for path, status in calls)  # real storage ids

@@ -242,6 +242,9 @@ def create_app(config: DevCloudConfig) -> FastAPI:
     def lease_or_404(resource_id: str) -> ServerLease:
         lease = cloud.leases.get(resource_id)
         if lease is None:
+            if _storage_resource(cloud, resource_id) is not None:
+                raise cloud.refuse(error_answer(404, "not_found",
+                                                f"resource {resource_id!r} is storage, not a compute lease"))
             raise cloud.refuse(error_answer(404, "not_found", f"no resource {resource_id!r}"))
         return lease
 
