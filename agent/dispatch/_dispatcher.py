@@ -34,6 +34,9 @@ CLOUD_IN_FLIGHT = 64  # cloud submissions awaiting answers; beyond, decided task
 
 
 class Dispatcher(Hedging, LateBinding):
+    """Takes the tasks each commit hands over (or reads them back from the store), decides and runs them on the
+    event loop, and hands their outputs to the publisher or the store. Its counters are read by /metrics."""
+
     def __init__(
         self,
         *,
