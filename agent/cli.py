@@ -81,7 +81,11 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     env_file_option(explain)
     explain.add_argument("--kind", help="task kind, e.g. noise.spectrum (default: the task of --topic's route)")
-    explain.add_argument("--bytes", type=_non_negative_int, required=True, help="input size in bytes")
+    explain.add_argument("--bytes", type=_non_negative_int,
+                         help="input size in bytes (with --archive: the segment's, default: the route's recent ones)")
+    explain.add_argument("--archive", metavar="ROUTE",
+                         help="price an archive route's next segment on the gateway and in the cloud, term by term "
+                         "(docs/archive.md)")
     explain.add_argument("--topic", help="a message's topic: its first matching route gives the task and placement")
     explain.add_argument("--live", action="store_true",
                          help="ask the running agent (its metrics port): its estimates, queues and lease now")
@@ -292,8 +296,15 @@ def _explain(args: argparse.Namespace, settings: Settings) -> int:
     from agent.ingress import Router
     from agent.tasks import default_registry
 
+    if args.archive is not None:
+        from agent.archive.cli import explain as explain_archive
+
+        return explain_archive(args, settings)
     if args.kind is None and args.topic is None:
         print("edge-agent explain: give --kind, --topic or both", file=sys.stderr)
+        return EX_USAGE
+    if args.bytes is None:
+        print("edge-agent explain: give --bytes, the input's size", file=sys.stderr)
         return EX_USAGE
     url = None
     try:

@@ -118,3 +118,50 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.out is not None:
         print(f"edge-agent archive query: {count} messages written to {args.out}", file=sys.stderr)
     return 0
+
+
+def explain(args: argparse.Namespace, settings: Settings) -> int:
+    """`edge-agent explain --archive ROUTE`: the route's next segment priced in both places, from the settings
+    and what the archive on this gateway holds now (its disk use, the route's segments and reads)."""
+    import statistics
+    import time
+
+    from agent.archive.catalog import Catalog
+    from agent.archive.cost import SECONDS_PER_MONTH, SegmentFacts
+    from agent.archive.explain import as_json as explain_json
+    from agent.archive.explain import render
+    from agent.archive.manager import learned_rates
+    from agent.archive.service import archive_root, archived_routes
+
+    policies = archived_routes(settings.routes)
+    policy = policies.get(args.archive)
+    if policy is None:
+        kept = ", ".join(sorted(policies)) or "none"
+        print(f"edge-agent explain: {args.archive!r} is not an archive route (routes with an archive key: {kept})",
+              file=sys.stderr)
+        return EX_USAGE
+    now = time.time()
+    root = archive_root(settings)
+    sizes: list[int] = []
+    disk_used = 0
+    rates = {}
+    if (root / "catalog.db").exists():
+        catalog = Catalog(root / "catalog.db")
+        sizes = [e.size for e in catalog.entries(route=args.archive)][-20:]
+        disk_used = catalog.disk_bytes() + sum(p.stat().st_size for p in root.glob("routes/*/*.jrn"))
+        rates = learned_rates(catalog, policies)
+    # The next segment: as large as this route's recent ones, or a full journal before any was sealed.
+    size = args.bytes if args.bytes is not None else int(statistics.median(sizes)) if sizes \
+        else settings.archive.seal_bytes
+    rate = rates.get(args.archive)
+    estimate = rate.snapshot(now) if rate is not None else None
+    facts = SegmentFacts(size_bytes=size, months_left=policy.days * 86_400 / SECONDS_PER_MONTH,
+                         retrievals_per_month=rate.per_month(now) if rate else policy.retrievals_per_month,
+                         disk_used_bytes=disk_used + size)
+    data = explain_json(args.archive, facts, settings.archive.prices(), estimate=estimate)
+    if args.json:
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(render(data))
+    return 0

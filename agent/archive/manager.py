@@ -62,6 +62,23 @@ class ManagerCounters:
     cost_cloud: float = 0.0
 
 
+def learned_rates(catalog: Catalog, routes: Mapping[str, RoutePolicy]) -> dict[str, RetrievalRate]:
+    """Each archive route's retrieval rate rebuilt from what the catalog remembers: seals and reads, in time
+    order (at a start, and for `edge-agent explain --archive`)."""
+    rates = {route: RetrievalRate(p.retrievals_per_month, p.days) for route, p in routes.items()}
+    events = [(e.sealed_at, 0, e.route, e.size) for e in catalog.entries()]
+    events += [(at, 1, route, size) for _, route, at, size, _ in catalog.reads_since(0)]
+    for at, kind, route, size in sorted(events):
+        rate = rates.get(route)
+        if rate is None:
+            continue
+        if kind == 0:
+            rate.sealed(at, size)
+        else:
+            rate.read(at, size)
+    return rates
+
+
 def object_key(route: str, segment_id: str) -> str:
     return f"{route_key(route)}/{segment_id}.seg"
 
@@ -150,17 +167,9 @@ class Manager:
         return rate
 
     def _learn_history(self) -> None:
-        """Rebuild each route's estimate from what the catalog remembers: seals and reads, in time order."""
-        events: list[tuple[float, int, str, int]] = [(e.sealed_at, 0, e.route, e.size)
-                                                     for e in self.catalog.entries()]
-        for rowid, route, at, size, _ in self.catalog.reads_since(0):
-            events.append((at, 1, route, size))
+        self.rates.update(learned_rates(self.catalog, self.routes))
+        for rowid, *_ in self.catalog.reads_since(0):
             self._reads_seen = max(self._reads_seen, rowid)
-        for at, kind, route, size in sorted(events):
-            if kind == 0:
-                self.rate(route).sealed(at, size)
-            else:
-                self.rate(route).read(at, size)
 
     def _learn_reads(self) -> None:
         for rowid, route, at, size, _ in self.catalog.reads_since(self._reads_seen):
