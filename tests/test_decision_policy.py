@@ -733,3 +733,60 @@ def test_a_move_must_survive_an_uplink_twice_as_slow(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(model, "REBIND_LINK_DOUBT", 0.0)
     moved = backlog().rebind(Task("user.task", 100_000), 0.0)
     assert moved is not None and moved.rebound
+
+
+def _uplink_backlog(queued: int, *, provisioning: bool = False) -> Policy:
+    """``queued`` cloud tasks of 100 kB sent on a measured 2 Mbit/s uplink (0.4 s each), an idle gateway that
+    needs 0.1 s for one; a warm lease, or (``provisioning``) one still on its way."""
+    policy = Policy(_prior(0.1), local_workers=1)
+    if not provisioning:
+        policy.observe_lease(True)
+    for i in range(10):
+        policy.observe_transfer("up", 100_000, 0.4, float(i) - 10.0)
+    for _ in range(COLD_RUNS):
+        policy.observe_local("user.task", 100_000, 0.1, 0.0)
+    for _ in range(queued):
+        policy.task_started("cloud", Task("user.task", 100_000), 0.0)
+    return policy
+
+
+def test_move_back_brings_a_cloud_task_not_yet_uploaded_to_the_gateway_once_it_is_sooner() -> None:
+    policy = _uplink_backlog(6)
+    moved = policy.move_back(Task("user.task", 100_000), 0.0)
+    # The last of six uploads: about 2.4 s behind the uplink (even if it were twice as fast: 1.2 s), 0.1 s here.
+    assert moved is not None and moved.rebound and moved.target == "local" and moved.reason == "model"
+    assert moved.t_local_s == pytest.approx(0.1)
+    assert math.isinf(moved.hedge_after_s) and math.isinf(moved.upload_by_s)
+    snapshot = policy.snapshot(0.0)
+    assert (snapshot["local_tasks"], snapshot["cloud_tasks"]) == (1, 5)
+    assert snapshot["uplink_queued_bytes"] == 500_000
+    # Moving more fills the gateway, until the uplink is sooner again.
+    while policy.move_back(Task("user.task", 100_000), 0.0) is not None:
+        pass
+    snapshot = policy.snapshot(0.0)
+    assert 1 <= snapshot["cloud_tasks"] <= 4 and snapshot["local_tasks"] + snapshot["cloud_tasks"] == 6
+
+
+def test_move_back_leaves_the_upload_on_the_link_and_a_task_within_the_margin() -> None:
+    policy = _uplink_backlog(1)
+    assert policy.move_back(Task("user.task", 100_000), 0.1) is None  # its upload is on the link
+    policy = _uplink_backlog(2)
+    # The second upload: 0.8 s of uplink, 0.4 s if the link were twice as fast; a gateway that has learned it
+    # needs 0.5 s gains less than the margin: nothing moves, nothing changes.
+    for _ in range(60):
+        policy.observe_local("user.task", 100_000, 0.5, 0.0)
+    queues = ("local_tasks", "cloud_tasks", "uplink_queued_bytes")
+    before = [policy.snapshot(0.0)[k] for k in queues]
+    assert policy.move_back(Task("user.task", 100_000), 0.0) is None
+    assert [policy.snapshot(0.0)[k] for k in queues] == before == [0, 2, 200_000]
+    assert policy.decide(Task("user.task", 100_000), 0.0).terms["uplink_queue_s"] == pytest.approx(0.8)
+    assert policy.move_back(Task("user.task", 99_999), 0.0) is None  # none of that size waits
+    assert policy.move_back(Task("other.kind", 100_000), 0.0) is None
+
+
+def test_while_the_lease_is_on_its_way_even_the_first_upload_can_come_back() -> None:
+    policy = _uplink_backlog(1, provisioning=True)
+    assert policy.decide(Task("user.task", 100_000), 0.0).terms["provisioning_s"] > 1.0
+    moved = policy.move_back(Task("user.task", 100_000), 0.0)
+    assert moved is not None and moved.target == "local"
+    assert policy.snapshot(0.0)["cloud_tasks"] == 0

@@ -238,6 +238,44 @@ class Ledger:
         if self._cloud_n == 0:
             self._provision_started = None  # nothing waits for a lease any more
 
+    def _withdraw_upload(self, task: Task, now: float) -> int:
+        """Take a cloud task whose upload has not started out of the cloud's bookkeeping (late binding back to
+        the gateway): the last pending upload of its size, not the one in progress. Returns its place in the
+        uplink's queue for :meth:`_restore_upload`, or -1 when there is none."""
+        kind = self._kinds.get(task.kind)
+        pending, size = self._up_pending, task.in_bytes
+        if kind is None or kind.cloud_n <= 0 or not pending:
+            return -1
+        since = self._up_head_since
+        # The oldest pending upload is on the link unless a lease is still on its way (then none has started).
+        first = 1 if since is not None and since <= now and self._provision_started is None else 0
+        for i in range(len(pending) - 1, first - 1, -1):
+            if pending[i] == size:
+                del pending[i]
+                break
+        else:
+            return -1
+        self._up_queued -= size
+        if not pending:
+            self._up_head_since = None
+        kind.cloud_n -= 1
+        kind.cloud_bytes = max(0, kind.cloud_bytes - size)
+        self._cloud_n -= 1
+        if kind.cloud_n == 0:
+            self._active_cloud.pop(task.kind, None)
+        return i
+
+    def _restore_upload(self, task: Task, index: int, since: float | None) -> None:
+        """Undo :meth:`_withdraw_upload` (the task stays in the cloud); ``since``: the head's start before."""
+        kind = self._kind(task.kind)
+        self._up_pending.insert(index, task.in_bytes)
+        self._up_queued += task.in_bytes
+        self._up_head_since = since
+        kind.cloud_n += 1
+        kind.cloud_bytes += task.in_bytes
+        self._cloud_n += 1
+        self._active_cloud[task.kind] = kind
+
     def cloud_cancelled(self, task: Task, now: float) -> None:
         """The cloud copy of a hedged ``task`` was cancelled: its local copy finished first.
 

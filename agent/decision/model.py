@@ -80,8 +80,9 @@ UPLOAD_HEDGE_SLACK_S = 0.05
 _PROBE_LINK_DOUBT = 9.0
 # Late binding (Policy.rebind): a task waiting on the gateway moves to the cloud only when the cloud now finishes
 # it sooner by more than the largest of REBIND_MARGIN_S, REBIND_MARGIN_RATIO × its local total and the
-# decision margin. The ratio keeps estimation noise from moving tasks whose gain is within it; a task moves at
-# most once (a cloud task comes back to the gateway only as a hedge or a fallback), so nothing ping-pongs.
+# decision margin; back (Policy.move_back), a cloud task whose upload has not started comes to the gateway only
+# when the gateway wins by as much of the cloud's total. The ratio keeps estimation noise from moving tasks
+# whose gain is within it; the callers move a task at most once, either way, so nothing ping-pongs.
 REBIND_MARGIN_S = 0.05
 REBIND_MARGIN_RATIO = 0.1
 # A move must also survive an uplink this much slower than estimated (upload and uplink queue counted
@@ -298,3 +299,40 @@ class Policy(Ledger):
         self._provision_started = probe_state[2]
         return None
 
+    def move_back(self, task: Task, now: float) -> Decision | None:
+        """Late binding back: ``task`` was sent to the cloud and its upload has not started (the last pending
+        upload of its kind's size, behind the one on the link): does the gateway now finish it sooner?
+
+        Decided as by :meth:`decide` with the current estimates and queues, the task's own place at the end of
+        the uplink's queue taken as its upload wait. When the gateway wins by more than the rebind margin of the
+        cloud's total (``REBIND_MARGIN_*``) the task is moved in the bookkeeping (as ``task_finished("cloud")``
+        then ``task_started("local")``, the lease it may have asked for still counted as on its way) and the
+        decision, target ``"local"`` with ``rebound`` True, is returned: the caller runs the task on the gateway
+        instead of uploading it. Otherwise nothing changes and the result is None. The caller moves a task at
+        most once, either way, so the margin and that rule keep tasks from ping-ponging.
+        """
+        since = self._up_head_since
+        index = self._withdraw_upload(task, now)
+        if index < 0:
+            return None
+        state = self._probe_interval, self._last_cloud_seen, self._provision_started
+        decision = self.decide(task, now)
+        self._probe_interval, self._last_cloud_seen, self._provision_started = state  # asking starts nothing
+        params = self._params
+        terms = decision.terms
+        # The uplink is priced at its measured rate, without what the upload in progress proves (a stall that
+        # may end within the second: on LTE, moving a burst back on that evidence cost 10 % of mean completion
+        # time), and as much faster than estimated as a move the other way must survive it slower: the upload
+        # and the uplink queue count 1 / (1 + REBIND_LINK_DOUBT) times.
+        measured = (self._up_queued + task.in_bytes) / max(self._up.estimate(now), _MIN_RATE)
+        t_cloud = (decision.t_cloud_s - terms["uplink_queue_s"] - terms["upload_s"]
+                   + measured / (1.0 + REBIND_LINK_DOUBT))
+        margin = max(REBIND_MARGIN_S, REBIND_MARGIN_RATIO * t_cloud, params.margin_s, params.margin_ratio * t_cloud)
+        if decision.t_local_s < t_cloud - margin:
+            decision.target, decision.reason, decision.rebound = "local", "model", True
+            decision.probe = decision.prewarm = False
+            decision.hedge_after_s = decision.upload_by_s = math.inf
+            self.task_started("local", task, now)
+            return decision
+        self._restore_upload(task, index, since)
+        return None

@@ -19,8 +19,10 @@ would measure it: local service times when a task finishes, each upload's bytes 
 the RTT, the cloud's reported execution time, the result's size and download time when the result arrives,
 and provisioning time when a lease becomes ready. It never sees the trace. Late binding is replayed as the
 dispatcher does it: at every arrival and completion, heavy tasks still queued for the gateway move to the
-cloud, from the end of the queue, while ``Policy.rebind`` says so (``agent_no_late_binding``, not in the
-default table, decides each task once, at its arrival, for comparisons). ``oracle`` knows the true
+cloud, from the end of the queue, while ``Policy.rebind`` says so, and cloud tasks whose upload has not
+started come back to the gateway, from the end of the uplink's queue, while ``Policy.move_back`` says so; a
+task moves once at most (``agent_no_late_binding``, not in the default table, decides each task once, at its
+arrival, for comparisons). ``oracle`` knows the true
 completion time of both options for each task (the trace, the queues, the drawn service times) and picks the
 sooner: a clairvoyant greedy choice per task. Knowing the future, it also requests leases ahead of need, so
 provisioning never delays its tasks.
@@ -126,6 +128,14 @@ class World:
         self.lease_busy_until = now
         return self.lease_ready
 
+    def cloud_state(self) -> tuple[float, list[float], float]:
+        """What :meth:`commit_cloud` changes, for :meth:`uncommit_cloud` (the lease it may start is kept)."""
+        return self.uplink_free, list(self.cloud_free), self.lease_busy_until
+
+    def uncommit_cloud(self, state: tuple[float, list[float], float]) -> None:
+        """Take back the latest cloud task committed, whose upload has not started: late binding back."""
+        self.uplink_free, self.cloud_free, self.lease_busy_until = state[0], list(state[1]), state[2]
+
     def commit_cloud(self, plan: CloudPlan) -> None:
         if plan.new_lease:
             self.lease_ready = plan.lease_ready
@@ -214,6 +224,10 @@ def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, a
     # Late binding takes them back from the end while they have not started.
     queued: list[tuple[int, float, float, float]] = []
     moved: dict[int, float] = {}  # rebound tasks → the end of the gateway run they no longer have
+    # Cloud tasks in the order they were committed to the uplink: (index, plan, the world's cloud side before,
+    # whether it may come back). Late binding back takes them from the end while their upload has not started.
+    sent: list[tuple[int, CloudPlan, tuple[float, list[float], float], bool]] = []
+    back: set[int] = set()  # tasks moved back to the gateway: their cloud plan's events are void
 
     def push(t: float, what: int, j: int, plan: CloudPlan | None) -> None:
         nonlocal seq
@@ -234,9 +248,10 @@ def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, a
             completion[j] = end - a.arrival_s[j]
             cloud[j] = False
 
-    def offload(j: int, now: float, decision_hedge_s: float, upload_by_s: float) -> None:
+    def offload(j: int, now: float, decision_hedge_s: float, upload_by_s: float, movable: bool) -> None:
         decided_at[j] = now
         plan = world.plan_cloud(j, now)
+        sent.append((j, plan, world.cloud_state(), movable))
         world.commit_cloud(plan)
         if plan.new_lease:
             push(plan.lease_ready, _LEASE_READY, j, plan)
@@ -266,7 +281,24 @@ def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, a
             queued.pop()
             world.uncommit_local(end, before)
             moved[j] = end
-            offload(j, now, decision.hedge_after_s, decision.upload_by_s)
+            offload(j, now, decision.hedge_after_s, decision.upload_by_s, False)  # moves once at most
+
+    def move_back(now: float) -> None:
+        while sent:
+            j, plan, state, movable = sent[-1]
+            if not movable or plan.up_start <= now or j in hedged:
+                return  # uploading already, or not the model's to move
+            decision = policy.move_back(tasks[j], now)
+            if decision is None:
+                return
+            sent.pop()
+            world.uncommit_cloud(state)
+            back.add(j)
+            _, end = world.plan_local(j, now)
+            world.commit_local(j, end)
+            push(end, _LOCAL_DONE, j, None)
+            completion[j] = end - a.arrival_s[j]
+            cloud[j] = False
 
     def deliver(until: float) -> None:
         while events and events[0][0] <= until:
@@ -276,6 +308,8 @@ def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, a
             if what == _LOCAL_DONE and moved.get(j) == t:
                 del moved[j]  # the gateway run a rebound task gave up
                 continue
+            if j in back and what in (_UPLOADED, _CLOUD_DONE, _HEDGE, _HEDGE_UPLOAD):
+                continue  # the cloud run a task moved back gave up (its lease request stands)
             rebind_after = late_binding and bool(queued) and what in (_LOCAL_DONE, _CLOUD_DONE)
             if what == _LOCAL_DONE:
                 policy.observe_local(a.kind[j], a.in_bytes[j], a.local_s[j], t)
@@ -311,11 +345,15 @@ def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, a
                 policy.task_finished("local", tasks[j], t)
             if rebind_after:
                 rebind(t)
+            if late_binding and sent and what in (_LOCAL_DONE, _CLOUD_DONE):
+                move_back(t)
 
     for i, now in enumerate(a.arrival_s):
         deliver(now)
         if late_binding and queued:
             rebind(now)
+        if late_binding and sent:
+            move_back(now)
         decision = policy.decide(tasks[i], now)
         policy.task_started(decision.target, tasks[i], now)
         if decision.prewarm:
@@ -325,7 +363,8 @@ def _agent(settings: DecisionParams | ParamsSource | None, workload: Workload, a
         completion.append(0.0)
         cloud.append(False)
         if decision.target == "cloud":
-            offload(i, now, decision.hedge_after_s, decision.upload_by_s)
+            offload(i, now, decision.hedge_after_s, decision.upload_by_s,
+                    decision.reason == "model" and not decision.probe)
         else:
             start, end = world.plan_local(i, now)
             before = world.commit_local(i, end)
