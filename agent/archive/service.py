@@ -102,6 +102,10 @@ class ArchiveService:
         from agent.archive.responder import Responder
 
         self.manager.start()
+        if self.settings.mqtt.protocol != "5":
+            # Request/response (response topic, correlation data) is MQTT 5's; `edge-agent archive query` works.
+            log.info("archive_mqtt_query_off", reason="EDGE_AGENT_MQTT__PROTOCOL is not 5")
+            return
         self.responder = Responder(self.settings, self.reader)
         self.responder.start()
 

@@ -133,6 +133,7 @@ class Demo:
             "-m", "agent.devcloud", "--host", "127.0.0.1", "--port", str(cloud_port), "--workers", "2",
             "--provisioning-delay", str(PROVISIONING_DELAY_S),
             "--bandwidth", str(max(start_mbps * 1e6 / 8, 1000.0)),
+            "--storage",  # the archive's cloud side: storage resources on the devcloud's own S3 server
         ], self.workdir / "devcloud.log", child_env({"EDGE_AGENT_DEVCLOUD_TOKEN": self.token}))
         self.say(f"starting the {broker_name} and the devcloud on {cloud_url}")
         if self.broker is not None:
@@ -163,8 +164,12 @@ class Demo:
         self._loop()
 
     def _write_env(self, host: str, port: int, protocol: str, cloud_url: str, metrics_port: int) -> Path:
-        routes = [{"topic": f"city/{LOCATION}/+/+/data", "task": "sensor.stats"},
-                  {"topic": f"city/{LOCATION}/noise/+/pcm", "task": "noise.spectrum"}]
+        # Both routes keep their raw inputs: readings a year for planning (rarely read back), noise clips a month
+        # for complaints (read back often). The archive places each sealed segment where it costs least.
+        routes = [{"topic": f"city/{LOCATION}/+/+/data", "task": "sensor.stats",
+                   "archive": {"days": 365, "retrievals_per_month": 0.05}},
+                  {"topic": f"city/{LOCATION}/noise/+/pcm", "task": "noise.spectrum",
+                   "archive": {"days": 30, "retrievals_per_month": 3}}]
         settings = {
             "EDGE_AGENT_AGENT_ID": self.agent_id,
             "EDGE_AGENT_MQTT__HOST": host,
@@ -181,6 +186,11 @@ class Demo:
             "EDGE_AGENT_CLOUD__POLL_INTERVAL_S": "0.1",
             # The default (120 s) outlasts a short demo; probe sooner so a link written off gets another look.
             "EDGE_AGENT_DECISION__PROBE_INTERVAL_S": "20",
+            # Segments sealed every few seconds and a small disk budget, so a short demo shows both places.
+            "EDGE_AGENT_ARCHIVE__SEAL_AGE_S": "5",
+            "EDGE_AGENT_ARCHIVE__SEAL_BYTES": str(512 * 1024),
+            "EDGE_AGENT_ARCHIVE__DISK_BUDGET_BYTES": str(16 * 1024 * 1024),
+            "EDGE_AGENT_ARCHIVE__PASS_INTERVAL_S": "1",
             "EDGE_AGENT_LOG__FORMAT": "json",
         }
         path = self.workdir / "agent.env"

@@ -133,6 +133,37 @@ def _recent(f: Frame) -> Table:
     return t
 
 
+ARCHIVE_PLACES = (("gateway", "cyan"), ("uploading", "yellow"), ("cloud", "magenta"))
+
+
+def _archive(f: Frame) -> Table:
+    """Where the sealed segments are and what the cost model expected each place to cost them."""
+    t = Table(expand=True, show_edge=False, pad_edge=False)
+    t.add_column("place")
+    t.add_column("segments", justify="right")
+    t.add_column("size", justify="right")
+    t.add_column("expected cost (C_storage + C_retrieval)", justify="right")
+    m = f.metrics
+    for place, style in ARCHIVE_PLACES:
+        segments = m.archive_segments.get(place, 0.0) if m else 0.0
+        if place == "uploading" and not segments:
+            continue
+        cost = m.archive_cost.get(place) if m else None
+        t.add_row(Text(place, style=style), f"{segments:,.0f}",
+                  _mbytes(int(m.archive_bytes.get(place, 0.0))) if m else "-",
+                  "-" if cost is None else f"{cost:.6f}")
+    return t
+
+
+def _archive_caption(f: Frame) -> str:
+    m = f.metrics
+    if m is None:
+        return ""
+    cloud = "cloud ok" if m.archive_cloud_available else "cloud unavailable"
+    return (f"disk {_mbytes(int(m.archive_disk_used))} of {_mbytes(int(m.archive_disk_budget))} · uploads "
+            f"{m.archive_uploads:,.0f} (over budget {m.archive_forced:,.0f}) · {cloud}")
+
+
 def _errors(f: Frame) -> RenderableType:
     dead = f.results.dead
     if not dead and not f.results.unreadable:
@@ -160,6 +191,8 @@ def live(f: Frame) -> RenderableType:
         middle,
         Panel(_recent(f), subtitle="topic: city/aarhus/…  expected: the model's total, local / cloud  "
               "took: arrival to result; newest first", subtitle_align="left"),
+        Panel(_archive(f), title="archive: sealed segments by place", subtitle=_archive_caption(f),
+              subtitle_align="left"),
         Panel(_errors(f), title="errors"),
     )
 
@@ -174,8 +207,11 @@ def progress_line(f: Frame) -> str:
     est = f"{estimate:.2f}" if estimate is not None else "-"
     dead = sum(f.results.dead.values())
     queue = f"{m.queue_depth:.0f}" if m else "-"
+    archive = (", ".join(f"{place} {m.archive_segments.get(place, 0.0):.0f}" for place, _ in ARCHIVE_PLACES)
+               if m else "-")
     return (f"[{f.elapsed_s:5.0f} s] in {f.in_rate:6.1f} msg/s, out {f.out_rate:6.1f} results/s | results: {where} "
-            f"| uplink {f.trace_mbps:.2f} Mbit/s (agent estimates {est}) | queue {queue} | dead letters {dead}")
+            f"| uplink {f.trace_mbps:.2f} Mbit/s (agent estimates {est}) | queue {queue} | dead letters {dead} "
+            f"| archive segments: {archive}")
 
 
 _OUTCOME_NOTES = {"cancelled": " (the gateway copy finished first)"}
@@ -207,5 +243,9 @@ def summary(elapsed_s: float, metrics: Metrics | None, results: ResultSnapshot, 
         "  cloud requests     " + join([f"{k} {v:.0f}{_OUTCOME_NOTES.get(k, '')}" for k, v in sorted(requests.items())])
         + (f" ({results.probes} probes)" if results.probes else ""),
         "  dead letters       " + join([f"{k} {v}" for k, v in sorted(results.dead.items())]),
+        "  archive            " + (join([f"{place} {metrics.archive_segments.get(place, 0.0):.0f} segments "
+                                         f"({_mbytes(int(metrics.archive_bytes.get(place, 0.0)))}, expected cost "
+                                         f"{metrics.archive_cost.get(place, 0.0):.6f})"
+                                         for place in ("gateway", "cloud")]) if metrics else "unknown"),
     ]
     return "\n".join(lines)

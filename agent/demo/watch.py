@@ -166,6 +166,15 @@ class Metrics:
     queue_depth: float = 0.0
     running: float = 0.0
     connected: bool = False
+    # The archive: sealed segments, their bytes and the expected cost of those placed, by place.
+    archive_segments: dict[str, float] = field(default_factory=dict)
+    archive_bytes: dict[str, float] = field(default_factory=dict)
+    archive_cost: dict[str, float] = field(default_factory=dict)
+    archive_disk_used: float = 0.0
+    archive_disk_budget: float = 0.0
+    archive_uploads: float = 0.0
+    archive_forced: float = 0.0
+    archive_cloud_available: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Metrics:
@@ -197,8 +206,28 @@ class Metrics:
                     m.running = value
                 elif name == "edge_agent_mqtt_connected":
                     m.connected = value == 1.0
+                elif name.startswith("edge_agent_archive_"):
+                    m._archive(name, labels, value)
         m.service_s = {key: (sums.get(key, 0.0), n) for key, n in counts.items()}
         return m
+
+    def _archive(self, name: str, labels: dict[str, str], value: float) -> None:
+        if name == "edge_agent_archive_segments":
+            self.archive_segments[labels["place"]] = value
+        elif name == "edge_agent_archive_bytes":
+            self.archive_bytes[labels["place"]] = value
+        elif name == "edge_agent_archive_cost":
+            self.archive_cost[labels["place"]] = value
+        elif name == "edge_agent_archive_disk_used_bytes":
+            self.archive_disk_used = value
+        elif name == "edge_agent_archive_disk_budget_bytes":
+            self.archive_disk_budget = value
+        elif name == "edge_agent_archive_uploads_total":
+            self.archive_uploads = value
+        elif name == "edge_agent_archive_forced_uploads_total":
+            self.archive_forced = value
+        elif name == "edge_agent_archive_cloud_available":
+            self.archive_cloud_available = value == 1.0
 
 
 class Scraper:
