@@ -7,8 +7,8 @@ import contextlib
 import hashlib
 import signal
 from collections.abc import Iterator
-from datetime import datetime
-from email.utils import parsedate_to_datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +242,37 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation_with_storage
     run()
     assert ("POST /api/v1/resources", 201) in calls
     assert any("{resource_id}" in path and 200 <= status < 300 for path, status in calls)  # real storage ids
+
+
+def _answering(server_now: datetime, expires_in_s: float) -> httpx.MockTransport:
+    # A stand-in for a server whose clock or Date header is off, which the devcloud cannot be made to have.
+    def handle(_request: httpx.Request) -> httpx.Response:
+        expires = (server_now + timedelta(seconds=expires_in_s)).isoformat()
+        body = {"id": "s-1", "type": "storage", "quantity": 1, "location": "default", "status": "ready",
+                "expires_at": None, "storage": {
+                    "endpoint": "http://127.0.0.1:9", "bucket": "b", "prefix": "s-1/", "region": "us-east-1",
+                    "credentials": {"access_key_id": "AKIA1", "secret_access_key": "secret", "session_token": None,
+                                    "expires_at": expires}}}
+        return httpx.Response(201, json=body, headers={"Date": format_datetime(server_now, usegmt=True)})
+
+    return httpx.MockTransport(handle)
+
+
+@pytest.mark.parametrize(("server_offset_s", "date_lag_s", "expected_left_s"), [
+    (-3600.0, 0.0, 599.0),   # the gateway's clock is an hour ahead: the server's Date counts, less its resolution
+    (3600.0, 0.0, 599.0),    # an hour behind: the same
+    (0.0, 5.0, 600.0),       # clocks agree, the Date header lags a busy server: the earlier estimate counts
+])
+def test_the_credentials_expiry_is_counted_on_the_gateways_clock(server_offset_s: float, date_lag_s: float,
+                                                                 expected_left_s: float) -> None:
+    from pydantic import SecretStr
+
+    from agent.config import CloudSettings
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    server_now = now + timedelta(seconds=server_offset_s)
+    settings = CloudSettings(url="http://cloud.invalid", token=SecretStr("t"))
+    transport = _answering(server_now - timedelta(seconds=date_lag_s), 600.0 + date_lag_s)
+    with StorageClient(settings, transport=transport, clock=lambda: 1000.0) as client:
+        location = client.request(1).location()
+    assert location.expires_at - 1000.0 == pytest.approx(expected_left_s, abs=1.0)

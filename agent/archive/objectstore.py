@@ -28,6 +28,7 @@ import base64
 import builtins
 import contextlib
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -144,9 +145,11 @@ class ObjectStore:
 
     def _current(self) -> tuple[StorageLocation, S3Client]:
         with self._lock:
-            if (self._location is None or self._client is None
+            if (self._location is None
                     or self._clock() >= self._location.expires_at - self._refresh_before_s):
                 self._replace_locked()
+            elif self._client is None:  # closed: the credentials are still good
+                self._client = _make_client(self._location, self._timeouts)
             assert self._location is not None and self._client is not None
             return self._location, self._client
 
@@ -176,6 +179,13 @@ class ObjectStore:
             return action(location, client)
         except Exception as exc:
             raise _map_error(what, exc) from exc
+
+    def close(self) -> None:
+        """Close the client's connections (the store can still be used: a call opens new ones)."""
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
 
     # ------------------------------------------------------------------ the calls
 
@@ -291,16 +301,17 @@ class ObjectStore:
 
     def _put_single(self, loc: StorageLocation, client: S3Client, key: str, path: Path,
                     sha256_hex: str) -> StoredObject:
+        # From the file, not from memory: botocore reads it to sign it, then again to send it.
         with path.open("rb") as file:
-            data = file.read()
-        answer = client.put_object(Bucket=loc.bucket, Key=_full_key(loc, key), Body=data,
-                                   ChecksumSHA256=_b64(bytes.fromhex(sha256_hex)),
-                                   Metadata={SHA256_METADATA: sha256_hex})
+            size = os.fstat(file.fileno()).st_size
+            answer = client.put_object(Bucket=loc.bucket, Key=_full_key(loc, key), Body=file,
+                                       ChecksumSHA256=_b64(bytes.fromhex(sha256_hex)),
+                                       Metadata={SHA256_METADATA: sha256_hex})
         echoed = answer.get("ChecksumSHA256")
         if echoed is not None and echoed != _b64(bytes.fromhex(sha256_hex)):
             raise ObjectStoreError(f"upload {key}: the store stored a different checksum ({echoed})",
                                    retryable=False, code="checksum_mismatch")
-        return StoredObject(key, len(data), sha256_hex)
+        return StoredObject(key, size, sha256_hex)
 
     def _put_multipart(self, loc: StorageLocation, client: S3Client, key: str, path: Path, sha256_hex: str,
                        on_part: Callable[[int, int], None] | None) -> StoredObject:

@@ -40,6 +40,9 @@ RESOURCES = "/api/v1/resources"
 TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
 # The Date header has whole seconds: the server's "now" may be up to a second later than it says.
 DATE_RESOLUTION_S = 1.0
+# Clocks this close are taken to agree: then the earlier of the two expiry estimates is used (a busy server's
+# Date header lags, uvicorn renews it once a second at best); beyond it the gateway's clock is taken to be wrong.
+CLOCK_AGREEMENT_S = 30.0
 
 
 class StorageResource:
@@ -159,7 +162,9 @@ class StorageClient:
             if server_expiry.tzinfo is None:
                 server_expiry = server_expiry.replace(tzinfo=UTC)
             # Count down on our own clock: the gateway's clock may be wrong, the remaining time is not.
-            remaining = (server_expiry - _server_now(response)).total_seconds() - DATE_RESOLUTION_S
+            by_date = (server_expiry - _server_now(response)).total_seconds() - DATE_RESOLUTION_S
+            by_clock = (server_expiry - datetime.now(UTC)).total_seconds()
+            remaining = min(by_date, by_clock) if abs(by_date - by_clock) < CLOCK_AGREEMENT_S else by_date
             token = credentials.get("session_token")
             return StorageLocation(
                 resource_id=str(data["id"]), endpoint=str(storage["endpoint"]), bucket=str(storage["bucket"]),
