@@ -51,7 +51,7 @@ SECTIONS = {
     "dead_letters": "Dead letters",
     "log": "Logging",
     "decision": "Decision model",
-    "archive": "Archive (docs/archive.md)",
+    "archive": "Archive",
 }
 
 HEADER = """\

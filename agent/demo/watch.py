@@ -152,6 +152,13 @@ class ResultSnapshot:
         return sorted({kind for kind, _ in self.count})
 
 
+ARCHIVE_SERIES = frozenset({
+    "edge_agent_archive_segments", "edge_agent_archive_bytes", "edge_agent_archive_cost",
+    "edge_agent_archive_disk_used_bytes", "edge_agent_archive_disk_budget_bytes", "edge_agent_archive_uploads_total",
+    "edge_agent_archive_forced_uploads_total", "edge_agent_archive_cloud_available",
+})
+
+
 @dataclass(slots=True)
 class Metrics:
     """The figures the view needs from one scrape of the agent's ``/metrics``."""
@@ -206,7 +213,7 @@ class Metrics:
                     m.running = value
                 elif name == "edge_agent_mqtt_connected":
                     m.connected = value == 1.0
-                elif name.startswith("edge_agent_archive_"):
+                elif name in ARCHIVE_SERIES:
                     m._archive(name, labels, value)
         m.service_s = {key: (sums.get(key, 0.0), n) for key, n in counts.items()}
         return m
