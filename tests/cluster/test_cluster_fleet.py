@@ -5,7 +5,7 @@ RabbitMQ 3.10 has no shared subscriptions, so the fleet splits the work by topic
 each subscribed to its district's topics. Each agent lists the three nodes in another order
 (EDGE_AGENT_MQTT__HOSTS), so the three start on different nodes. Devices publish QoS 1 readings with their own
 sequence numbers at a steady pace through all three nodes and move to the next node when theirs goes away; one
-consumer reads every result. The accounting (tests/cluster/fleet.py): every message published gets a result;
+consumer reads every result. The accounting (tests/cluster/traffic.py): every message published gets a result;
 several results for one message must share its ``task_id``, except for a message its device had to publish
 again because its node died before acknowledging it (then the cluster may hold it twice, and it runs twice).
 docs/fleets.md#rabbitmq-3-10 gives the figures.
@@ -19,9 +19,9 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from fleet import Device, Results, wait_accounted
 from rabbit import RabbitCluster, RabbitNode
 from test_failover import connected_to
+from traffic import Device, Results, wait_accounted
 
 from support import Agent, wait_for
 
