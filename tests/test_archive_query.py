@@ -8,15 +8,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import uuid
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from test_archive_daemon import mqtt_query
 
 from agent.archive.catalog import Catalog
 
@@ -70,37 +65,6 @@ def cli_query(agent: Agent, route: str, *extra: str) -> list[dict[str, Any]]:
                           "--route", route, *extra], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines()]
-
-
-def mqtt_query(port: int, agent_id: str, request: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ask over MQTT 5 with a response topic and correlation data; the chunks in the order they came."""
-    correlation = uuid.uuid4().bytes
-    response_topic = f"clients/{uuid.uuid4().hex}/answers"
-    chunks: list[dict[str, Any]] = []
-    done, subscribed = threading.Event(), threading.Event()
-
-    def on_message(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        assert msg.properties is not None and msg.properties.CorrelationData == correlation
-        chunks.append(json.loads(msg.payload))
-        if chunks[-1]["done"]:
-            done.set()
-
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"asker-{uuid.uuid4().hex[:8]}",
-                         protocol=paho.MQTTv5)
-    client.on_message = on_message
-    client.on_subscribe = lambda *a: subscribed.set()
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    client.subscribe(response_topic, qos=1)
-    wait_for(subscribed.is_set, 10, "the asker's subscription")
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    props.ResponseTopic = response_topic
-    props.CorrelationData = correlation
-    client.publish(f"edge/{agent_id}/archive/query", json.dumps(request).encode(), qos=1, properties=props)
-    wait_for(done.is_set, 60, "the last chunk of the answer")
-    client.loop_stop()
-    client.disconnect()
-    return chunks
 
 
 @pytest.mark.slow
