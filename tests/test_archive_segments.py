@@ -114,7 +114,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("kills", [4])
+@pytest.mark.parametrize("kills", [2, pytest.param(8, marks=pytest.mark.slow)])  # the full suite: more moments
 def test_sigkill_during_appends_and_seals_loses_nothing_and_corrupts_nothing(tmp_path: Path, kills: int) -> None:
     root = tmp_path / "archive"
     archived = 0
