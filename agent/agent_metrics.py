@@ -40,16 +40,18 @@ def build_collector(*, ingress: Ingress, dispatcher: Dispatcher, store: Store, l
         LabelledCounter("edge_agent_dead_letters", "Messages sent to the dead-letter topic, by reason.",
                         ("reason",), dead_letters),
         LabelledCounter("edge_agent_cloud_requests", "Cloud submissions by outcome (ok, transient, permanent, "
-                        "circuit_open, cancelled: a hedged task's gateway copy finished first); every failed "
-                        "or cancelled one ran on the gateway.", ("outcome",),
+                        "circuit_open, cancelled: a hedged task's gateway copy finished first, moved_back: moved "
+                        "to the gateway before its upload); every failed, cancelled or moved one ran on the "
+                        "gateway.", ("outcome",),
                         lambda: dispatcher.cloud_outcomes),
         LabelledCounter("edge_agent_hedges", "Cloud tasks that also ran on the gateway because the cloud's "
                         "answer was overdue.", (), lambda: {(): dispatcher.hedges}),
         LabelledCounter("edge_agent_hedges_won", "Hedged tasks whose gateway copy finished first (the cloud "
                         "request was cancelled).", (), lambda: {(): dispatcher.hedges_won}),
-        LabelledCounter("edge_agent_rebinds", "Tasks queued for the gateway that moved to the cloud before they "
-                        "started, because the cloud would now finish them sooner (late binding).", (),
-                        lambda: {(): dispatcher.rebinds}),
+        LabelledCounter("edge_agent_rebinds", "Tasks moved before they started because the other side would now "
+                        "finish them sooner (late binding): queued for the gateway to the cloud (direction "
+                        "to_cloud), or sent to the cloud and not yet uploaded back (to_gateway).", ("direction",),
+                        lambda: {("to_cloud",): dispatcher.rebinds, ("to_gateway",): dispatcher.moves_back}),
         LabelledCounter("edge_agent_messages_received", "Messages received from the broker.", (),
                         lambda: {(): ingress.counters.received}),
         LabelledCounter("edge_agent_duplicates_received", "Redeliveries recognised as already stored.", (),

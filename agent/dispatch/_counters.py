@@ -23,6 +23,7 @@ class DispatchCounters:
         self.hedges = 0  # cloud tasks that also ran on the gateway because they were overdue
         self.hedges_won = 0  # … of which the gateway copy succeeded first
         self.rebinds = 0  # tasks queued for the gateway moved to the cloud before they started (late binding)
+        self.moves_back = 0  # cloud tasks moved back to the gateway before their upload started
         self.last_terms: dict[str, Mapping[str, float]] = {}  # kind → the terms of its latest decision
 
     def _count_decision(self, kind: str, target: str, reason: str, terms: Mapping[str, float]) -> None:

@@ -178,6 +178,8 @@ class Dispatcher(Hedging, LateBinding):
             return
         if self._heavy and self.cloud is not None:
             self._rebind()
+        if (self._cloud or self._cloud_items) and self.cloud is not None:
+            self._move_back()
         cloud = self._cloud
         while cloud and len(self._cloud_running) < CLOUD_IN_FLIGHT:
             item = cloud.popleft()
@@ -185,6 +187,7 @@ class Dispatcher(Hedging, LateBinding):
             payload = self._payload(item, "cloud")
             if payload is not None:
                 self._cloud_running[item.ref.id] = asyncio.ensure_future(self._run_cloud(item, payload))
+                self._cloud_items[item.ref.id] = item._replace(ref=item.ref._replace(payload=payload))
         heavy = self._heavy
         while heavy and len(self._running) < self._heavy_limit:
             item = heavy.popleft()
@@ -282,6 +285,7 @@ class Dispatcher(Hedging, LateBinding):
         finally:
             self._disarm_hedge(ref.id)
             self._cloud_running.pop(ref.id, None)
+            self._cloud_items.pop(ref.id, None)
             lease = self.cloud.lease_status()
             if lease.ready or not lease.provisioning:
                 self.policy.observe_lease(lease.ready, slots=lease.slots or None)

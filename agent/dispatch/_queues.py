@@ -37,6 +37,7 @@ class DispatchQueues(DispatchCounters):
         self._queued_bytes = 0
         self._running: dict[int, asyncio.Task[None]] = {}  # row id → heavy task in the worker pool
         self._cloud_running: dict[int, asyncio.Task[None]] = {}  # row id → cloud submission awaiting its answer
+        self._cloud_items: dict[int, Admitted] = {}  # … and its task (with its payload), in the order sent
         self._scheduled = False
         self.closing = False
 
