@@ -16,7 +16,8 @@ its budget is a hard limit):
   replay solves its Lagrangian relaxation (a price per byte of disk at each moment) by subgradient ascent, which
   gives a lower bound on any schedule's cost, and repairs the relaxation's schedules into feasible ones, the
   cheapest of which is the oracle's (``oracle_gap``: how far above the bound it is). Without a binding budget
-  the two are equal and exact;
+  the oracle is each segment's cheapest schedule, and the bound a hair lower (it allows moves between the
+  grid's points at their least cost);
 - ``route_oracle``: the same search knowing only each route's true reads by age, not which segment a query
   will hit: what the best policy that learns per route could do. The difference to ``oracle`` is the price of
   not knowing the dice (which clip a complaint will be about), which no online policy can know.
@@ -293,6 +294,17 @@ def evaluate(world: World, prices: ArchivePrices, moved_at: np.ndarray[Any, Any]
                  forced_bytes / total_bytes, peak_disk(world, moved_at))
 
 
+def segment_costs(world: World, prices: ArchivePrices, moved_at: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Each segment's cost under a schedule, on its real reads."""
+    moved = np.isfinite(moved_at)
+    size_gb = world.size / GB
+    months = np.where(moved, np.maximum(world.expires - np.where(moved, moved_at, 0.0), 0.0) / MONTH, 0.0)
+    storage = size_gb * (moved * prices.uplink_per_gb + months * prices.cloud_storage_per_gb_month)
+    in_cloud = world.read_t >= moved_at[world.read_seg]
+    per_read = size_gb[world.read_seg] * np.where(in_cloud, prices.cloud_egress_per_gb, prices.uplink_per_gb)
+    return np.asarray(storage + np.bincount(world.read_seg, weights=per_read, minlength=world.size.size))
+
+
 def peak_disk(world: World, moved_at: np.ndarray[Any, Any], since: float = 0.0) -> float:
     """The most the schedule keeps on the gateway's disk from ``since`` on (right after a seal, where it peaks)."""
     leaves = np.minimum(moved_at, world.expires)
@@ -430,7 +442,7 @@ class OracleSolution:
 
 def oracle(world: World, workload: ArchiveWorkload, *, knows: str = "reads",
            candidates: tuple[np.ndarray[Any, Any], ...] = (), iterations: int = 200,
-           block_s: float = DAY) -> OracleSolution:
+           blocks: int = 240) -> OracleSolution:
     """The least-cost clairvoyant schedule within the disk budget (see the module's docstring).
 
     ``knows="reads"``: each segment's own future reads. ``knows="rates"``: only each route's true reads by age,
@@ -446,7 +458,6 @@ def oracle(world: World, workload: ArchiveWorkload, *, knows: str = "reads",
     u, s, e = prices.uplink_per_gb / GB, prices.cloud_storage_per_gb_month / GB / MONTH, prices.cloud_egress_per_gb / GB
     budget = float(prices.disk_budget_bytes)
     n = world.size.size
-    ones = np.ones(n)
     life = world.expires - world.sealed
     grid = workload.oracle_grid_days * DAY
     steps = max(math.ceil(float(life.max()) / grid), 1)
@@ -513,8 +524,8 @@ def oracle(world: World, workload: ArchiveWorkload, *, knows: str = "reads",
 
     best: tuple[float, np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
 
-    def expected(moved_at: np.ndarray[Any, Any]) -> float:
-        # A schedule's cost on the reads by age bucket (a move within a bucket splits its reads pro rata).
+    def expected(moved_at: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        # Each segment's cost on the reads by age bucket (a move within a bucket splits its reads pro rata).
         moved = np.isfinite(moved_at)
         age = np.where(moved, moved_at - world.sealed, math.inf)
         x = np.minimum(age / grid, steps + 1.0)
@@ -522,17 +533,51 @@ def oracle(world: World, workload: ArchiveWorkload, *, knows: str = "reads",
         reads_before = before[np.arange(n), k] + (x - k) * counts[np.arange(n), np.minimum(k, steps)]
         reads_before = np.where(moved, np.minimum(reads_before, total_reads), total_reads)
         cloud_months = np.where(moved, np.maximum(world.expires - np.where(moved, moved_at, 0.0), 0.0), 0.0)
-        return float(np.sum(b * (moved * u + s * cloud_months + u * reads_before
-                                 + e * (total_reads - reads_before))))
+        return np.asarray(b * (moved * u + s * cloud_months + u * reads_before + e * (total_reads - reads_before)))
+
+    def costs_of(moved_at: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        return segment_costs(world, prices, moved_at) if knows == "reads" else expected(moved_at)
 
     def consider(moved_at: np.ndarray[Any, Any], forced: np.ndarray[Any, Any]) -> None:
         nonlocal best
-        total = evaluate(world, prices, moved_at, weights=ones).total if knows == "reads" else expected(moved_at)
+        total = float(np.sum(costs_of(moved_at)))
         if best is None or total < best[0]:
             best = (total, moved_at, forced)
 
-    # One price per block of seals (a day): the disk's value changes over days, not between two seals, and a
-    # few hundred prices converge where thousands would not. Any prices >= 0 give a lower bound.
+    def improve(moved_at: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        # One segment at a time, the cheapest option on the grid that keeps the budget, given all the others;
+        # until a sweep changes nothing. (The relaxation's schedules are good but not optimal: this finds, for
+        # instance, that a segment read on its first day may stay that day and leave after it.)
+        moved_at = moved_at.copy()
+        current = costs_of(moved_at)
+        held_until = np.searchsorted(points, np.minimum(moved_at, world.expires), side="left")
+        use = usage(held_until)
+        for _ in range(5):
+            changed = False
+            for i in range(n):
+                lo, hi = int(first[i]), int(held_until[i])
+                use[lo:hi] -= b[i]
+                ends = last_true[i]
+                span = int(ends.max()) - lo
+                peak = np.maximum.accumulate(use[lo:lo + span]) if span > 0 else np.zeros(1)
+                lengths = ends - lo
+                fits = (lengths <= 0) | (peak[np.maximum(lengths - 1, 0)] + b[i] <= budget)
+                cost = np.where(fits, true_cost[i], np.inf)
+                j = int(np.argmin(cost))
+                if cost[j] < current[i] - 1e-12 * max(current[i], 1.0):
+                    moved_at[i] = world.sealed[i] + move_age[j]
+                    current[i] = cost[j]
+                    held_until[i] = hi = int(ends[j])
+                    changed = True
+                use[lo:hi] += b[i]
+            if not changed:
+                break
+        return moved_at
+
+    # One price per block of seals (``blocks`` of them, about a day long in the shipped replays): the disk's
+    # value changes over days, not between two seals, and a few hundred prices converge where thousands would
+    # not. Any prices >= 0 give a lower bound.
+    block_s = max(float(points[-1] - points[0]) / blocks, 1.0)
     block = ((points - points[0]) // block_s).astype(np.int64)
     prices_per_block = np.zeros(int(block[-1]) + 1)
     bound = -math.inf
@@ -541,6 +586,7 @@ def oracle(world: World, workload: ArchiveWorkload, *, knows: str = "reads",
         consider(*_repair(world, budget, moved_at))
     step = 1.0
     stale = 0
+    direction = np.zeros(prices_per_block.size)
     for done in range(1, iterations + 1):
         price = prices_per_block[block]
         pick, value = choose(relaxed_cost, last_relaxed, price)
@@ -550,23 +596,36 @@ def oracle(world: World, workload: ArchiveWorkload, *, knows: str = "reads",
             bound, stale = dual, 0
         else:
             stale += 1
-            if stale >= 5:
+            if stale >= 10:
                 step, stale = step / 2.0, 0
+        true_pick, _ = choose(true_cost, last_true, price)
         if improved or done % 5 == 1:  # the repair is the slow part: only from promising prices
-            true_pick, _ = choose(true_cost, last_true, price)
             consider(*schedule(true_pick))
         assert best is not None
         excess = usage(last_relaxed[np.arange(n), pick]) - budget
-        if done == 1 and not np.any(excess > 0):
-            break  # the budget never binds: the relaxed optimum is feasible, and the repair kept it
+        if not np.any(excess > 0):
+            # The relaxed schedule fits (its moves between grid points hold the disk a step less): the bound
+            # is as good as it gets, but the real schedule may not fit. Its excess steers the prices instead.
+            excess = usage(last_true[np.arange(n), true_pick]) - budget
+            if done == 1 and not np.any(excess > 0):
+                break  # the budget never binds
         gradient = np.bincount(block, weights=excess, minlength=prices_per_block.size)
-        gradient = np.where((prices_per_block <= 0) & (gradient < 0), 0.0, gradient)
-        norm = float(np.dot(gradient, gradient))
+        # Deflected: 70 % of the last direction carries over, which damps the zig-zag of whole routes
+        # switching places together from one price to the next.
+        direction = gradient + 0.7 * direction
+        direction = np.where((prices_per_block <= 0) & (direction < 0), 0.0, direction)
+        norm = float(np.dot(direction, direction))
+        if norm == 0.0:  # what carried over cancelled the news: start afresh from the gradient
+            direction = np.where((prices_per_block <= 0) & (gradient < 0), 0.0, gradient)
+            norm = float(np.dot(direction, direction))
         if norm == 0.0 or best[0] - bound <= 1e-4 * best[0] or step < 1e-3:
             break
-        prices_per_block = np.maximum(prices_per_block + step * (best[0] - dual) / norm * gradient, 0.0)
+        prices_per_block = np.maximum(prices_per_block + step * (best[0] - dual) / norm * direction, 0.0)
     assert best is not None
-    return OracleSolution(best[1], best[2], min(bound, best[0]), best[0], done)
+    moved_at = improve(best[1])
+    total = float(np.sum(costs_of(moved_at)))
+    # The oracle plans every move: none is forced on it.
+    return OracleSolution(moved_at, np.zeros(n, dtype=bool), min(bound, total), total, done)
 
 
 def _repair(world: World, budget: float, moved_at: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any],
