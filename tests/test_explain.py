@@ -254,3 +254,24 @@ def test_a_task_kept_on_the_gateway_says_it_may_still_move_to_the_cloud() -> Non
     assert "late binding" in render(data)
     light = as_json("noise.spectrum", 1000, decision, snapshot, params, inline=True)
     assert light["rebind_margin_s"] is None and "late binding" not in render(light)
+
+
+def test_a_task_sent_to_the_cloud_says_it_may_still_come_back_before_its_upload() -> None:
+    from agent.decision import DecisionParams
+    from agent.decision.explain import Scenario, as_json, explain, render
+    from agent.decision.model import REBIND_MARGIN_RATIO, REBIND_MARGIN_S
+
+    params = DecisionParams()
+    # A backlog of clips on one worker and a fast, warm cloud: the clip goes to the cloud.
+    decision, snapshot = explain(params, Scenario("noise.spectrum", 100_000, uplink_mbps=50.0, lease_warm=True,
+                                                  local_backlog=20))
+    assert decision.target == "cloud" and decision.reason == "model"
+    data = as_json("noise.spectrum", 100_000, decision, snapshot, params, inline=False)
+    assert data["rebind_margin_s"] is None
+    assert data["move_back_margin_s"] == pytest.approx(max(REBIND_MARGIN_S,
+                                                           REBIND_MARGIN_RATIO * decision.t_cloud_s))
+    assert "comes back to the gateway" in render(data)
+    placed = as_json("noise.spectrum", 100_000, explain(params, Scenario("noise.spectrum", 100_000,
+                                                                         placement="cloud"))[0],
+                     snapshot, params, inline=False)
+    assert placed["move_back_margin_s"] is None and "comes back" not in render(placed)

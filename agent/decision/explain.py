@@ -81,6 +81,10 @@ def as_json(kind: str, in_bytes: int, decision: Decision, snapshot: dict[str, An
         "rebind_margin_s": max(REBIND_MARGIN_S, REBIND_MARGIN_RATIO * decision.t_local_s, params.margin_s,
                                params.margin_ratio * decision.t_local_s)
         if decision.target == "local" and decision.reason == "model" and not inline else None,
+        # … and a cloud task the model chose, while its upload has not started (Policy.move_back).
+        "move_back_margin_s": max(REBIND_MARGIN_S, REBIND_MARGIN_RATIO * decision.t_cloud_s, params.margin_s,
+                                  params.margin_ratio * decision.t_cloud_s)
+        if decision.target == "cloud" and decision.reason == "model" and not decision.probe else None,
     }
 
 
@@ -172,6 +176,11 @@ def _decision(data: dict[str, Any]) -> list[str]:
         lines.append(f"While it waits for a worker the agent asks again: if the cloud becomes sooner by more than "
                      f"{rebind:.3f} s, even with its upload taking twice as long, the task moves there before it "
                      'starts (late binding; its result then says "rebound": true).')
+    back = data.get("move_back_margin_s")
+    if back is not None:
+        lines.append(f"Until its upload starts the agent asks again: if the gateway becomes sooner by more than "
+                     f"about {back:.3f} s, even with the upload twice as fast as measured, the task comes back to "
+                     'the gateway (late binding; its result then says "rebound": true and placement "local").')
     hedge_after, upload_by = data["hedge_after_s"], data["upload_by_s"]
     if hedge_after is not None:
         lines.append(f"If the cloud's answer has not come {hedge_after:.3f} s after the decision, the task "
