@@ -11,6 +11,9 @@ import argparse
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,25 +26,28 @@ from agent.archive.replay import (
     MONTH,
     POLICIES,
     SHIPPED,
-    Agent,
     ArchiveWorkload,
-    Fixed,
     Query,
     Route,
     add_arguments,
+    load_workload,
+    run,
+    shipped,
+)
+from agent.archive.simulate import (
+    Agent,
+    Fixed,
     as_json,
     evaluate,
     format_table,
     generate,
-    load_workload,
     oracle,
     peak_disk,
-    run,
     run_replay,
-    shipped,
     simulate,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 PRICES = ArchivePrices(uplink_per_gb=0.5, cloud_storage_per_gb_month=0.023, cloud_egress_per_gb=0.09,
                        disk_budget_bytes=100 * 10**9, margin=0.1)
 
@@ -273,8 +279,18 @@ def test_the_command_prints_a_table_or_json(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_the_command_refuses_what_it_cannot_replay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(command("--workload", str(tmp_path / "missing.json"))) == 64
+    assert run(command("--workload", str(tmp_path / "missing.json"))) == 2
     assert "cannot be read" in capsys.readouterr().err
-    assert run(command("--workload", "nope")) == 64
+    assert run(command("--workload", "nope")) == 2
     assert "no shipped workload 'nope'" in capsys.readouterr().err
-    assert run(command("--days", "0")) == 64
+    assert run(command("--days", "0")) == 2
+
+
+def test_the_command_loads_numpy_only_when_it_replays() -> None:
+    # `edge-agent archive query` builds the replay's options too: they must not cost it numpy.
+    probe = ("import argparse, sys\nfrom agent.archive.replay import add_arguments\n"
+             "add_arguments(argparse.ArgumentParser())\nprint('numpy' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    assert out == ["False"]
