@@ -92,6 +92,7 @@ def test_a_multipart_upload_of_the_wrong_bytes_is_aborted(object_store: ObjectSt
     assert object_store.list_incomplete_uploads() == []  # the parts went with the abort
 
 
+@pytest.mark.slow  # the server's part check; put_file's own parts are quick-tested
 def test_a_part_whose_checksum_does_not_match_is_refused_by_the_server(storage: StorageResource) -> None:
     location = storage.location()
     client = raw_client(location)
@@ -217,6 +218,7 @@ def test_a_location_that_cannot_be_had_is_a_retryable_error(tmp_path: Path) -> N
     assert error.value.retryable and error.value.code == "location_unavailable"
 
 
+@pytest.mark.slow  # botocore's own retries with backoff first
 def test_an_unreachable_store_is_a_retryable_error(storage: StorageResource, tmp_path: Path) -> None:
     from support import free_port
 

@@ -112,18 +112,23 @@ class DevCloud:
         self._expiry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # The S3 server (seconds to import moto) starts while the workers warm up.
+        storage = asyncio.create_task(self._start_storage()) if self.config.storage else None
         started = time.perf_counter()
         self.pool = WorkerPool(self.config.workers)
         await self.pool.warm_up()
         log.info("devcloud_workers_ready", workers=self.config.workers,
                  seconds=round(time.perf_counter() - started, 3))
-        if self.config.storage:
-            started = time.perf_counter()
-            admin = await self.s3.start()
-            self.storage = await asyncio.to_thread(StorageResources, self.s3, admin)
-            self._expiry = asyncio.create_task(expire_keys(self.storage))
-            log.info("devcloud_storage_ready", endpoint=admin.endpoint, bucket=BUCKET,
-                     seconds=round(time.perf_counter() - started, 3))
+        if storage is not None:
+            await storage
+
+    async def _start_storage(self) -> None:
+        started = time.perf_counter()
+        admin = await self.s3.start()
+        self.storage = await asyncio.to_thread(StorageResources, self.s3, admin)
+        self._expiry = asyncio.create_task(expire_keys(self.storage))
+        log.info("devcloud_storage_ready", endpoint=admin.endpoint, bucket=BUCKET,
+                 seconds=round(time.perf_counter() - started, 3))
 
     async def stop(self) -> None:
         await self.idempotency.cancel_all()
