@@ -278,6 +278,23 @@ def test_the_command_prints_a_table_or_json(tmp_path: Path, capsys: pytest.Captu
     assert as_json(run_replay(load_workload(path), days=3.0)) == out
 
 
+def test_edge_agent_archive_replay_runs_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import main
+
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps({
+        "routes": [{"name": "counts", "gb_per_day": 1.0, "days": 3, "retrievals_per_month": 0.5,
+                    "queries": [{"span_hours": 24, "every_hours": 24}]}],
+        "prices": {"uplink_per_gb": 0.5, "cloud_storage_per_gb_month": 0.023, "cloud_egress_per_gb": 0.09,
+                   "disk_budget_bytes": 10**9, "margin": 0.1},
+        "days": 3, "seal_age_s": 21600, "warmup_days": 3,
+    }))
+    assert main(["archive", "replay", "--workload", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["workload"] == "tiny" and set(out["policies"]) == set(POLICIES)
+    assert main(["archive", "replay", "--workload", str(tmp_path / "none.json")]) == 2
+
+
 def test_the_command_refuses_what_it_cannot_replay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(command("--workload", str(tmp_path / "missing.json"))) == 2
     assert "cannot be read" in capsys.readouterr().err
