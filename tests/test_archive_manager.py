@@ -7,6 +7,7 @@ warned, and a SIGKILL during an upload loses nothing and leaves no incomplete up
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -31,6 +32,8 @@ from support import wait_for
 
 if TYPE_CHECKING:
     from agent.cloud._storage import StorageResource
+
+    from support import DevCloud
 
 ROUTE = "city/+/noise/+/pcm"
 DAY = 86_400.0
@@ -197,3 +200,41 @@ def test_sigkill_during_an_upload_loses_nothing_and_leaves_no_incomplete_upload(
     [entry] = manager.catalog.entries()
     assert entry.place == "cloud" and not manager.local_path(entry).exists()
     assert [r.task_id for r in read_segment(objects.open(entry.object_key or ""))] == [r.task_id for r in records]
+
+
+def test_the_storage_resource_is_kept_across_restarts_and_replaced_when_the_cloud_lost_it(
+        tmp_path: Path, storage_devcloud: DevCloud, clean_env: pytest.MonkeyPatch) -> None:
+    from agent.archive.service import RESOURCE_KEY, open_object_store
+    from agent.cloud._storage import StorageClient
+    from agent.config import Settings
+
+    settings = Settings(agent_id="gw-keep", state_dir=tmp_path, cloud=storage_devcloud.settings())
+    root = tmp_path / "archive"
+    segment = tmp_path / "one.seg"
+    segment.write_bytes(b"segment bytes")
+    digest = hashlib.sha256(segment.read_bytes()).hexdigest()
+    made = []
+
+    def side(request: bool) -> ObjectStore:
+        cloud = open_object_store(settings, root, request=request)
+        assert cloud is not None
+        made.append(cloud)
+        return cloud.objects
+
+    side(False)  # made, but nothing asked of the cloud yet
+    side(True).put_file("r/one.seg", segment, digest)  # the first call requests the resource
+    catalog = Catalog(root / "catalog.db")
+    resource = catalog.get_meta(RESOURCE_KEY)
+    assert resource is not None
+    # A restart (and `edge-agent archive query`, which never requests one) attach to the same objects.
+    for request in (True, False):
+        assert side(request).head("r/one.seg") is not None
+    client = StorageClient(settings.cloud)
+    client.release(resource)  # the cloud loses it (released, its objects with it)
+    client.close()
+    with capture_logs() as logs:
+        assert side(True).head("r/one.seg") is None
+    assert "archive_storage_resource_gone" in [e["event"] for e in logs]
+    assert catalog.get_meta(RESOURCE_KEY) not in (None, resource)
+    for cloud in made:
+        cloud.close()

@@ -20,6 +20,7 @@ from agent.archive.segment import Record
 
 if TYPE_CHECKING:
     from agent.archive.objectstore import ObjectStore
+    from agent.archive.service import CloudSide
     from agent.config import Settings
 
 EX_USAGE = 2
@@ -73,18 +74,24 @@ def as_json(record: Record) -> dict[str, Any]:
     return out
 
 
-def cloud_objects(settings: Settings, root: Path) -> Callable[[], ObjectStore | None]:
+class CloudObjects:
     """The archive's object store as the agent uses it (its storage resource), built on first need."""
-    made: list[ObjectStore | None] = []
 
-    def objects() -> ObjectStore | None:
-        if not made:
+    def __init__(self, settings: Settings, root: Path) -> None:
+        self._settings, self._root = settings, root
+        self._side: CloudSide | None = None
+        self._made = False
+
+    def __call__(self) -> ObjectStore | None:
+        if not self._made:
             from agent.archive.service import open_object_store
 
-            made.append(open_object_store(settings, root))
-        return made[0]
+            self._side, self._made = open_object_store(self._settings, self._root), True
+        return None if self._side is None else self._side.objects
 
-    return objects
+    def close(self) -> None:
+        if self._side is not None:
+            self._side.close()
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -102,7 +109,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
               file=sys.stderr)
         return 1
     end = time.time() if args.end is None else args.end
-    reader = Reader(root, Catalog(root / "catalog.db"), cloud_objects(settings, root))
+    objects = CloudObjects(settings, root)
+    reader = Reader(root, Catalog(root / "catalog.db"), objects)
     out: IO[str] = sys.stdout if args.out is None else args.out.open("w")
     count = 0
     try:
@@ -113,6 +121,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"edge-agent archive query: {exc} (after {count} messages)", file=sys.stderr)
         return 1
     finally:
+        objects.close()
         if out is not sys.stdout:
             out.close()
     if args.out is not None:

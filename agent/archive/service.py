@@ -10,6 +10,7 @@ finds the same objects.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,11 +27,13 @@ from agent.telemetry import get_logger
 if TYPE_CHECKING:
     from agent.archive.objectstore import ObjectStore
     from agent.archive.responder import Responder
+    from agent.cloud._storage import StorageClient
     from agent.config import Route, Settings
 
 log = get_logger(__name__)
 
 RESOURCE_KEY = "storage_resource_id"
+REQUEST_KEY = "storage_request_key"  # the Idempotency-Key of the storage request
 
 
 def archive_root(settings: Settings) -> Path:
@@ -42,34 +45,63 @@ def archived_routes(routes: Sequence[Route]) -> dict[str, RoutePolicy]:
             for r in routes if r.archive is not None}
 
 
-def open_object_store(settings: Settings, root: Path, *, request: bool = False) -> ObjectStore | None:
+class CloudSide:
+    """The archive's object store and the resource API client behind its credentials (closed with it)."""
+
+    def __init__(self, objects: ObjectStore, clients: list[StorageClient]) -> None:
+        self.objects = objects
+        self._clients = clients
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+
+
+def open_object_store(settings: Settings, root: Path, *, request: bool = False) -> CloudSide | None:
     """The archive's object store, or None without a resource API. Its storage resource is attached (or, with
     ``request``, requested if there is none yet) on the store's first call, from the calling thread."""
     if settings.cloud.url is None:
         return None
     from agent.archive.objectstore import ObjectStore
+    from agent.cloud import PermanentCloudError
     from agent.cloud._storage import StorageClient, StorageResource
 
     catalog = Catalog(root / "catalog.db")
     held: list[StorageResource] = []
+    clients: list[StorageClient] = []
 
     def location() -> Any:
         if not held:
-            client = StorageClient(settings.cloud)
+            if not clients:
+                clients.append(StorageClient(settings.cloud))
+            client = clients[0]
             known = catalog.get_meta(RESOURCE_KEY)
             if known is not None:
-                held.append(client.attach(known))
-            elif request:
-                resource = client.request(settings.archive.cloud_quota_gb,
-                                          idempotency_key=f"archive-{settings.agent_id}")
+                try:
+                    held.append(client.attach(known))
+                except PermanentCloudError as exc:
+                    if not request or exc.status != 404:
+                        raise
+                    # Released or forgotten by the cloud: what it held is gone; the archive goes on with a new one.
+                    lost = len(catalog.entries(place="cloud"))
+                    log.error("archive_storage_resource_gone", resource=known, segments_lost=lost, error=str(exc))
+                    catalog.set_meta(REQUEST_KEY, f"archive-{settings.agent_id}-{os.urandom(6).hex()}")
+            if not held and not request:
+                raise LookupError("the archive has no storage resource yet (nothing was moved to the cloud)")
+            if not held:
+                # One key per resource, kept before asking: a request repeated after a lost answer gets the same one.
+                key = catalog.get_meta(REQUEST_KEY)
+                if key is None:
+                    key = f"archive-{settings.agent_id}-{os.urandom(6).hex()}"
+                    catalog.set_meta(REQUEST_KEY, key)
+                resource = client.request(settings.archive.cloud_quota_gb, idempotency_key=key)
                 catalog.set_meta(RESOURCE_KEY, resource.id)
                 log.info("archive_storage_requested", resource=resource.id, quota_gb=settings.archive.cloud_quota_gb)
                 held.append(resource)
-            else:
-                raise LookupError("the archive has no storage resource yet (nothing was moved to the cloud)")
         return held[0].location()
 
-    return ObjectStore(location)
+    return CloudSide(ObjectStore(location), clients)
 
 
 class ArchiveService:
@@ -84,7 +116,8 @@ class ArchiveService:
         self._archived = frozenset(self.policies)
         self.intake = Intake(self.root, self.catalog, self.policies, Sealing(s.seal_age_s, s.seal_bytes),
                              clock=clock)
-        self.objects = open_object_store(settings, self.root, request=True)
+        self.cloud = open_object_store(settings, self.root, request=True)
+        self.objects = self.cloud.objects if self.cloud is not None else None
         self._match = match
         self.tap = Tap(match, lambda: self._archived, self.intake)
         self.manager = Manager(intake=self.intake, catalog=self.catalog, prices=s.prices(), routes=self.policies,
@@ -123,6 +156,8 @@ class ArchiveService:
             self.responder.stop()
         self.manager.stop()
         self.intake.close()
+        if self.cloud is not None:
+            self.cloud.close()
 
     def alive(self) -> bool:
         return self.manager.alive()
