@@ -26,6 +26,9 @@ Every policy runs under the placement manager's hard rule: after a seal that tak
 oldest segments on the gateway move to the cloud until it fits. The replay begins with the archive in its steady
 state: a warm-up of the longest retention (decided by the same policy, learning included) whose segments are not
 counted; the costs are those of the segments sealed during ``days``, over their whole lives.
+
+This module holds the workloads and the command, and imports no numpy (building the archive command's options
+must stay cheap); the engine is :mod:`agent.archive.simulate`.
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ class World:
 
 
 def generate(workload: ArchiveWorkload) -> World:
+    """The segments every route seals from the warm-up's start to the end of ``days``, and every read of them by
+    the routes' queries until the last one expires (a query reads the sealed segments its span overlaps)."""
     rng = np.random.default_rng(workload.seed)
     t0, t1 = -workload.warmup_s, workload.days * DAY
     parts: list[tuple[np.ndarray[Any, Any], ...]] = []
@@ -96,12 +98,13 @@ def generate(workload: ArchiveWorkload) -> World:
 
 @dataclass(frozen=True, slots=True)
 class Costs:
-    """What one policy's placements cost, for the counted segments over their whole lives."""
+    """What one policy's placements cost, for the counted segments over their whole lives, in the prices'
+    currency."""
 
-    upload: float  # bytes sent to the cloud over the uplink
-    cloud_storage: float  # GB-months in the cloud
-    gateway_reads: float  # bytes read from the gateway, over the uplink
-    cloud_reads: float  # bytes read from the cloud, egress
+    upload: float  # the uplink's price of the bytes moved to the cloud
+    cloud_storage: float  # their GB-months in the cloud
+    gateway_reads: float  # reads from the gateway, over the uplink
+    cloud_reads: float  # reads from the cloud, its egress
     cloud_share: float  # of the counted bytes, the share that ended up in the cloud
     forced_share: float  # of the counted bytes, the share the disk budget forced out
     peak_disk_bytes: float  # the most the archive held on the gateway from the first counted seal on
