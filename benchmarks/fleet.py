@@ -99,6 +99,7 @@ def failover_phase(work: Path, cluster: RabbitCluster, kills: int, rate: float,
         "missing": len(accounting.missing),
         "two_task_ids": len(accounting.two_task_ids),
         "device_resends": accounting.device_resends,
+        "device_resends_run_twice": accounting.resends_run_twice,
     }
 
 
