@@ -19,9 +19,10 @@ if TYPE_CHECKING:  # imported in the fixtures: every test module loads this file
 def storage_devcloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCloud]:
     """The devcloud with storage, one per test module (its S3 server takes seconds to start): tests keep apart
     by each using storage resources of their own. Not one per run: a process left running between modules is
-    in the way of tests that signal every child of the test process (tests/test_executor_signals.py). ``storage_devcloud.settings()`` are the agent's
-    cloud settings for it, ``storage_devcloud.agent_env()`` its environment; knobs changed by a test (e.g.
-    ``credentials_ttl_s``) are reset after each test by the ``storage_client`` fixture."""
+    in the way of tests that signal every child of the test process (tests/test_executor_signals.py).
+    ``storage_devcloud.settings()`` are the agent's cloud settings for it, ``storage_devcloud.agent_env()`` its
+    environment; knobs changed by a test (e.g. ``credentials_ttl_s``) are reset after each test by the
+    ``storage_client`` fixture."""
     server = DevCloud(tmp_path_factory.mktemp("storage-devcloud") / "devcloud.log", "--storage", workers=1)
     yield server
     server.stop()
