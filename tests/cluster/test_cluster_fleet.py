@@ -8,7 +8,7 @@ sequence numbers at a steady pace through all three nodes and move to the next n
 consumer reads every result. The accounting (tests/cluster/traffic.py): every message published gets a result;
 several results for one message must share its ``task_id``, except for a message its device had to publish
 again because its node died before acknowledging it (then the cluster may hold it twice, and it runs twice).
-docs/fleets.md#rabbitmq-3-10 gives the figures.
+docs/fleets.md#rabbitmq-310 gives the figures.
 """
 
 from __future__ import annotations
