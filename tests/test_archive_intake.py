@@ -37,7 +37,7 @@ def everything(intake: Intake) -> list[str]:
     ids = []
     for entry in intake.catalog.entries(route=KEPT):
         ids += [r.task_id for r in read_segment(file_chunks(intake.directory(KEPT) / f"{entry.segment_id}.seg"))]
-    return ids + [r.task_id for r in intake.unsealed(KEPT)[1]]
+    return ids + [r.task_id for _, records in intake.unsealed(KEPT) for r in records]
 
 
 def new_intake(root: Path) -> Intake:

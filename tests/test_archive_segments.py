@@ -3,6 +3,7 @@ and seals (agent/archive/segment.py, agent/archive/intake.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -46,7 +47,7 @@ def all_records(intake: Intake) -> list[Record]:
     out: list[Record] = []
     for entry in intake.catalog.entries(route=ROUTE):
         out.extend(read_segment(file_chunks(intake.directory(ROUTE) / f"{entry.segment_id}.seg")))
-    return out + intake.unsealed(ROUTE)[1]
+    return out + [r for _, records in intake.unsealed(ROUTE) for r in records]
 
 
 def test_sealed_segment_reads_back_in_order_and_checks_itself(tmp_path: Path) -> None:
@@ -154,3 +155,35 @@ def test_sigkill_during_appends_and_seals_loses_nothing_and_corrupts_nothing(tmp
     for path in (root / "routes").rglob("*.seg"):
         blob = path.read_bytes()
         assert sum(1 for _ in iter_records(zlib.decompress(blob[blob.index(b"}") + 1:]))) > 0
+
+
+FULL_DISK = textwrap.dedent("""
+    import json, os, resource, signal, sys
+    from pathlib import Path
+    from agent.archive.catalog import Catalog
+    from agent.archive.intake import Intake, Sealing
+    from agent.archive.segment import Record
+    # A file-size limit makes the journal's writes fail for real (EFBIG), as a full disk does (ENOSPC).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    root = Path(sys.argv[1])
+    intake = Intake(root, Catalog(root / "catalog.db"), [sys.argv[2]], Sealing(age_s=3600, max_bytes=1 << 30))
+    intake.open()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (6_000, 6_000))
+    kept = []
+    for n in range(0, 700, 7):
+        batch = [Record(1e9 + n + i, "t/x", os.urandom(100), f"{n + i:032x}") for i in range(7)]
+        before = intake.refused
+        intake.append({sys.argv[2]: batch})
+        if intake.refused == before:
+            kept += [r.task_id for r in batch]
+    print(json.dumps({"kept": kept, "refused": intake.refused, "failures": intake.append_failures}))
+""")
+
+
+def test_a_failing_write_refuses_its_batch_and_leaves_no_torn_record_behind(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path), ROUTE], capture_output=True, text=True,
+                         timeout=60, check=True)
+    report = json.loads(out.stdout.splitlines()[-1])
+    assert report["failures"] > 1 and report["refused"] > 0  # each full journal refused a batch, then a new one
+    intake = open_intake(tmp_path)  # seals every journal: each reads whole to its end
+    assert [r.task_id for r in all_records(intake)] == report["kept"]

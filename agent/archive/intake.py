@@ -9,6 +9,7 @@ start. Sealing runs on the archive manager's thread; a lock keeps it off a journ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -45,6 +46,7 @@ class Intake:
         self._clock = clock
         self._lock = threading.Lock()
         self._journals: dict[str, Journal] = {}
+        self._closed: list[tuple[str, Journal]] = []  # closed after a failed append, not sealed yet
         self._last_id = 0
         self.appended = 0  # records since the start (a metric)
         self.sealed = 0
@@ -52,6 +54,7 @@ class Intake:
         # archived (counted in ``refused``) rather than the budget broken or the agent's intake held.
         self.refusing = False
         self.refused = 0
+        self.append_failures = 0
         self.routes = set(routes)
         # Task ids of what recovery found unsealed: what a reconciliation must not append again.
         self.recovered_ids: set[str] = set()
@@ -126,9 +129,25 @@ class Intake:
             for route, records in by_route.items():
                 if self.refusing:
                     self.refused += len(records)
-                elif records:
+                    continue
+                if not records:
+                    continue
+                try:
                     self._journal(route).append(records, self._clock())
-                    self.appended += len(records)
+                except OSError as exc:
+                    # A full or failing disk must not stop the agent's commits (this runs in the store's hook):
+                    # the inputs are counted as not archived and the next batch starts a journal of its own.
+                    self.refused += len(records)
+                    self.append_failures += 1
+                    log.error("archive_append_failed", route=route, inputs=len(records), error=str(exc))
+                    journal = self._journals.pop(route, None)
+                    if journal is not None:
+                        with contextlib.suppress(OSError):
+                            journal.close()
+                        if journal.count:
+                            self._closed.append((route, journal))  # sealed by the next pass that can
+                    continue
+                self.appended += len(records)
 
     # ------------------------------------------------------------------ manager thread
 
@@ -137,6 +156,7 @@ class Intake:
         now = self._clock()
         due: list[tuple[str, Journal]] = []
         with self._lock:
+            due, self._closed = self._closed, []
             for route, journal in list(self._journals.items()):
                 if journal.count and (force or journal.size >= self.sealing.max_bytes
                                       or now - (journal.started_at or now) >= self.sealing.age_s):
@@ -144,9 +164,15 @@ class Intake:
                     del self._journals[route]  # the next append opens a new one
                     due.append((route, journal))
         sealed = []
-        for route, journal in due:
+        for number, (route, journal) in enumerate(due):
             records = recover_journal(journal.path)
-            info = seal(records, route, journal.path.stem, journal.path.parent)
+            try:
+                info = seal(records, route, journal.path.stem, journal.path.parent)
+            except OSError as exc:
+                log.error("archive_seal_failed", route=route, segment=journal.path.stem, error=str(exc))
+                with self._lock:
+                    self._closed.extend(due[number:])  # kept as journals (queries read them) and tried again
+                break
             self.catalog.add(info, now)
             journal.path.unlink()
             self.sealed += 1
@@ -155,17 +181,18 @@ class Intake:
                      raw_bytes=info.raw_bytes, size=info.size)
         return sealed
 
-    def unsealed(self, route: str) -> tuple[str, list[Record]]:
-        """The id and records of a route's open journal (a query reads them too)."""
+    def unsealed(self, route: str) -> list[tuple[str, list[Record]]]:
+        """The id and records of each of a route's journals not sealed yet (a query reads them too)."""
         with self._lock:
+            journals = [j for r, j in self._closed if r == route]
             journal = self._journals.get(route)
-            if journal is None or not journal.count:
-                return "", []
-            return journal.path.stem, recover_journal(journal.path, repair=False)
+            if journal is not None and journal.count:
+                journals.append(journal)
+            return [(j.path.stem, recover_journal(j.path, repair=False)) for j in journals]
 
     def unsealed_bytes(self) -> int:
         with self._lock:
-            return sum(j.size for j in self._journals.values())
+            return sum(j.size for j in self._journals.values()) + sum(j.size for _, j in self._closed)
 
     def close(self) -> None:
         with self._lock:

@@ -54,7 +54,7 @@ class Reader:
     the journals (the agent); otherwise journals are read from disk without touching them."""
 
     def __init__(self, root: Path, catalog: Catalog, objects: Callable[[], ObjectStore | None],
-                 unsealed: Callable[[str], tuple[str, list[Record]]] | None = None,
+                 unsealed: Callable[[str], list[tuple[str, list[Record]]]] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.root = root
         self.catalog = catalog
@@ -73,7 +73,7 @@ class Reader:
 
     def _journals(self, route: str) -> list[tuple[str, list[Record]]]:
         if self._unsealed is not None:
-            return [self._unsealed(route)]
+            return self._unsealed(route)
         directory = self.root / "routes" / route_key(route)
         out = []
         for path in sorted(directory.glob("*.jrn")):

@@ -12,6 +12,7 @@ is what the object store verifies on upload.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -106,8 +107,17 @@ class Journal:
         if self.started_at is None:
             self.started_at = now
         if data:
-            os.write(self._fd, data)
-            os.fdatasync(self._fd)
+            try:
+                written = os.write(self._fd, data)
+                if written != len(data):
+                    raise OSError(f"short write to {self.path.name}: {written} of {len(data)} bytes")
+                os.fdatasync(self._fd)
+            except OSError:
+                # Cut off what part of the batch reached the file (a full disk): records appended later must
+                # not follow a torn one, which recovery would stop at.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self.size)
+                raise
             self.size += len(data)
         return len(data)
 

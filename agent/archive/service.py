@@ -148,8 +148,11 @@ class ArchiveService:
         self._archived = frozenset(self.policies)
         self.manager.routes = dict(self.policies)
 
-    def committed(self, rows: int) -> None:  # the store's writer thread
-        self.tap.committed(rows)
+    def committed(self, rows: int) -> None:  # the store's writer thread, before the commit's hand-off
+        try:
+            self.tap.committed(rows)
+        except Exception:  # the hand-off to the loop (acknowledgements, tasks) must follow whatever happens here
+            log.exception("archive_append_failed")
 
     def stop(self) -> None:
         if self.responder is not None:
