@@ -22,8 +22,8 @@ def add_metrics(c: AgentCollector, archive: ArchiveService) -> None:
     c.counters += [
         LabelledCounter("edge_agent_archive_inputs", "Committed inputs of archive routes appended to the archive.",
                         (), lambda: {(): intake.appended}),
-        LabelledCounter("edge_agent_archive_inputs_refused", "Committed inputs not archived because the disk "
-                        "budget was full and no segment could leave for the cloud.", (),
+        LabelledCounter("edge_agent_archive_inputs_refused", "Committed inputs not archived: the disk budget was "
+                        "full and no segment could leave for the cloud, or the journal could not be written.", (),
                         lambda: {(): intake.refused}),
         LabelledCounter("edge_agent_archive_segments_sealed", "Journals sealed into segments.", (),
                         lambda: {(): intake.sealed}),
