@@ -164,34 +164,3 @@ class ArchiveService:
 
     def alive(self) -> bool:
         return self.manager.alive()
-
-    def summary(self) -> dict[str, Any]:
-        """For /status and the demo's live view: where the segments are and what placing them cost."""
-        entries = self.catalog.entries()
-        places: dict[str, dict[str, float]] = {}
-        for e in entries:
-            slot = places.setdefault(e.place, {"segments": 0, "bytes": 0})
-            slot["segments"] += 1
-            slot["bytes"] += e.size
-        recent = []
-        for e in sorted((e for e in entries if e.decision), key=lambda e: e.decision["at"] if e.decision else 0)[-8:]:
-            assert e.decision is not None
-            recent.append({"route": e.route, "segment": e.segment_id, "size": e.size, "place": e.place,
-                           "choice": e.decision["choice"], "reason": e.decision["reason"],
-                           "gateway_total": e.decision["gateway"]["total"],
-                           "cloud_total": e.decision["cloud"]["total"]})
-        c = self.manager.counters
-        now = time.time()
-        return {
-            "routes": {route: {"days": p.days, "retrievals_per_month": self.manager.rate(route).per_month(now)}
-                       for route, p in self.policies.items()},
-            "places": places,
-            "disk_used_bytes": self.manager.disk_used(),
-            "disk_budget_bytes": self.manager.prices.disk_budget_bytes,
-            "appended": self.intake.appended, "refused": self.intake.refused, "sealed": self.intake.sealed,
-            "uploads": c.uploads, "uploaded_bytes": c.uploaded_bytes, "forced_uploads": c.forced_uploads,
-            "deleted_gateway": c.deleted_gateway, "deleted_cloud": c.deleted_cloud,
-            "cost_gateway": c.cost_gateway, "cost_cloud": c.cost_cloud,
-            "cloud": "off" if self.objects is None else ("unavailable" if self.manager.cloud_down_since else "ok"),
-            "recent": recent,
-        }
