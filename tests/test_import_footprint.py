@@ -20,13 +20,18 @@ NEVER = ("numpy", "rich", "fastapi", "uvicorn", "starlette", "matplotlib", "amqt
 ON_USE = ("httpx", "httpcore", "prometheus_client")
 
 
-def loaded(code: str) -> set[str]:
-    """Top-level names of the modules (and agent's submodules) a fresh interpreter holds after ``code``."""
+def modules(code: str) -> set[str]:
+    """Every module a fresh interpreter holds after ``code``."""
     probe = code + "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True, timeout=60).stdout
-    names: list[str] = json.loads(out.splitlines()[-1])
+    return set(json.loads(out.splitlines()[-1]))
+
+
+def loaded(code: str) -> set[str]:
+    """Top-level names of the modules (and agent's submodules) a fresh interpreter holds after ``code``."""
+    names = modules(code)
     return {name.split(".")[0] for name in names} | {name for name in names if name.startswith("agent.")}
 
 
@@ -51,3 +56,9 @@ def test_edge_agent_run_imports_no_other_subcommand() -> None:
 def test_the_full_parser_still_offers_every_subcommand() -> None:
     modules = loaded("import agent.cli\nagent.cli._parser().parse_args(['devcloud'])")
     assert {"agent.devcloud", "agent.demo", "agent.deadletter_admin"} <= modules
+
+
+def test_the_metrics_http_server_is_imported_only_with_the_port_open() -> None:
+    # http.server pulls in socketserver, html and mimetypes: about a megabyte an agent with metrics off never uses.
+    names = modules("import agent.daemon")
+    assert not names & {"http.server", "socketserver", "agent.metrics_server"}, sorted(names)

@@ -15,7 +15,8 @@ from structlog.testing import capture_logs
 
 from agent.config import MetricsSettings
 from agent.errors import ConfigError
-from agent.metrics import AgentCollector, MetricsServer, is_local_client
+from agent.metrics import AgentCollector, is_local_client
+from agent.metrics_server import MetricsServer
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -19,6 +18,9 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
         return None
     if text.isascii() and text.isdigit():
         return float(int(text))
+    # Imported here: the daemon loads this module with the cloud off too, and email costs it memory for life.
+    from email.utils import parsedate_to_datetime
+
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
