@@ -30,7 +30,6 @@ from agent.executor import LocalExecutor
 from agent.ingress import Ingress
 from agent.introspect import Introspection, build_policy
 from agent.leave import Leave, leave_pending
-from agent.metrics import MetricsServer
 from agent.mqtt import Link, LinkFactory
 from agent.reload import Outcome, outcome_dir, write_outcome
 from agent.store import Committed, Store, ensure_writable
@@ -42,6 +41,7 @@ from agent.telemetry import get_logger
 if TYPE_CHECKING:
     from agent.archive.service import ArchiveService
     from agent.cloud import Cloud, CloudFactory
+    from agent.metrics_server import MetricsServer
 
 log = get_logger(__name__)
 
@@ -228,6 +228,8 @@ class Daemon:
                 from agent.archive.metrics import add_metrics
 
                 add_metrics(collector, self.archive)
+            from agent.metrics_server import MetricsServer
+
             self.metrics = MetricsServer(s.metrics.port, collector, healthy=self._healthy,
                                          ready=self._ready, host=s.metrics.host,
                                          endpoints=self.introspection.endpoints())
