@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import uuid
 from pathlib import Path
@@ -95,3 +96,31 @@ def test_the_daemon_archives_its_archive_routes_and_answers_mqtt_queries(tmp_pat
     assert [(m["topic"], m["payload"].encode()) for m in messages] == kept
     assert [c["seq"] for c in chunks] == list(range(len(chunks))) and len(chunks) > 1
     assert all(c["_size"] <= 4096 for c in chunks) and chunks[-1]["count"] == len(kept)
+
+
+def test_the_query_connection_comes_back_after_a_broker_restart(tmp_path: Path, broker: Mosquitto) -> None:
+    from agent.archive.catalog import Catalog
+    from agent.archive.query import Reader
+    from agent.archive.responder import Responder
+    from agent.archive.segment import Record
+
+    root = tmp_path / "archive"
+    (root / "routes").mkdir(parents=True)
+    settings = settings_for(tmp_path, broker.port)
+    responder = Responder(settings, Reader(root, Catalog(root / "catalog.db"), lambda: None,
+                                           unsealed=lambda route: [("", [Record(1.0, "city/a/noise/1/data", b"x",
+                                                                                 "0" * 32)])]))
+    responder.start()
+    try:
+        wait_for(responder.subscribed.is_set, 20, "the query subscription")
+        assert mqtt_query(broker.port, "gw-archive", {"route": "#"})[-1]["count"] == 0  # no route directories
+        line = re.compile(rf"^\d+: {re.escape(settings.client_id)}-archive \d edge/gw-archive/archive/query$",
+                          re.MULTILINE)
+        assert len(line.findall(broker.log.read_text())) == 1
+        broker.restart()
+        # The broker's log shows the subscription made again on the new connection.
+        wait_for(lambda: len(line.findall(broker.log.read_text())) == 2, 30, "the subscription after the restart")
+        answer = mqtt_query(broker.port, "gw-archive", {"route": "#", "from": "x"})
+        assert "bad request" in answer[-1]["error"]
+    finally:
+        responder.stop()

@@ -56,30 +56,51 @@ class Responder:
         self.answered = 0
         self.failed = 0
         self.subscribed = threading.Event()
+        # Reconnects are ours (_network): after a lost connection the next broker of EDGE_AGENT_MQTT__HOSTS is
+        # tried, as the agent's own link fails over.
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{settings.client_id}-archive",
-                             protocol=paho.MQTTv5)
+                             protocol=paho.MQTTv5, reconnect_on_failure=False)
         authenticate(client, settings.mqtt)
-        client.reconnect_delay_set(max(1, round(settings.mqtt.reconnect_min_s)),
-                                   max(1, round(settings.mqtt.reconnect_max_s)))
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         self._client = client
         self._worker = threading.Thread(target=self._work, name="archive-query", daemon=True)
+        self._network_thread = threading.Thread(target=self._network, name="archive-query-mqtt", daemon=True)
+        self._stopping = threading.Event()
 
     def start(self) -> None:
-        node = self._settings.mqtt.nodes[0]
-        self._client.connect_async(node.host, node.port, keepalive=self._settings.mqtt.keepalive_s,
-                                   clean_start=True)
-        self._client.loop_start()
+        self._network_thread.start()
         self._worker.start()
 
     def stop(self) -> None:
+        self._stopping.set()
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._client.disconnect()  # loop_forever returns
+        self._network_thread.join(5)
         self._worker.join(5)
+
+    def _network(self) -> None:
+        """Connect to the brokers in turn, run paho's loop while connected, back off between attempts."""
+        s = self._settings.mqtt
+        nodes, turn, delay = s.nodes, 0, s.reconnect_min_s
+        while not self._stopping.is_set():
+            node = nodes[turn % len(nodes)]
+            try:
+                self._client.connect(node.host, node.port, keepalive=s.keepalive_s, clean_start=True)
+                delay = s.reconnect_min_s
+                self._client.loop_forever()  # until the connection ends (reconnect_on_failure is off)
+            except (OSError, ValueError) as exc:
+                log.debug("archive_query_connect_failed", node=f"{node.host}:{node.port}", error=str(exc))
+                turn += 1
+            except Exception:
+                log.exception("archive_query_connection_failed")
+                turn += 1
+            self.subscribed.clear()
+            if self._stopping.wait(delay):
+                break
+            delay = min(delay * 2, s.reconnect_max_s)
 
     # ------------------------------------------------------------------ paho's thread
 
