@@ -7,8 +7,9 @@ of messages on the response topic, each carrying the request's correlation data 
 ``done`` (true on the last) and, on the last, ``count``; or ``error`` with ``done``. Each message stays under
 ``EDGE_AGENT_ARCHIVE__QUERY_CHUNK_BYTES`` unless one archived message alone is larger.
 
-It runs on an MQTT 5 connection of its own with paho's network thread, and answers one query at a time on a
-worker thread (a query may read segments from cloud storage for seconds): the agent's own link and event loop
+It runs on an MQTT 5 connection of its own, paho's loop on a thread of its own that reconnects with backoff and
+moves to the next broker of ``EDGE_AGENT_MQTT__HOSTS`` after a failed connect, and answers one query at a time on
+a worker thread (a query may read segments from cloud storage for seconds): the agent's own link and event loop
 never wait for it. Each chunk is published at QoS 1 and the next waits for its PUBACK, so a large answer is held
 in memory one chunk at a time.
 """
