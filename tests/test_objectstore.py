@@ -154,6 +154,54 @@ def test_sigkill_during_an_upload_leaves_nothing_visible_and_the_restart_aborts_
     assert object_store.list_incomplete_uploads() == []
 
 
+def _killed_after_two_parts(location: StorageLocation, segment: Path, sealed: str) -> None:
+    with subprocess.Popen([sys.executable, "-c", UPLOADER, json.dumps(asdict(location)), str(segment), sealed],
+                          cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as uploader:
+        try:
+            assert uploader.stdout is not None
+            assert [uploader.stdout.readline().strip() for _ in range(2)] == ["part 1", "part 2"]
+            uploader.send_signal(signal.SIGKILL)
+            assert uploader.wait(10) == -signal.SIGKILL
+        finally:
+            if uploader.poll() is None:
+                uploader.kill()
+
+
+@pytest.mark.slow  # a second process and 16 MiB through the S3 server
+def test_an_upload_a_sigkill_cut_short_resumes_with_the_parts_it_lacks(
+        storage: StorageResource, object_store: ObjectStore, tmp_path: Path) -> None:
+    segment = tmp_path / "0009.seg"
+    sealed = make_file(segment, 16 * MiB)
+    _killed_after_two_parts(storage.location(), segment, sealed)
+    sent: list[int] = []
+
+    stored = object_store.put_file("traffic/0009.seg", segment, sealed, resume=True,
+                                   on_part=lambda number, _bytes: sent.append(number))
+
+    assert sent == [3, 4]  # parts 1 and 2 were already in the store, with the same bytes
+    assert stored.sha256 == sealed and object_store.head("traffic/0009.seg") == stored
+    assert b"".join(object_store.open("traffic/0009.seg")) == segment.read_bytes()
+    assert object_store.list_incomplete_uploads() == []
+
+
+@pytest.mark.slow  # a second process and 16 MiB through the S3 server
+def test_a_resumed_upload_sends_again_the_parts_whose_bytes_differ(
+        storage: StorageResource, object_store: ObjectStore, tmp_path: Path) -> None:
+    segment = tmp_path / "0009.seg"
+    _killed_after_two_parts(storage.location(), segment, make_file(segment, 16 * MiB))
+    with segment.open("r+b") as file:  # the file under that key is another one now (re-sealed)
+        file.seek(MiB)
+        file.write(b"different")
+    resealed = hashlib.sha256(segment.read_bytes()).hexdigest()
+    sent: list[int] = []
+
+    object_store.put_file("traffic/0009.seg", segment, resealed, resume=True,
+                          on_part=lambda number, _bytes: sent.append(number))
+
+    assert sent == [1, 3, 4]  # part 2 still matched
+    assert b"".join(object_store.open("traffic/0009.seg")) == segment.read_bytes()
+
+
 @pytest.mark.slow  # waits out the credentials' lifetime (8 s)
 def test_credentials_are_refreshed_before_they_expire_and_the_server_refuses_expired_ones(
         storage_devcloud: DevCloud, storage_client: StorageClient, tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ never visible half-written); a large one in a multipart upload whose parts each 
 SHA-256, completed only once the whole file hashed to the caller's value, and aborted on any failure. An upload
 cut short by a crash leaves an incomplete multipart upload, invisible to readers, which
 :meth:`ObjectStore.list_incomplete_uploads` finds and :meth:`ObjectStore.abort_incomplete_upload` removes after a
-restart. The file's SHA-256 is also kept as the object's metadata (``sha256``), so :meth:`ObjectStore.head`
-and :meth:`ObjectStore.open` can check what comes back.
+restart, or which ``put_file(..., resume=True)`` continues, sending only the parts the crash cut short. The
+file's SHA-256 is also kept as the object's metadata (``sha256``), so :meth:`ObjectStore.head` and
+:meth:`ObjectStore.open` can check what comes back.
 
 The client is boto3: it speaks every S3 call used here, including the ones crash cleanup needs
 (ListMultipartUploads, AbortMultipartUpload), session tokens and caller-supplied checksums. It is the heaviest
@@ -190,18 +191,21 @@ class ObjectStore:
     # ------------------------------------------------------------------ the calls
 
     def put_file(self, key: str, path: Path, sha256_hex: str, *,
-                 on_part: Callable[[int, int], None] | None = None) -> StoredObject:
+                 on_part: Callable[[int, int], None] | None = None, resume: bool = False) -> StoredObject:
         """Upload ``path`` as ``key``; the store verifies ``sha256_hex``. Nothing partial stays visible.
 
-        ``on_part(number, bytes_so_far)`` is called after each part the store has taken (multipart uploads),
-        for progress.
+        ``on_part(number, bytes_so_far)`` is called after each part this call sent (multipart uploads), for
+        progress. With ``resume``, a multipart upload of ``key`` that an earlier process left incomplete (a
+        crash) is continued: its parts whose bytes match the file's (by their SHA-256, else their MD5 ETag) are
+        kept, the rest sent, so a crash costs the uplink only the parts it cut short; and a retryable failure
+        leaves this upload for the next call to continue instead of aborting it.
         """
         size = path.stat().st_size
         if size <= self._multipart_threshold:
             return self._call(f"upload {key}", lambda loc, client: self._put_single(loc, client, key, path,
                                                                                     sha256_hex))
         return self._call(f"upload {key}", lambda loc, client: self._put_multipart(loc, client, key, path,
-                                                                                   sha256_hex, on_part))
+                                                                                   sha256_hex, on_part, resume))
 
     def head(self, key: str) -> StoredObject | None:
         """The object's size and SHA-256, or None if there is no such object."""
@@ -314,10 +318,13 @@ class ObjectStore:
         return StoredObject(key, size, sha256_hex)
 
     def _put_multipart(self, loc: StorageLocation, client: S3Client, key: str, path: Path, sha256_hex: str,
-                       on_part: Callable[[int, int], None] | None) -> StoredObject:
+                       on_part: Callable[[int, int], None] | None, resume: bool) -> StoredObject:
         full_key = _full_key(loc, key)
-        upload_id = client.create_multipart_upload(Bucket=loc.bucket, Key=full_key, ChecksumAlgorithm="SHA256",
-                                                   Metadata={SHA256_METADATA: sha256_hex})["UploadId"]
+        upload_id, stored = self._unfinished(loc, client, full_key) if resume else (None, {})
+        resumed = upload_id is not None
+        if upload_id is None:
+            upload_id = client.create_multipart_upload(Bucket=loc.bucket, Key=full_key, ChecksumAlgorithm="SHA256",
+                                                       Metadata={SHA256_METADATA: sha256_hex})["UploadId"]
         try:
             whole = hashlib.sha256()
             parts: list[dict[str, Any]] = []
@@ -327,6 +334,10 @@ class ObjectStore:
                     whole.update(data)
                     size += len(data)
                     part_sum = _b64(hashlib.sha256(data).digest())
+                    kept = stored.get(number)
+                    if kept is not None and _same_part(kept, data, part_sum):
+                        parts.append({"PartNumber": number, "ETag": kept["ETag"], "ChecksumSHA256": part_sum})
+                        continue
                     answer = client.upload_part(Bucket=loc.bucket, Key=full_key, UploadId=upload_id,
                                                 PartNumber=number, Body=data, ChecksumSHA256=part_sum)
                     parts.append({"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": part_sum})
@@ -338,12 +349,46 @@ class ObjectStore:
                                        retryable=False, code="checksum_mismatch")
             client.complete_multipart_upload(Bucket=loc.bucket, Key=full_key, UploadId=upload_id,
                                              MultipartUpload={"Parts": parts})  # type: ignore[typeddict-item]
-        except BaseException:
+            if resumed:
+                self._fix_metadata(loc, client, full_key, sha256_hex)
+        except BaseException as exc:
+            if resume and isinstance(exc, Exception) and _map_error(key, exc).retryable:
+                raise  # kept for the next call to continue
             # Never leave the parts behind; if this fails too, the crash cleanup finds the upload later.
             with contextlib.suppress(Exception):  # the original failure is the one to report
                 client.abort_multipart_upload(Bucket=loc.bucket, Key=full_key, UploadId=upload_id)
             raise
         return StoredObject(key, size, sha256_hex)
+
+    @staticmethod
+    def _fix_metadata(loc: StorageLocation, client: S3Client, full_key: str, sha256_hex: str) -> None:
+        # An incomplete upload's metadata cannot be read: the one continued may have been started for other
+        # bytes under the same key. The bytes are right (every part matched or was sent, the whole hashed to
+        # sha256_hex); the stored SHA-256 is put right in place. A crash before this leaves a mismatch that
+        # head() shows, which the caller reads as "not uploaded".
+        found = client.head_object(Bucket=loc.bucket, Key=full_key).get("Metadata", {}).get(SHA256_METADATA)
+        if found != sha256_hex:
+            client.copy_object(Bucket=loc.bucket, Key=full_key, CopySource={"Bucket": loc.bucket, "Key": full_key},
+                               Metadata={SHA256_METADATA: sha256_hex}, MetadataDirective="REPLACE")
+
+    def _unfinished(self, loc: StorageLocation, client: S3Client,
+                    full_key: str) -> tuple[str | None, dict[int, dict[str, Any]]]:
+        """The newest incomplete upload of exactly ``full_key`` and its parts by number; older ones aborted."""
+        uploads = [upload for upload in client.list_multipart_uploads(Bucket=loc.bucket, Prefix=full_key)
+                   .get("Uploads", []) if upload["Key"] == full_key]
+        if not uploads:
+            return None, {}
+        uploads.sort(key=lambda upload: upload["Initiated"])
+        for older in uploads[:-1]:
+            with contextlib.suppress(Exception):  # the crash cleanup's job, if this fails
+                client.abort_multipart_upload(Bucket=loc.bucket, Key=full_key, UploadId=older["UploadId"])
+        upload_id = uploads[-1]["UploadId"]
+        parts: dict[int, dict[str, Any]] = {}
+        for page in client.get_paginator("list_parts").paginate(Bucket=loc.bucket, Key=full_key,
+                                                                 UploadId=upload_id):
+            for part in page.get("Parts", []):
+                parts[int(part["PartNumber"])] = dict(part)
+        return upload_id, parts
 
 
 # ---------------------------------------------------------------------- helpers
@@ -384,6 +429,17 @@ def _b64(digest: bytes) -> str:
 def _read_parts(file: BinaryIO, part_size: int) -> Iterator[bytes]:
     while data := file.read(part_size):
         yield data
+
+
+def _same_part(stored: dict[str, Any], data: bytes, sha256_b64: str) -> bool:
+    """Whether a part the store holds has these bytes: by its SHA-256 where the listing gives it, else by its
+    ETag, which S3 makes the MD5 of the part's bytes (without server-side encryption by KMS)."""
+    if int(stored.get("Size", -1)) != len(data):
+        return False
+    if stored.get("ChecksumSHA256"):
+        return bool(stored["ChecksumSHA256"] == sha256_b64)
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    return str(stored.get("ETag", "")).strip('"') == md5
 
 
 def _code_of(exc: BaseException) -> str | None:
