@@ -245,6 +245,13 @@ def test_explain_is_json_and_its_text_shows_every_term(used: int) -> None:
         assert data["gateway"]["total"] is None and "whatever the price" in text
 
 
+def test_explain_says_why_a_segment_stays_within_the_margin() -> None:
+    even = (0.5 + 0.023) / (0.5 - 0.09)  # reads at which both places cost the same on an empty disk
+    data = as_json("r", SegmentFacts(10**8, 1.0, even, 1), PRICES)
+    assert data["reason"] == "margin"
+    assert "neither place is cheaper by more than 10%" in render(data)
+
+
 def test_explain_says_when_the_expected_reads_are_the_prior() -> None:
     facts = SegmentFacts(10**8, 1.0, 0.05, 10**9)
     assert "the route's retrievals_per_month" in render(as_json("r", facts, PRICES))
