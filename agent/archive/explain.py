@@ -81,12 +81,12 @@ def render(data: dict[str, Any]) -> str:
         f"{'  storage':<24}{_money(gw['storage'])}   {gb:.3f} GB × {seg['months_left']:.2f} month(s) × "
         + ("the disk's shadow price, unbounded" if shadow is None
            else f"{shadow:.4g}/GB-month, the disk's shadow price"),
-        f"{'':<37}"
-        + (f"the disk holds {fill:.1%} of its {budget_gb:g} GB budget: over it, nothing more may stay"
-           if shadow is None else
-           f"the disk holds {fill:.1%} of its {budget_gb:g} GB budget: {g['shadow_factor']:.2%} of a first month "
-           f"in the cloud ({g['cloud_month_per_gb']:.4f}/GB, the upload and a month's storage), all of it at "
-           f"{prices['knee']:.0%}"),
+        *((f"{'':<37}the disk holds {fill:.1%} of its {budget_gb:.3g} GB budget: over it, nothing more may stay",)
+          if shadow is None else
+          (f"{'':<37}the disk holds {fill:.1%} of its {budget_gb:.3g} GB budget: the price is "
+           f"{_share(g['shadow_factor'])} of a first",
+           f"{'':<37}month in the cloud ({g['cloud_month_per_gb']:.4f}/GB, the upload and a month's storage), "
+           f"all of it at {prices['knee']:.0%}")),
         f"{'  retrieval':<24}{_money(gw['retrieval'])}   {g['expected_reads']:.3f} expected read(s) × {gb:.3f} GB "
         f"× {prices['uplink_per_gb']:g}/GB over the metered uplink",
         f"{'in the cloud':<24}{_money(cl['total'])}",
@@ -99,6 +99,10 @@ def render(data: dict[str, Any]) -> str:
         _reads(seg["retrievals_per_month"], data.get("estimate")),
     ]
     return "\n".join(lines)
+
+
+def _share(fraction: float) -> str:
+    return "under 0.01%" if fraction < 0.0001 else f"{fraction:.2%}"
 
 
 def _reads(per_month: float, estimate: dict[str, Any] | None) -> str:
