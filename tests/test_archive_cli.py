@@ -45,7 +45,7 @@ def test_explain_archive_takes_the_archives_disk_use_and_segment_sizes(tmp_path:
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     env = env_file(tmp_path, EDGE_AGENT_ARCHIVE__DISK_BUDGET_BYTES=str(2 * 1024 * 1024))
     root = tmp_path / "state" / "archive"
-    intake = Intake(root, Catalog(root / "catalog.db"), [ROUTE], Sealing(3600, 1 << 30))
+    intake = Intake(root, Catalog(root / "catalog.db"), Sealing(3600, 1 << 30))
     intake.open()
     intake.append({ROUTE: [Record(time.time(), "city/a/noise/1/pcm", os.urandom(1_000_000), f"{1:032x}")]})
     [info] = intake.seal_due(force=True)

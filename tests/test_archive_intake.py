@@ -41,7 +41,7 @@ def everything(intake: Intake) -> list[str]:
 
 
 def new_intake(root: Path) -> Intake:
-    intake = Intake(root, Catalog(root / "catalog.db"), [KEPT], Sealing(age_s=3600, max_bytes=1 << 20))
+    intake = Intake(root, Catalog(root / "catalog.db"), Sealing(age_s=3600, max_bytes=1 << 20))
     intake.open()
     return intake
 

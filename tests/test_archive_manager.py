@@ -48,7 +48,7 @@ def make(root: Path, prices: ArchivePrices, objects: ObjectStore | None, *, days
          reads: float = 0.0, clock: list[float] | None = None) -> Manager:
     now = clock or [time.time()]
     catalog = Catalog(root / "catalog.db")
-    intake = Intake(root, catalog, [ROUTE], Sealing(age_s=3600, max_bytes=20_000), clock=lambda: now[0])
+    intake = Intake(root, catalog, Sealing(age_s=3600, max_bytes=20_000), clock=lambda: now[0])
     intake.open()
     return Manager(intake=intake, catalog=catalog, prices=prices, routes={ROUTE: RoutePolicy(days, reads)},
                    objects=objects, clock=lambda: now[0], redecide_s=0, cloud_retry_s=0)
@@ -161,7 +161,7 @@ UPLOADER = textwrap.dedent("""
     root, route, loc = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
     location = StorageLocation(**loc)
     catalog = Catalog(root / "catalog.db")
-    intake = Intake(root, catalog, [route], Sealing(age_s=3600, max_bytes=1 << 30))
+    intake = Intake(root, catalog, Sealing(age_s=3600, max_bytes=1 << 30))
     intake.open()
     prices = ArchivePrices(0.5, 0.02, 0.01, 1 << 40, 0.1)
     objects = ObjectStore(lambda: location, multipart_threshold=5 << 20, part_size=5 << 20)
@@ -175,7 +175,7 @@ UPLOADER = textwrap.dedent("""
 def test_sigkill_during_an_upload_loses_nothing_and_leaves_no_incomplete_upload(tmp_path: Path,
                                                                                  storage: StorageResource) -> None:
     catalog = Catalog(tmp_path / "catalog.db")
-    intake = Intake(tmp_path, catalog, [ROUTE], Sealing(age_s=3600, max_bytes=1 << 30))
+    intake = Intake(tmp_path, catalog, Sealing(age_s=3600, max_bytes=1 << 30))
     intake.open()
     # Random payloads do not compress: a 16 MB segment goes up in four parts of 5 MB.
     records = [Record(time.time(), "city/a/noise/1/pcm", os.urandom(64_000), f"{i:032x}") for i in range(250)]

@@ -38,7 +38,7 @@ def record(i: int, size: int = 40) -> Record:
 
 def open_intake(root: Path, **sealing: float) -> Intake:
     seal_at = Sealing(age_s=sealing.get("age_s", 3600), max_bytes=int(sealing.get("max_bytes", 1 << 20)))
-    intake = Intake(root, Catalog(root / "catalog.db"), [ROUTE], seal_at, clock=lambda: 1_700_000_000.0)
+    intake = Intake(root, Catalog(root / "catalog.db"), seal_at, clock=lambda: 1_700_000_000.0)
     intake.open()
     return intake
 
@@ -82,7 +82,7 @@ def test_torn_journal_tail_is_cut_and_the_rest_kept(tmp_path: Path) -> None:
 def test_seals_by_size_and_by_age(tmp_path: Path) -> None:
     now = [1_700_000_000.0]
     catalog = Catalog(tmp_path / "catalog.db")
-    intake = Intake(tmp_path, catalog, [ROUTE], Sealing(age_s=60, max_bytes=2_000), clock=lambda: now[0])
+    intake = Intake(tmp_path, catalog, Sealing(age_s=60, max_bytes=2_000), clock=lambda: now[0])
     intake.open()
     intake.append({ROUTE: [record(i, size=100) for i in range(30)]})  # > 2,000 bytes
     assert len(intake.seal_due()) == 1
@@ -102,7 +102,7 @@ CHILD = textwrap.dedent("""
     from agent.archive.intake import Intake, Sealing
     from agent.archive.segment import Record
     root = Path(sys.argv[1])
-    intake = Intake(root, Catalog(root / "catalog.db"), [sys.argv[2]], Sealing(age_s=3600, max_bytes=3_000))
+    intake = Intake(root, Catalog(root / "catalog.db"), Sealing(age_s=3600, max_bytes=3_000))
     intake.open()
     n = int(sys.argv[3])
     while True:
@@ -166,7 +166,7 @@ FULL_DISK = textwrap.dedent("""
     # A file-size limit makes the journal's writes fail for real (EFBIG), as a full disk does (ENOSPC).
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     root = Path(sys.argv[1])
-    intake = Intake(root, Catalog(root / "catalog.db"), [sys.argv[2]], Sealing(age_s=3600, max_bytes=1 << 30))
+    intake = Intake(root, Catalog(root / "catalog.db"), Sealing(age_s=3600, max_bytes=1 << 30))
     intake.open()
     resource.setrlimit(resource.RLIMIT_FSIZE, (6_000, 6_000))
     kept = []

@@ -83,23 +83,20 @@ def _entry(row: Sequence[Any]) -> Entry:
 class Catalog:
     """Thread-safe: each thread gets its own connection (SQLite connections are not shared across threads)."""
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._readonly = readonly
         self._local = threading.local()
-        if not readonly:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with self._db() as db:
-                db.executescript(_SCHEMA)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.executescript(_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
             db.execute("PRAGMA busy_timeout = 30000")
-            if not self._readonly:
-                db.execute("PRAGMA journal_mode = WAL")
-                db.execute("PRAGMA synchronous = FULL")  # a place change must survive a power cut
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")  # a place change must survive a power cut
             self._local.db = db
         return db
 

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +38,7 @@ class Sealing:
 
 
 class Intake:
-    def __init__(self, root: Path, catalog: Catalog, routes: Iterable[str], sealing: Sealing,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, root: Path, catalog: Catalog, sealing: Sealing, clock: Callable[[], float] = time.time) -> None:
         self.root = root
         self.catalog = catalog
         self.sealing = sealing
@@ -55,7 +54,6 @@ class Intake:
         self.refusing = False
         self.refused = 0
         self.append_failures = 0
-        self.routes = set(routes)
         # Task ids of what recovery found unsealed: what a reconciliation must not append again.
         self.recovered_ids: set[str] = set()
 

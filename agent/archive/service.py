@@ -114,7 +114,7 @@ class ArchiveService:
         self.catalog = Catalog(self.root / "catalog.db")
         self.policies = archived_routes(settings.routes)
         self._archived = frozenset(self.policies)
-        self.intake = Intake(self.root, self.catalog, self.policies, Sealing(s.seal_age_s, s.seal_bytes),
+        self.intake = Intake(self.root, self.catalog, Sealing(s.seal_age_s, s.seal_bytes),
                              clock=clock)
         self.cloud = open_object_store(settings, self.root, request=True)
         self.objects = self.cloud.objects if self.cloud is not None else None
