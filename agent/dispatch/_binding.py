@@ -82,13 +82,13 @@ class LateBinding(DispatchQueues):
         sooner, from the end of the uplink's queue (the latest sent) until one stays."""
         cloud, loop = self.cloud, self._loop
         assert cloud is not None and loop is not None
-        candidates: list[tuple[Admitted, asyncio.Task[None] | None]] = [(item, None) for item in reversed(self._cloud)]
         lease = cloud.lease_status()
-        in_flight = list(self._cloud_items.values())
-        waiting = in_flight if not lease.ready else in_flight[lease.slots:]
+        holding = lease.slots if lease.ready else 0  # the oldest submissions in flight hold the slots
+        if not self._cloud and len(self._cloud_items) <= holding:
+            return  # every submission may be sending: nothing to ask (the common case, checked every turn)
+        candidates: list[tuple[Admitted, asyncio.Task[None] | None]] = [(item, None) for item in reversed(self._cloud)]
+        waiting = list(self._cloud_items.values())[holding:]
         candidates += [(item, self._cloud_running.get(item.ref.id)) for item in reversed(waiting)]
-        if not candidates:
-            return
         if self._rebind_timer is None:
             self._rebind_timer = loop.call_later(REBIND_CHECK_S, self._rebind_due)
         now = self._clock()
