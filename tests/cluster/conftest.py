@@ -27,7 +27,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
     made = item.funcargs.get("cluster") if hasattr(item, "funcargs") else None
-    if report.failed and call.when != "teardown" and isinstance(made, RabbitCluster):
+    if report.failed and isinstance(made, RabbitCluster):
         report.sections.append(("RabbitMQ nodes, last lines", made.log_tails()))
 
 
@@ -50,9 +50,7 @@ def cluster(module_cluster: RabbitCluster) -> Iterator[RabbitCluster]:
     yield module_cluster
     for node in module_cluster.nodes:
         if not node.running:
-            node.start()
-    for node in module_cluster.nodes:
-        node.wait_ready()
+            module_cluster.restart(node)
     module_cluster.wait_members(len(module_cluster.nodes))
 
 

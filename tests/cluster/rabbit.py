@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -201,9 +202,20 @@ class RabbitCluster:
         return next(n for n in self.nodes if n.address == address)
 
     def restart(self, node: RabbitNode) -> None:
-        """Start a node that was stopped or killed and wait until it is back in the cluster."""
+        """Start a node that was stopped or killed and wait until it is back in the cluster.
+
+        Once, on the busy shared machine, a node killed a few seconds before exited during its boot, and the
+        run's logs were gone before anyone read them: a boot that exits is tried once more (what it logged goes
+        to stderr), and a second failure raises with the node's log.
+        """
         node.start()
-        node.wait_ready()
+        try:
+            node.wait_ready()
+        except RuntimeError as exc:
+            print(f"{node.name} exited during its boot; starting it again. {exc}", file=sys.stderr)
+            node.stop()  # whatever is left of its process group
+            node.start()
+            node.wait_ready()
         self.wait_members(sum(n.running for n in self.nodes))
 
     def await_quorum_plus_one(self, node: RabbitNode, timeout: float = 120) -> None:
