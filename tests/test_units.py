@@ -6,14 +6,14 @@ import json
 import random
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.backoff import compute_backoff
 from agent.config import Route
 from agent.daemon import health
 from agent.egress import dead_letter, result_message
 from agent.ingress import Router
-from agent.mqtt import backoff_delay
 
 
 def test_router_first_match_wins_and_caches() -> None:
@@ -29,18 +29,20 @@ def test_router_first_match_wins_and_caches() -> None:
     assert router.stored_options == {"city/+/noise/+/pcm": None, "city/#": '{"window":10}'}
 
 
-@given(st.integers(min_value=0, max_value=200), st.floats(min_value=0.01, max_value=5),
-       st.floats(min_value=5, max_value=600))
-def test_backoff_grows_with_jitter_and_stays_capped(attempt: int, low: float, high: float) -> None:
-    rng = random.Random(attempt)
-    delay = backoff_delay(attempt, low, high, rng)
+# No deadline: the first examples pay for hypothesis's own start-up, which a loaded machine stretches past 200 ms.
+@settings(deadline=None)
+@given(st.integers(min_value=1, max_value=200), st.floats(min_value=0.01, max_value=5),
+       st.floats(min_value=5, max_value=600), st.floats(min_value=0, max_value=1))
+def test_backoff_grows_with_jitter_and_stays_capped(attempt: int, low: float, high: float, jitter: float) -> None:
+    delay = compute_backoff(attempt, low, high, jitter)
     step = min(high, low * 2 ** min(attempt, 30))
-    assert step / 2 <= delay <= step <= high
+    assert low <= delay <= high
+    assert step / 2 <= delay <= step
 
 
 def test_backoff_has_jitter() -> None:
     rng = random.Random(1)
-    assert len({round(backoff_delay(5, 0.5, 60, rng), 6) for _ in range(20)}) > 10
+    assert len({round(compute_backoff(5, 0.5, 60, rng.random()), 6) for _ in range(20)}) > 10
 
 
 def test_result_and_dead_letter_shapes() -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from agent.backoff import compute_backoff
 from agent.mqtt.topics import (
     dead_letter_topic,
     results_topic,
@@ -30,8 +29,6 @@ from agent.mqtt.topics import (
 )
 
 if TYPE_CHECKING:
-    import random
-
     from agent.mqtt.inbound import InboundMessage
     from agent.mqtt.link import MqttLink
     from agent.mqtt.surface import Flag, Link, LinkFactory
@@ -45,7 +42,6 @@ __all__ = [
     "LinkFactory",
     "MqttLink",
     "Outgoing",
-    "backoff_delay",
     "certificate_expiry",
     "dead_letter_topic",
     "explain_connect_error",
@@ -68,12 +64,6 @@ _LAZY = {
     "Link": "surface",
     "LinkFactory": "surface",
 }
-
-
-def backoff_delay(attempt: int, minimum: float, maximum: float, rng: random.Random) -> float:
-    """``agent.backoff.compute_backoff`` under the name and arguments this package exported before there was one
-    backoff: the jitter drawn from ``rng``, and ``attempt`` 0, which this name allowed, at the minimum."""
-    return compute_backoff(attempt, minimum, maximum, rng.random()) if attempt else minimum
 
 
 def __getattr__(name: str) -> Any:
