@@ -1,4 +1,4 @@
-"""The cluster fixture: one 3-node RabbitMQ cluster for the module (starting it takes 20 - 40 s), brought back to
+"""The cluster fixture: one 3-node RabbitMQ cluster for the module (starting it takes 40 - 70 s), brought back to
 three running nodes after each test. Without rabbitmq-server the tests marked ``cluster`` are skipped, saying
 so; CI installs it (.ci/run), so there they run."""
 

@@ -154,7 +154,7 @@ class RabbitNode:
 
 
 class RabbitCluster:
-    """Three RabbitMQ nodes clustered on loopback. ``start()`` takes 20 - 40 s on two busy cores."""
+    """Three RabbitMQ nodes clustered on loopback. ``start()`` takes 40 - 70 s on two busy cores."""
 
     def __init__(self, base: Path, size: int = 3, extra_conf: str = "") -> None:
         """``extra_conf``: more rabbitmq.conf lines for every node (e.g. ``mqtt.prefetch = 100``)."""

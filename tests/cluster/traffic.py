@@ -34,6 +34,7 @@ class FailoverClient:
         self.nodes = list(nodes)
         self._at = 0
         self.moves = 0
+        self.client_id = client_id
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311,
                                   clean_session=False)
         self.client.max_inflight_messages_set(100)
@@ -139,6 +140,21 @@ class Results(FailoverClient):
     def snapshot(self) -> dict[tuple[str, int], set[str]]:
         with self._lock:
             return {key: set(ids) for key, ids in self.task_ids.items()}
+
+    def close(self) -> None:
+        """Disconnect and end the session: otherwise the cluster keeps queueing every later result for it."""
+        super().close()
+        ender = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv311,
+                            clean_session=True)
+        for node in self.nodes:
+            host, port = node.rsplit(":", 1)
+            with contextlib.suppress(OSError):
+                ender.connect(host, int(port))
+                ender.loop_start()
+                wait_for(ender.is_connected, 10, "a clean-session connection")
+                ender.loop_stop()
+                ender.disconnect()
+                return
 
 
 @dataclass
