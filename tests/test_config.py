@@ -131,6 +131,17 @@ BAD_VALUES = {
         "not an http:// or https:// URL",
     ),
     "cloud_url_no_host": Bad(("EDGE_AGENT_CLOUD__URL=https://",), "EDGE_AGENT_CLOUD__URL", "https://"),
+    # A crossed backoff pair names the maximum and the minimum it must not undercut.
+    "cloud_retry_crossed": Bad(
+        ("EDGE_AGENT_CLOUD__RETRY_MIN_S=3", "EDGE_AGENT_CLOUD__RETRY_MAX_S=1"),
+        "EDGE_AGENT_CLOUD__RETRY_MAX_S",
+        "at least EDGE_AGENT_CLOUD__RETRY_MIN_S (3)",
+    ),
+    "mqtt_reconnect_crossed": Bad(
+        ("EDGE_AGENT_MQTT__RECONNECT_MIN_S=10", "EDGE_AGENT_MQTT__RECONNECT_MAX_S=1"),
+        "EDGE_AGENT_MQTT__RECONNECT_MAX_S",
+        "at least EDGE_AGENT_MQTT__RECONNECT_MIN_S (10)",
+    ),
     "agent_id_empty": Bad(("EDGE_AGENT_AGENT_ID=",), "EDGE_AGENT_AGENT_ID", "must be non-empty"),
     "agent_id_slash": Bad(("EDGE_AGENT_AGENT_ID=gw/1",), "EDGE_AGENT_AGENT_ID", "without '/'"),
 }

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from agent.config._sections import Frozen, readable_file
 from agent.mqtt.topics import validate_shared_group
@@ -124,8 +124,12 @@ class MqttSettings(Frozen):
     session_expiry_s: int = Field(
         default=7 * 24 * 3600, ge=0,
         description="how long the broker keeps the session (and queues messages) while the agent is away (MQTT 5)")
-    reconnect_min_s: float = Field(default=0.5, gt=0, description="first reconnect delay (exponential, jittered)")
-    reconnect_max_s: float = Field(default=60.0, gt=0, description="longest reconnect delay")
+    reconnect_min_s: float = Field(
+        default=0.5, gt=0, description="shortest reconnect delay: reconnect n waits between min·2^(n-1) and "
+        "min·2^n (jittered), up to the longest")
+    reconnect_max_s: float = Field(
+        default=60.0, gt=0, description="longest reconnect delay (at least RECONNECT_MIN_S); once reached, a "
+        "reconnect waits between half of it and it")
 
     @field_validator("host")
     @classmethod
@@ -159,10 +163,17 @@ class MqttSettings(Frozen):
     def _group(cls, value: str | None) -> str | None:
         return None if value is None else validate_shared_group(value)
 
+    # A field validator, not the model one below: the error then names EDGE_AGENT_MQTT__RECONNECT_MAX_S.
+    @field_validator("reconnect_max_s")
+    @classmethod
+    def _reconnect_bounds(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("reconnect_min_s")  # absent when RECONNECT_MIN_S itself was refused
+        if low is not None and value < low:
+            raise ValueError(f"must be at least EDGE_AGENT_MQTT__RECONNECT_MIN_S ({low:g})")
+        return value
+
     @model_validator(mode="after")
-    def _backoff(self) -> MqttSettings:
-        if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError("RECONNECT_MAX_S must be at least RECONNECT_MIN_S")
+    def _brokers(self) -> MqttSettings:
         if self.hosts is not None and "host" in self.model_fields_set:
             raise ValueError("EDGE_AGENT_MQTT__HOST and EDGE_AGENT_MQTT__HOSTS are both set: list every broker "
                              "in EDGE_AGENT_MQTT__HOSTS and remove EDGE_AGENT_MQTT__HOST (its one-broker shorthand)")

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 
 def readable_file(value: Path | None) -> Path | None:
@@ -55,8 +55,12 @@ class CloudSettings(Frozen):
     max_retries: int = Field(
         default=3, ge=0, le=20,
         description="retries of a transient failure (connection error, 429, 502-504), with backoff and jitter")
-    retry_min_s: float = Field(default=0.2, gt=0, le=60, description="first retry delay")
-    retry_max_s: float = Field(default=5.0, gt=0, le=600, description="longest retry delay")
+    retry_min_s: float = Field(
+        default=0.2, gt=0, le=60,
+        description="shortest retry delay: retry n waits between min·2^(n-1) and min·2^n (jittered), up to the longest")
+    retry_max_s: float = Field(
+        default=5.0, gt=0, le=600,
+        description="longest retry delay (at least RETRY_MIN_S); once reached, a retry waits between half of it and it")
     circuit_failures: int = Field(
         default=5, ge=1, le=1000,
         description="consecutive failed offloads that open the circuit (no offloading for the cool-down)")
@@ -84,6 +88,15 @@ class CloudSettings(Frozen):
         if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1]) == 0:
             raise ValueError(f"{value!r} is not an http:// or https:// URL")
         return value.rstrip("/")
+
+    # A field validator, not a model one: the error then names EDGE_AGENT_CLOUD__RETRY_MAX_S, not the section.
+    @field_validator("retry_max_s")
+    @classmethod
+    def _retry_bounds(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("retry_min_s")  # absent when RETRY_MIN_S itself was refused
+        if low is not None and value < low:
+            raise ValueError(f"must be at least EDGE_AGENT_CLOUD__RETRY_MIN_S ({low:g})")
+        return value
 
 
 class MetricsSettings(Frozen):
