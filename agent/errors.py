@@ -9,6 +9,10 @@
     └── StoreError           the store's writer was handed an operation it does not know (a bug); a store that
                              cannot be opened is a ConfigError, a failed commit is retried, and a full store
                              pauses intake (``Store.has_room``): none of those raise
+
+Subtrees drawn where they are defined (docs/contributing.md): ``CloudError`` (agent/cloud/_errors.py),
+``ObjectStoreError`` (agent/archive/objectstore.py), and the archive's ``SegmentError`` (a sealed segment that does
+not read back as written) and ``QueryError`` (a query that cannot be answered whole).
 """
 
 from __future__ import annotations
