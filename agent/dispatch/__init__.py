@@ -14,7 +14,8 @@ Words, one per step of a task here:
   loop turn's together;
 - **fall back**: a task the cloud failed runs on the gateway;
 - **hedge**, **win**, **stop**, **loser**: see :mod:`agent.dispatch._hedging`;
-- **rebind** (late binding): see :mod:`agent.dispatch._binding`.
+- **rebind** (late binding, gateway → cloud) and **move back** (cloud → gateway before the upload): see
+  :mod:`agent.dispatch._binding`.
 
 Modules: ``_dispatcher`` (intake, the pump, running, outcomes, drain), ``_queues`` (the queues and running
 tasks the others share), ``_hedging``, ``_binding``, ``_counters`` (what /metrics reads), ``_admitted`` (the
