@@ -2,8 +2,9 @@
 
 Its boundaries can be injected (``Daemon(settings, link=..., cloud=..., store=..., clock=...)``): the MQTT link
 and the cloud client as factories of the Protocols ``agent.mqtt.Link`` and ``agent.cloud.Cloud``, the store as
-an instance; :func:`default_parts` fills in the real ones. Tests build the daemon in-process that way
-(tests/fakes.py).
+an instance; :func:`default_parts` (:mod:`agent.parts`) fills in the real ones. Tests build the daemon
+in-process that way (tests/fakes.py). What it reports is worded in :mod:`agent.health`; a SIGHUP is applied by
+:mod:`agent.sighup`.
 """
 
 from __future__ import annotations
@@ -11,28 +12,26 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent.agent_metrics import build_collector
-from agent.config import Reread, Route, Settings, split_reload
+from agent.config import Reread, Settings
 from agent.deadletters import REPLAY_BATCH, DeadLetterLog, DropLog, Replay
 from agent.dispatch import Dispatcher
 from agent.egress import Publisher
-from agent.errors import ConfigError
 from agent.executor import LocalExecutor
+from agent.health import STUCK_AFTER_S, health, log_stats, readiness, status_line
 from agent.ingress import Ingress
 from agent.introspect import Introspection, build_policy
 from agent.leave import Leave, leave_pending
 from agent.mqtt import Link, LinkFactory
-from agent.reload import Outcome, outcome_dir, write_outcome
-from agent.store import Committed, Store, ensure_writable
+from agent.parts import DEFAULT_LIMITS, Limits, Parts, default_parts
+from agent.sighup import RELOAD_SUBACK_WAIT_S, SUBSCRIPTIONS_KEY, Sighup
+from agent.store import Committed, Store
 from agent.systemd import Notifier
 from agent.task_state import restore_task_state, save_task_state, store_barrier
 from agent.tasks import default_registry
@@ -45,77 +44,12 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+__all__ = ["RELOAD_SUBACK_WAIT_S", "STATS_EVERY_S", "STATUS_EVERY_S", "STUCK_AFTER_S", "SUBSCRIPTIONS_KEY",
+           "Daemon", "Limits", "Parts", "Reloader", "default_parts", "health", "run", "tune_process"]
+
 STATS_EVERY_S = 60.0
 STATUS_EVERY_S = 5.0
-SUBSCRIPTIONS_KEY = "subscriptions"
 Reloader = Callable[[], Reread]
-
-
-STUCK_AFTER_S = 10.0
-# A reload reports once the broker has confirmed its routes, so that what is published after `systemctl reload`
-# returns is routed by them; a broker slower than this is reported as not having confirmed them yet.
-RELOAD_SUBACK_WAIT_S = 10.0
-
-
-def health(loop_age_s: float, network_alive: bool, store_healthy: bool) -> tuple[bool, str]:
-    """Alive means every loop turns: the event loop, the MQTT supervisor on it and the store writer.
-
-    It gates the systemd watchdog ping and /healthz: a stuck loop stops the pings, so systemd restarts us.
-    """
-    problems = []
-    if loop_age_s > STUCK_AFTER_S:
-        problems.append("event loop stuck")
-    if not network_alive:
-        problems.append("MQTT link stuck")
-    if not store_healthy:
-        problems.append("store writer stuck")
-    return (not problems, "; ".join(problems) or "ok")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the stages hold in memory before they leave the rest in the store; None: the stage's own default.
-    Tests make them small to have work spill to disk and come back."""
-
-    dispatch_tasks: int | None = None  # committed tasks the dispatcher holds (Dispatcher's memory_cap_tasks)
-    publish_rows: int | None = None  # outbox rows the publisher holds (Publisher's memory_cap)
-    fresh_results: int | None = None  # light results waiting for the window, not in the outbox (fresh_cap)
-
-
-@dataclass(frozen=True)
-class Parts:
-    """The daemon's boundaries: what talks to the broker, the cloud, the disk, the worker processes and the clock."""
-
-    store: Store
-    executor: LocalExecutor
-    link: LinkFactory
-    cloud: CloudFactory | None  # None: no cloud URL, no offloading
-    clock: Callable[[], float]
-
-
-def default_parts(settings: Settings, *, link: LinkFactory | None = None, cloud: CloudFactory | None = None,
-                  store: Store | None = None, executor: LocalExecutor | None = None,
-                  clock: Callable[[], float] | None = None) -> Parts:
-    """The real parts for these settings, except those given."""
-    if store is None:
-        ensure_writable(settings.state_dir)
-        store = Store(settings.state_dir, max_tasks=settings.store.max_tasks, max_bytes=settings.store.max_bytes,
-                      synchronous=settings.store.synchronous,
-                      commit_interval_s=settings.store.commit_interval_ms / 1000,
-                      dead_letter_max_count=settings.dead_letters.max_count,
-                      dead_letter_max_bytes=settings.dead_letters.max_bytes)
-    if link is None:
-        from agent.mqtt.link import MqttLink  # and paho
-
-        link = MqttLink
-    if cloud is None and settings.cloud.url:
-        from agent.cloud import CloudClient  # and httpx: only an agent with a cloud loads them
-
-        cloud = CloudClient
-    if executor is None:
-        executor = LocalExecutor(settings.local.workers, settings)  # no worker process starts before warm_up
-    return Parts(store=store, executor=executor, link=link, cloud=cloud if settings.cloud.url else None,
-                 clock=clock or time.monotonic)
 
 
 def tune_process() -> None:
@@ -137,7 +71,7 @@ class Daemon:
     def __init__(self, settings: Settings, reload: Reloader | None = None, *, link: LinkFactory | None = None,
                  cloud: CloudFactory | None = None, store: Store | None = None,
                  executor: LocalExecutor | None = None, clock: Callable[[], float] | None = None,
-                 limits: Limits = Limits(),
+                 limits: Limits = DEFAULT_LIMITS,
                  tune_process: bool = True) -> None:
         """``tune_process``: freeze the start-up objects out of the collector and shorten the GIL switch
         interval (``run``), as the agent's own process wants; an in-process test leaves its interpreter as is."""
@@ -151,7 +85,6 @@ class Daemon:
         self.store = self.parts.store
         self.notifier = Notifier()
         self.stopping = asyncio.Event()
-        self._reloading = asyncio.Lock()  # one reload at a time, each reading its sources after its SIGHUP
         self.loop_tick = self._clock()
 
     def request_stop(self, reason: str) -> None:
@@ -187,7 +120,8 @@ class Daemon:
                                         else {"memory_cap_tasks": limits.dispatch_tasks}))
         self.ingress = Ingress(agent_id=s.agent_id, routes=s.routes, max_payload_bytes=s.max_payload_bytes,
                                store=store, ack=self._ack, request_redelivery=self._request_redelivery,
-                               throttle=self._throttle, dead_log=self.dead_log)
+                               throttle=self._throttle, dead_log=self.dead_log,
+                               renumbered_redeliveries=s.mqtt.renumbered_redeliveries)
         # Every packet id, not only a Receive Maximum's worth: a broker resuming a session may have more of our
         # messages unacknowledged than that (Mosquitto 2.0 does), and any of them can come back as a duplicate.
         self.ingress.remember(store.recent_deliveries(65_535))
@@ -219,6 +153,10 @@ class Daemon:
                            publisher=self.publisher, stopping=self.stopping, request_stop=self.request_stop,
                            announce=lambda: self.notifier.status(self._status_line()),
                            group=s.mqtt.shared_group, client_id=s.client_id)
+        self.sighup = Sighup(settings=lambda: self.settings, adopt=self._adopt, reread=self._reload_settings,
+                             registry=self.registry, policy=self.policy, ingress=self.ingress, archive=self.archive,
+                             link=self.link, store=store, notifier=self.notifier, leaving=lambda: self.leaving,
+                             status_line=self._status_line)
         self.metrics: MetricsServer | None = None
         if s.metrics.port:
             collector = build_collector(ingress=self.ingress, dispatcher=self.dispatcher, store=store,
@@ -291,7 +229,7 @@ class Daemon:
         self._state_saved.set_result(None)
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, name)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.sighup.reload()))
         loop.add_signal_handler(signal.SIGUSR1, self.request_leave)
 
         if self.metrics is not None:
@@ -374,107 +312,18 @@ class Daemon:
                       self.store.healthy())
 
     def _ready(self) -> tuple[bool, str]:
-        if self.stopping.is_set():
-            return False, "stopping"
-        if self.leaving:
-            return False, "leaving the group"
-        if not self.link.connected.is_set():
-            return False, "not connected to the broker"
-        if not self.link.subscribed.is_set():
-            return False, "waiting for the broker to confirm the subscriptions"
-        if self.ingress.paused:
-            return False, "store full: intake paused"
-        return True, "ok"
+        return readiness(stopping=self.stopping.is_set(), leaving=self.leaving, link=self.link, ingress=self.ingress)
 
     def _status_line(self) -> str:
-        c = self.ingress.counters
-        state = self.link.describe()  # connected or reconnecting; with several brokers the node and failovers
-        if self.leaving:
-            state = "leaving the group, " + state
-        return (f"{state}; {c.received} received, {self.dispatcher.completed} done, "
-                f"{c.dead_lettered + self.dispatcher.dead_lettered} dead-lettered, "
-                f"{self.dispatcher.backlog} queued, {self.store.outstanding_rows} in store"
-                + ("; intake paused (store full)" if self.ingress.paused else ""))
+        return status_line(leaving=self.leaving, link=self.link, ingress=self.ingress, dispatcher=self.dispatcher,
+                           store=self.store)
 
     def _log_stats(self) -> None:
-        c = self.ingress.counters
-        log.info("agent_stats", connected=self.link.connected.is_set(), received=c.received,
-                 accepted=c.accepted, dead_lettered=c.dead_lettered + self.dispatcher.dead_lettered,
-                 completed=self.dispatcher.completed, duplicates=c.duplicates, held_back=c.held_back,
-                 store_rows=self.store.outstanding_rows, queued=self.dispatcher.backlog,
-                 running=self.dispatcher.running, results_unconfirmed=self.publisher.inflight,
-                 intake_paused=self.ingress.paused, threads=threading.active_count())
+        log_stats(link=self.link, ingress=self.ingress, dispatcher=self.dispatcher, store=self.store,
+                  publisher=self.publisher)
 
-    async def _reload(self) -> None:
-        """SIGHUP: apply new routes without a restart; other changes are named and wait for one. The outcome goes
-        to the state directory for `edge-agent reload` (agent/reload.py)."""
-        async with self._reloading:
-            started = time.monotonic_ns()
-            if self.leaving:
-                log.warning("reload_ignored", reason="leaving the group: routes are no longer subscribed")
-                self._report_reload(Outcome(os.getpid(), started, "ignored",
-                                            detail="the agent is leaving its group (SIGUSR1)"))
-                return
-            self.notifier.reloading()
-            try:
-                if self._reload_settings is None:
-                    raise ConfigError("SIGHUP", "this agent was started without a settings file to reload")
-                reread = self._reload_settings()
-                self.registry.check_routes(reread.settings.routes)
-            except ConfigError as exc:
-                for variable, problem in exc.problems:  # every one, as a start would print them
-                    log.error("reload_failed", variable=variable, problem=problem, kept="the running settings")
-                outcome = Outcome(os.getpid(), started, "failed", problems=list(exc.problems),
-                                  routes=[r.topic for r in self.settings.routes])
-            else:
-                waiting = self._apply(reread)
-                outcome = Outcome(os.getpid(), started, "applied", needs_restart=waiting,
-                                  environment_wins=reread.environment_wins,
-                                  routes=[r.topic for r in self.settings.routes],
-                                  subscribed=await self._routes_confirmed())
-            self._report_reload(outcome)
-            self.notifier.ready(self._status_line())
-
-    def _apply(self, reread: Reread) -> list[str]:
-        old, new = self.settings, reread.settings
-        if new.routes != old.routes:
-            self._apply_routes(new.routes, old.routes)
-        if new.decision != old.decision:
-            self.policy.reconfigure(new.decision)
-        self.settings, waiting = split_reload(old, new)
-        if waiting:
-            log.warning("reload_needs_restart", settings=waiting, detail="these take effect at the next start")
-        if reread.environment_wins:
-            log.warning("reload_environment_wins", settings=reread.environment_wins,
-                        detail="changed in the env file, but the agent's environment sets them and wins")
-        log.info("reload_applied", routes=[r.topic for r in new.routes],
-                 decision_changed=new.decision != old.decision)
-        return waiting
-
-    async def _routes_confirmed(self) -> bool:
-        deadline = time.monotonic() + RELOAD_SUBACK_WAIT_S
-        while self.link.connected.is_set() and self.link.subscribe_pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return self.link.connected.is_set() and not self.link.subscribe_pending
-
-    def _report_reload(self, outcome: Outcome) -> None:
-        directory = outcome_dir(self.settings.state_dir)
-        try:
-            write_outcome(directory, outcome)
-        except OSError as exc:  # `edge-agent reload` then times out and says where it looked
-            log.warning("reload_outcome_not_written", path=str(directory), error=str(exc))
-
-    def _apply_routes(self, routes: list[Route], previous: list[Route]) -> None:
-        self.ingress.set_routes(routes)
-        if self.archive is not None:
-            self.archive.set_routes(routes)
-        elif any(r.archive is not None for r in routes):
-            log.warning("archive_needs_restart", detail="no route kept its inputs at the start: the archive "
-                        "starts with the next start")
-        kept = {r.topic for r in routes}
-        self.link.set_subscriptions([(r.topic, r.qos) for r in routes],
-                                    [r.topic for r in previous if r.topic not in kept])
-        self.store.call(lambda: self.store.set_meta(SUBSCRIPTIONS_KEY, json.dumps(sorted(kept))))
+    def _adopt(self, settings: Settings) -> None:  # a reload's settings, the routes applied
+        self.settings = settings
 
     async def _shutdown(self) -> int:
         deadline = time.monotonic() + self.settings.shutdown_timeout_s

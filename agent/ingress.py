@@ -105,8 +105,12 @@ class Ingress:
         request_redelivery: Callable[[], None],
         throttle: Callable[[bool], None] = lambda on: None,
         dead_log: DeadLetterLog | None = None,
+        renumbered_redeliveries: bool = False,
     ) -> None:
         self._agent_id = agent_id
+        # Only for a broker that re-sends under new packet ids (EDGE_AGENT_MQTT__RENUMBERED_REDELIVERIES): matching
+        # by content alone would take a new message with the payload of a committed one for its redelivery.
+        self._renumbered = renumbered_redeliveries
         self._dead_log = dead_log or DeadLetterLog()
         self.router = Router(routes)
         self._max_payload = max_payload_bytes
@@ -188,7 +192,7 @@ class Ingress:
                     self._ack(mid, qos)  # our first PUBACK was lost with the connection
                 log.debug("duplicate_delivery", topic=msg.topic, mid=mid)
                 return
-            if msg.dup and self._acked_under_another_id(mid, mark):
+            if msg.dup and self._renumbered and self._acked_under_another_id(mid, mark):
                 counters.duplicates += 1
                 self._ack(mid, qos)
                 log.debug("duplicate_delivery", topic=msg.topic, mid=mid, renumbered=True)
@@ -200,7 +204,7 @@ class Ingress:
             return
         store = self._store
         if self.paused or not store.has_room(size if size <= self._max_payload else 0):
-            self._hold_back(msg)
+            self._hold_back(msg, mark)
             return
 
         task_id = self._ids.next()
@@ -302,7 +306,7 @@ class Ingress:
             store.submit(rows, [], replayed)
             self.uncommitted += len(rows)
 
-    def _hold_back(self, msg: InboundMessage) -> None:
+    def _hold_back(self, msg: InboundMessage, mark: int) -> None:
         if not self.paused:
             self.paused = True
             log.warning("store_full_intake_paused", rows=self._store.outstanding_rows,
@@ -311,8 +315,9 @@ class Ingress:
         self.counters.held_back += 1
         self._held_back_since_resume = True
         if msg.qos:
-            # Forget any older delivery under this id: this one was not committed.
-            self._state[msg.mid] = NOT_STORED
+            # Forget any older delivery under this id: this one was not committed (and its redelivery under this
+            # id is known for what it is).
+            self._marks[msg.mid], self._state[msg.mid] = mark, NOT_STORED
         else:
             log.warning("qos0_message_dropped_store_full", topic=msg.topic)
 

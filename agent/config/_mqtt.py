@@ -99,6 +99,15 @@ class MqttSettings(Frozen):
         "(`[ipv6]:port`), e.g. `[\"mqtt-a.city.example:8883\", \"mqtt-b.city.example:8883\"]`; the agent "
         "connects to the first that answers and stays while connected; not together with HOST")
     protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT version spoken to the broker")
+    # The MQTT standard has a broker re-send an unacknowledged message under its original packet id; RabbitMQ 3.10
+    # numbers a session's deliveries afresh on every connection, so its redeliveries come under new ids.
+    renumbered_redeliveries: bool = Field(
+        default=False,
+        description="the broker re-sends unacknowledged messages under new packet ids after a reconnect "
+        "(RabbitMQ 3.10 does; the MQTT standard forbids it): recognise such redeliveries by topic and payload, "
+        "so a message committed before the reconnect does not run again under a second task id. Then a device "
+        "that publishes the very same payload on the same topic again, and has it redelivered, may have that "
+        "copy taken for the first (docs/fleets.md)")
     username: str | None = Field(default=None, description="broker user name")
     password: SecretStr | None = Field(
         default=None, description="broker password (secret; also from the credential EDGE_AGENT_MQTT__PASSWORD)")

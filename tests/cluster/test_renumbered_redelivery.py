@@ -35,7 +35,8 @@ def test_a_restarted_agent_recognises_redeliveries_under_new_ids(tmp_path: Path)
     acked: list[int] = []
     routes = [Route(topic="city/+/traffic/+/data", task="sensor.stats")]
     ingress = Ingress(agent_id="gw", routes=routes, max_payload_bytes=1000, store=again,
-                      ack=lambda mid, qos: acked.append(mid), request_redelivery=lambda: None)
+                      ack=lambda mid, qos: acked.append(mid), request_redelivery=lambda: None,
+                      renumbered_redeliveries=True)
     ingress.remember(again.recent_deliveries(65_535))
 
     def redeliver(i: int, mid: int, dup: bool = True) -> None:
