@@ -11,7 +11,7 @@
                              pauses intake (``Store.has_room``): none of those raise
 
 Subtrees drawn where they are defined (docs/contributing.md): ``CloudError`` (agent/cloud/_errors.py),
-``ObjectStoreError`` (agent/archive/objectstore.py), and the archive's ``SegmentError`` (a sealed segment that does
+``ObjectStoreError`` (agent/archive/s3.py), and the archive's ``SegmentError`` (a sealed segment that does
 not read back as written) and ``QueryError`` (a query that cannot be answered whole).
 """
 

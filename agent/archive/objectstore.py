@@ -1,9 +1,6 @@
 """The archive's cloud side: an S3-compatible object store reached with short-lived credentials.
 
-    AgentError
-    └── ObjectStoreError     an object-store call failed; ``retryable`` says whether the same call may succeed
-                             later (network, 5xx, credentials being replaced) or never will (a checksum the store
-                             refused, a missing bucket, a refused request); ``code`` is the store's error code
+Its one error is :class:`ObjectStoreError` (the tree is drawn in :mod:`agent.archive.s3`, where it is defined).
 
 Every upload carries the caller's SHA-256 of the file and the store verifies it: a small file goes in one
 ``PutObject`` with ``x-amz-checksum-sha256`` (the store refuses a body whose hash differs, and a single PUT is

@@ -1,5 +1,10 @@
-"""What the object store says over S3: where a storage resource is, what it holds, its one error
-(:class:`ObjectStoreError`, by the store's error codes), keys and checksums, and the boto3 client behind it.
+"""What the object store says over S3: where a storage resource is, what it holds, its one error (by the
+store's error codes), keys and checksums, and the boto3 client behind it.
+
+    AgentError
+    └── ObjectStoreError     an object-store call failed; ``retryable`` says whether the same call may succeed
+                             later (network, 5xx, credentials being replaced) or never will (a checksum the store
+                             refused, a missing bucket, a refused request); ``code`` is the store's error code
 
 boto3 is imported on first use only (see :mod:`agent.archive.objectstore`, which exports these names and where
 callers import them).
