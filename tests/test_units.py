@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from agent.backoff import compute_backoff
 from agent.config import Route
-from agent.daemon import health
 from agent.egress import dead_letter, result_message
+from agent.health import health
 from agent.ingress import Router
 
 
