@@ -66,7 +66,7 @@ def failover_phase(work: Path, cluster: RabbitCluster, kills: int, rate: float,
                    say: Any) -> dict[str, Any]:
     nodes = cluster.nodes
     agent = failover_agent_at(Agents(work / "failover", ROUTES), nodes[0], [n.address for n in nodes],
-                              EDGE_AGENT_MQTT__PROTOCOL="3.1.1")
+                              EDGE_AGENT_MQTT__PROTOCOL="3.1.1", EDGE_AGENT_MQTT__RENUMBERED_REDELIVERIES="true")
     results = Results([n.address for n in nodes[2:] + nodes[:2]])
     device = Device([n.address for n in nodes[1:] + nodes[:1]], "bench", "d0", rate)
     try:
@@ -144,7 +144,8 @@ def main() -> int:
         on_mosquitto = Agent(work / "agent-mosquitto", broker.port, agent_id="bench-m", routes=ROUTES)
         # On node 2 first; the messages are queued and the results read through node 1.
         on_cluster = failover_agent_at(Agents(work / "agent-cluster", ROUTES), n1,
-                                       [n2.address, n3.address, n1.address], EDGE_AGENT_MQTT__PROTOCOL="3.1.1")
+                                       [n2.address, n3.address, n1.address], EDGE_AGENT_MQTT__PROTOCOL="3.1.1",
+                                       EDGE_AGENT_MQTT__RENUMBERED_REDELIVERIES="true")
         agents += [on_mosquitto, on_cluster]
         for agent in agents:
             agent.start()  # subscribes, so the broker queues for its session while it is stopped

@@ -56,8 +56,9 @@ def cluster(module_cluster: RabbitCluster) -> Iterator[RabbitCluster]:
 
 @pytest.fixture
 def fleet_agent(tmp_path: Path) -> Iterator[Any]:
-    """``fleet_agent(name, nodes, routes, **env)``: an agent (a process, MQTT 3.1.1) whose
-    EDGE_AGENT_MQTT__HOSTS lists ``nodes`` in that order, in a folder of its own; killed after the test."""
+    """``fleet_agent(name, nodes, routes, **env)``: an agent (a process, MQTT 3.1.1, recognising RabbitMQ's
+    renumbered redeliveries) whose EDGE_AGENT_MQTT__HOSTS lists ``nodes`` in that order, in a folder of its own;
+    killed after the test."""
     from test_failover import failover_agent_at  # the helper that writes EDGE_AGENT_MQTT__HOSTS
 
     made: list[Agents] = []
@@ -66,7 +67,8 @@ def fleet_agent(tmp_path: Path) -> Iterator[Any]:
         folder = Agents(tmp_path / name, routes)
         made.append(folder)
         return failover_agent_at(folder, nodes[0], [node.address for node in nodes],
-                                 EDGE_AGENT_MQTT__PROTOCOL="3.1.1", **env)
+                                 EDGE_AGENT_MQTT__PROTOCOL="3.1.1", EDGE_AGENT_MQTT__RENUMBERED_REDELIVERIES="true",
+                                 **env)
 
     yield make
     for folder in made:
