@@ -283,7 +283,7 @@ def test_closest_finds_the_underscore_slip_first() -> None:
         ({"task": "noise.spectrum", "sample_rat": 8000}, "EDGE_AGENT_ROUTES[0].sample_rat",
          "unknown key — did you mean sample_rate?"),
         ({"task": "noise.spectrum", "gain": 3}, "EDGE_AGENT_ROUTES[0].gain",
-         "unknown key; a noise.spectrum route takes topic, task, placement, qos, offset_db, sample_rate"),
+         "unknown key; a noise.spectrum route takes topic, task, placement, qos, archive, offset_db, sample_rate"),
     ]),
 )
 def test_a_route_key_its_task_does_not_take_is_refused(

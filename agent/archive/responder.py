@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import queue
+import random
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.archive.cli import as_json
 from agent.archive.query import Query, Reader
+from agent.backoff import compute_backoff
 from agent.mqtt.tls import authenticate
 from agent.telemetry import get_logger
 
@@ -85,12 +87,12 @@ class Responder:
     def _network(self) -> None:
         """Connect to the brokers in turn, run paho's loop while connected, back off between attempts."""
         s = self._settings.mqtt
-        nodes, turn, delay = s.nodes, 0, s.reconnect_min_s
+        nodes, turn, attempt = s.nodes, 0, 0
         while not self._stopping.is_set():
             node = nodes[turn % len(nodes)]
             try:
                 self._client.connect(node.host, node.port, keepalive=s.keepalive_s, clean_start=True)
-                delay = s.reconnect_min_s
+                attempt = 0
                 self._client.loop_forever()  # until the connection ends (reconnect_on_failure is off)
             except (OSError, ValueError) as exc:
                 log.debug("archive_query_connect_failed", node=f"{node.host}:{node.port}", error=str(exc))
@@ -99,9 +101,10 @@ class Responder:
                 log.exception("archive_query_connection_failed")
                 turn += 1
             self.subscribed.clear()
-            if self._stopping.wait(delay):
+            attempt += 1
+            # The agent's one backoff, jittered like the link's, so a fleet's query connections do not stampede.
+            if self._stopping.wait(compute_backoff(attempt, s.reconnect_min_s, s.reconnect_max_s, random.random())):
                 break
-            delay = min(delay * 2, s.reconnect_max_s)
 
     # ------------------------------------------------------------------ paho's thread
 
