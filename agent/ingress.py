@@ -29,9 +29,10 @@ log = get_logger(__name__)
 ROUTE_CACHE_MAX = 10_000
 # Rows handed to the store and not yet committed. The broker should keep this below our Receive Maximum, but
 # a broker resuming a session may push its whole queue at once; above the high mark we stop reading the
-# socket (TCP pushes back) until the writer has caught up to the low mark, so memory stays bounded.
-INTAKE_HIGH = 4_000
-INTAKE_LOW = 1_000
+# socket (TCP pushes back) until the writer has caught up to the low mark, so memory stays bounded. Two group
+# commits' worth keeps the writer busy: 4,000 / 1,000 held about 2 MB more at a backlog's peak, no faster.
+INTAKE_HIGH = 2_000
+INTAKE_LOW = 500
 
 
 class Router:

@@ -48,7 +48,7 @@ class Dispatcher(Hedging, LateBinding):
         cloud: Cloud | None = None,
         clock: Callable[[], float] = time.monotonic,
         memory_cap_bytes: int = 16 * 1024 * 1024,
-        memory_cap_tasks: int = 3_000,
+        memory_cap_tasks: int = 1_000,  # 3,000 held 2 MB more at a backlog's peak and drained no faster
         dead_log: DeadLetterLog | None = None,
     ) -> None:
         super().__init__(registry=registry, policy=policy, cloud=cloud, clock=clock)

