@@ -86,7 +86,7 @@ def error_fields(response: httpx.Response) -> tuple[str | None, str]:
     return None, response.text[:200]
 
 
-def _server_now(response: httpx.Response) -> datetime:
+def server_now(response: httpx.Response) -> datetime:
     # expires_at is on the server's clock; its Date header lets a gateway with a wrong clock still count down.
     with contextlib.suppress(TypeError, ValueError, IndexError):
         date = response.headers.get("Date")
@@ -103,7 +103,7 @@ def parse_resource(response: httpx.Response, what: str) -> Resource:
         if expires.tzinfo is None:
             expires = expires.replace(tzinfo=UTC)
         resource = Resource(str(data["id"]), str(data["status"]), int(data["quantity"]),
-                            (expires - _server_now(response)).total_seconds())
+                            (expires - server_now(response)).total_seconds())
     except (ValueError, KeyError, TypeError) as exc:
         raise PermanentCloudError(f"{what}: the cloud's answer is not a resource ({exc})",
                                   status=response.status_code) from exc

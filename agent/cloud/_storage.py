@@ -23,14 +23,13 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
 from agent import __version__
 from agent.archive.objectstore import StorageLocation
-from agent.cloud._api import describe, error_fields
+from agent.cloud._api import describe, error_fields, server_now
 from agent.cloud._backoff import parse_retry_after
 from agent.cloud._errors import CloudError, PermanentCloudError, TransientCloudError
 from agent.config import CloudSettings
@@ -162,7 +161,7 @@ class StorageClient:
             if server_expiry.tzinfo is None:
                 server_expiry = server_expiry.replace(tzinfo=UTC)
             # Count down on our own clock: the gateway's clock may be wrong, the remaining time is not.
-            by_date = (server_expiry - _server_now(response)).total_seconds() - DATE_RESOLUTION_S
+            by_date = (server_expiry - server_now(response)).total_seconds() - DATE_RESOLUTION_S
             by_clock = (server_expiry - datetime.now(UTC)).total_seconds()
             remaining = min(by_date, by_clock) if abs(by_date - by_clock) < CLOCK_AGREEMENT_S else by_date
             token = credentials.get("session_token")
@@ -185,15 +184,6 @@ def _json(response: httpx.Response, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PermanentCloudError(f"{what}: the answer is not a JSON object", status=response.status_code)
     return data
-
-
-def _server_now(response: httpx.Response) -> datetime:
-    with contextlib.suppress(TypeError, ValueError, IndexError):
-        date = response.headers.get("Date")
-        if date:
-            when = parsedate_to_datetime(date)
-            return when if when.tzinfo else when.replace(tzinfo=UTC)
-    return datetime.now(UTC)
 
 
 __all__ = ["CloudError", "StorageClient", "StorageResource"]
