@@ -191,13 +191,14 @@ class Daemon:
         # MQTT 5: never have more results unacknowledged than the broker says it accepts.
         window = min(self.settings.mqtt.publish_window, self.link.server_receive_maximum)
         self.publisher.reconnected(window)
+        self.ingress.reconnected()
 
     def _deliver(self, committed: Committed) -> None:  # event loop, after each group commit
         if committed.ingested:
             self.ingress.committed(committed.ingested)
         if committed.acks:
             self.ingress.mark_acked(committed.acks)
-            self.link.ack_many(committed.acks)
+            self.link.ack_many(self.ingress.to_send(committed.acks))
         if committed.tasks:
             self.dispatcher.accept(committed.tasks, committed.number)
         if committed.outbox:

@@ -112,6 +112,9 @@ class Ingress:
         # Only for a broker that re-sends under new packet ids (EDGE_AGENT_MQTT__RENUMBERED_REDELIVERIES): matching
         # by content alone would take a new message with the payload of a committed one for its redelivery.
         self._renumbered = renumbered_redeliveries
+        # Acknowledgements handed to the store, come back from its commits, and (renumbering broker) the count
+        # handed over before the last CONNACK: their ids meant those messages on the connection they came on.
+        self._acks_submitted = self._acks_returned = self._stale_until = 0
         self._dead_log = dead_log or DeadLetterLog()
         self.router = Router(routes)
         self._max_payload = max_payload_bytes
@@ -240,6 +243,7 @@ class Ingress:
         self._rows, self._acks = [], []
         if self.on_submit is not None:
             self.on_submit(rows)
+        self._acks_submitted += len(acks)
         self._store.submit(rows, acks)
         self.uncommitted += len(rows)
         if self.uncommitted >= INTAKE_HIGH and not self.throttled:
@@ -321,6 +325,22 @@ class Ingress:
             self._marks[msg.mid], self._state[msg.mid] = mark, NOT_STORED
         else:
             log.warning("qos0_message_dropped_store_full", topic=msg.topic)
+
+    def reconnected(self) -> None:
+        """After a CONNACK. A broker that renumbers (EDGE_AGENT_MQTT__RENUMBERED_REDELIVERIES) has given the ids
+        of the last connection to other messages on this one: a PUBACK of a commit that outlived the connection
+        would acknowledge one of those, perhaps before it is committed. The broker redelivers what those
+        PUBACKs were for, and the redelivery is acknowledged as the duplicate it is."""
+        if self._renumbered:
+            self._stale_until = self._acks_submitted
+
+    def to_send(self, acks: Sequence[tuple[int, int]]) -> Sequence[tuple[int, int]]:
+        """The acknowledgements of a commit (they come back in the order they were handed over) that still
+        stand for the messages their ids name: all of them but on a renumbering broker after a reconnect."""
+        first = self._acks_returned
+        self._acks_returned += len(acks)
+        stale = self._stale_until - first
+        return acks if stale <= 0 else acks[stale:]
 
     def mark_acked(self, acks: Sequence[tuple[int, int]]) -> None:
         state = self._state

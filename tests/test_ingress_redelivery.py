@@ -11,6 +11,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
 from test_store import Hooked
 
 from agent.config import Route
@@ -80,6 +81,37 @@ def test_a_message_held_back_by_a_full_store_runs_when_redelivered(tmp_path: Pat
         deliver(ingress, 2, dup=True)  # the broker re-sends it, under its id
         await asyncio.sleep(0)
         assert ingress.counters.accepted == 2 and ingress.counters.duplicates == 0
+
+    try:
+        asyncio.run(run())
+    finally:
+        store.stop()
+
+
+
+def acks_of_next_commit(hook: Hooked) -> list[tuple[int, int]]:
+    return list(hook.commits.get(timeout=5).acks)
+
+
+@pytest.mark.parametrize(("renumbered", "late"), [(True, []), (False, [(1, 1)])])
+def test_a_commit_that_outlives_the_connection_acknowledges_nothing_on_a_renumbering_broker(
+        tmp_path: Path, renumbered: bool, late: list[tuple[int, int]]) -> None:
+    # RabbitMQ gives the old ids to other messages on the new connection: the late PUBACK would acknowledge one of
+    # those. On a standard broker the id still names the same (redelivered) message, so the PUBACK goes out.
+    store = Store(tmp_path, max_tasks=100, max_bytes=10_000_000)
+    hook = Hooked()
+    store.start(hook)
+    ingress = ingress_on(store, [], renumbered=renumbered)
+
+    async def run() -> None:
+        ingress.start(asyncio.get_running_loop())
+        deliver(ingress, 1, dup=False)
+        await asyncio.sleep(0)  # handed to the store
+        ingress.reconnected()  # the connection is lost and back before the commit comes back
+        assert list(ingress.to_send(acks_of_next_commit(hook))) == late
+        deliver(ingress, 2, dup=False)  # a message of the new connection
+        await asyncio.sleep(0)
+        assert list(ingress.to_send(acks_of_next_commit(hook))) == [(2, 1)]
 
     try:
         asyncio.run(run())
