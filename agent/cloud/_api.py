@@ -86,6 +86,17 @@ def error_fields(response: httpx.Response) -> tuple[str | None, str]:
     return None, response.text[:200]
 
 
+def classify(response: httpx.Response, what: str) -> CloudError:
+    """The error an unsuccessful answer stands for: transient (retried, after Retry-After if given) or not."""
+    status = response.status_code
+    code, detail = error_fields(response)
+    text = f"{what}: the cloud answered {status}" + (f" {code}" if code else "") + (f": {detail}" if detail else "")
+    if status in TRANSIENT_STATUS:
+        return TransientCloudError(text, status=status, code=code,
+                                   retry_after=parse_retry_after(response.headers.get("Retry-After")))
+    return PermanentCloudError(text, status=status, code=code)
+
+
 def server_now(response: httpx.Response) -> datetime:
     # expires_at is on the server's clock; its Date header lets a gateway with a wrong clock still count down.
     with contextlib.suppress(TypeError, ValueError, IndexError):
@@ -254,7 +265,7 @@ class ResourceApi:
             else:
                 if response.is_success:
                     return Answer(response, self._clock() - started, attempt)
-                error = self._classify(response, what)
+                error = classify(response, what)
             finally:
                 if watch is not None and watched is not None:
                     watch.end(*watched, answered)
@@ -270,12 +281,3 @@ class ResourceApi:
             log.debug("cloud_retry", what=what, attempt=attempt, delay_s=round(delay, 3), cause=str(error))
             await asyncio.sleep(delay)
 
-    @staticmethod
-    def _classify(response: httpx.Response, what: str) -> CloudError:
-        status = response.status_code
-        code, detail = error_fields(response)
-        text = f"{what}: the cloud answered {status}" + (f" {code}" if code else "") + (f": {detail}" if detail else "")
-        if status in TRANSIENT_STATUS:
-            return TransientCloudError(text, status=status, code=code,
-                                       retry_after=parse_retry_after(response.headers.get("Retry-After")))
-        return PermanentCloudError(text, status=status, code=code)

@@ -29,14 +29,12 @@ import httpx
 
 from agent import __version__
 from agent.archive.objectstore import StorageLocation
-from agent.cloud._api import describe, error_fields, server_now
-from agent.cloud._backoff import parse_retry_after
+from agent.cloud._api import classify, describe, server_now
 from agent.cloud._errors import CloudError, PermanentCloudError, TransientCloudError
 from agent.config import CloudSettings
 from agent.errors import ConfigError
 
 RESOURCES = "/api/v1/resources"
-TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
 # The Date header has whole seconds: the server's "now" may be up to a second later than it says.
 DATE_RESOLUTION_S = 1.0
 # Clocks this close are taken to agree: then the earlier of the two expiry estimates is used (a busy server's
@@ -145,13 +143,7 @@ class StorageClient:
             raise TransientCloudError(f"{what}: {describe(exc)}") from exc
         if response.is_success or (not_found_ok and response.status_code == 404):
             return response
-        status = response.status_code
-        code, detail = error_fields(response)
-        text = f"{what}: the cloud answered {status}" + (f" {code}" if code else "") + (f": {detail}" if detail else "")
-        if status in TRANSIENT_STATUS:
-            raise TransientCloudError(text, status=status, code=code,
-                                      retry_after=parse_retry_after(response.headers.get("Retry-After")))
-        raise PermanentCloudError(text, status=status, code=code)
+        raise classify(response, what)
 
     def _parse_location(self, response: httpx.Response, data: dict[str, Any], what: str) -> StorageLocation:
         try:
