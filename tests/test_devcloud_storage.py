@@ -19,7 +19,7 @@ import psutil
 import pytest
 from botocore.exceptions import ClientError
 
-from agent.archive.objectstore import ObjectStore, StorageLocation
+from agent.archive.objectstore import QUOTA_EXCEEDED, ObjectStore, ObjectStoreError, StorageLocation
 from agent.cloud import PermanentCloudError
 from agent.cloud._storage import StorageClient
 
@@ -149,6 +149,51 @@ def test_release_deletes_the_objects_the_incomplete_uploads_and_the_keys(storage
         storage_client.attach(resource.id)
     assert gone.value.code == "released"
     storage_client.release(witness.id)
+
+
+def test_the_store_holds_a_storage_resource_to_its_quota(storage_devcloud: DevCloud, api: httpx.Client,
+                                                         storage_client: StorageClient, tmp_path: Path) -> None:
+    api.post("/admin/knobs", json={"storage_gb_bytes": 100_000})  # a "GB" of 100 kB: a quota quick to fill
+    resource, neighbour = storage_client.request(1), storage_client.request(1)
+    assert api.get(f"{RESOURCES}/{resource.id}").json()["storage"]["quota_bytes"] == 100_000
+    location = resource.location()
+    client, bucket = s3(location), location.bucket
+
+    def refused(call: Any, **args: Any) -> None:
+        with pytest.raises(ClientError) as refusal:
+            call(Bucket=bucket, **args)
+        error = refusal.value.response
+        assert (error["Error"]["Code"], error["ResponseMetadata"]["HTTPStatusCode"]) == ("QuotaExceeded", 403)
+
+    def key(name: str) -> str:
+        return location.prefix + name
+
+    client.put_object(Bucket=bucket, Key=key("a"), Body=b"a" * 60_000)
+    refused(client.put_object, Key=key("b"), Body=b"b" * 50_000)
+    assert client.list_objects_v2(Bucket=bucket, Prefix=location.prefix)["KeyCount"] == 1  # nothing of it stored
+    client.put_object(Bucket=bucket, Key=key("a"), Body=b"a" * 90_000)  # a replacement counts what it adds
+    # The parts of an incomplete upload count: the room left is 10 kB.
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key("m"))["UploadId"]
+    refused(client.upload_part, Key=key("m"), UploadId=upload, PartNumber=1, Body=b"m" * 20_000)
+    client.upload_part(Bucket=bucket, Key=key("m"), UploadId=upload, PartNumber=1, Body=b"m" * 10_000)
+    refused(client.put_object, Key=key("c"), Body=b"c")
+    # Full, a write that adds nothing still goes through; the neighbour's room is its own.
+    client.copy_object(Bucket=bucket, Key=key("a"), CopySource={"Bucket": bucket, "Key": key("a")},
+                       Metadata={"sha256": "x"}, MetadataDirective="REPLACE")
+    put(neighbour.location(), "n", b"n" * 90_000)
+    # The agent's object store names it, as an error a later call may not meet.
+    segment = tmp_path / "one.seg"
+    segment.write_bytes(b"s" * 40_000)
+    objects = ObjectStore(resource.location)
+    with pytest.raises(ObjectStoreError) as full:
+        objects.put_file("one.seg", segment, hashlib.sha256(segment.read_bytes()).hexdigest())
+    assert full.value.code == QUOTA_EXCEEDED and full.value.retryable and "quota is full" in str(full.value)
+    assert objects.last_error is full.value
+    # Deleting makes room again.
+    client.abort_multipart_upload(Bucket=bucket, Key=key("m"), UploadId=upload)
+    client.delete_object(Bucket=bucket, Key=key("a"))
+    assert objects.put_file("one.seg", segment, hashlib.sha256(segment.read_bytes()).hexdigest()).size == 40_000
+    assert objects.last_error is None
 
 
 def test_an_agent_attaches_to_its_resource_after_a_restart(storage_devcloud: DevCloud, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """The archive's object store against the devcloud's real S3 server (moto in server mode, IAM auth on):
-round trips, checksums the server verifies, a SIGKILL during a multipart upload, credentials that expire."""
+round trips, checksums the server verifies, a SIGKILL during a multipart upload, credentials that expire, a
+quota that is full."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from agent.archive.objectstore import ObjectStore, ObjectStoreError, StorageLocation
+from agent.archive.objectstore import QUOTA_EXCEEDED, ObjectStore, ObjectStoreError, StorageLocation
 from agent.cloud._storage import StorageClient, StorageResource
 
 from support import ROOT, DevCloud, wait_for
@@ -90,6 +91,24 @@ def test_a_multipart_upload_of_the_wrong_bytes_is_aborted(object_store: ObjectSt
     assert refused.value.code == "checksum_mismatch"
     assert object_store.head("traffic/big.seg") is None
     assert object_store.list_incomplete_uploads() == []  # the parts went with the abort
+
+
+def test_a_multipart_upload_past_the_quota_is_refused_and_aborted(storage_devcloud: DevCloud,
+                                                                   storage_client: StorageClient,
+                                                                   tmp_path: Path) -> None:
+    storage_devcloud.knobs(storage_gb_bytes=8 * MiB)  # room for one part of 5 MiB, not two
+    resource = storage_client.request(1)
+    objects = ObjectStore(resource.location, multipart_threshold=6 * MiB, part_size=5 * MiB)
+    large = tmp_path / "large.seg"
+    digest = make_file(large, 11 * MiB)
+    with pytest.raises(ObjectStoreError) as full:
+        objects.put_file("traffic/0001.seg", large, digest)
+    assert full.value.code == QUOTA_EXCEEDED and full.value.retryable
+    # The first part went in and was freed with the upload: nothing left holds the quota or shows.
+    assert objects.list_incomplete_uploads() == [] and objects.list() == []
+    small = tmp_path / "small.seg"
+    assert objects.put_file("traffic/0002.seg", small, make_file(small, 4 * MiB)).size == 4 * MiB
+    storage_client.release(resource.id)
 
 
 @pytest.mark.slow  # the server's part check; put_file's own parts are quick-tested

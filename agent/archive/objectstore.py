@@ -12,6 +12,10 @@ restart, or which ``put_file(..., resume=True)`` continues, sending only the par
 file's SHA-256 is also kept as the object's metadata (``sha256``), so :meth:`ObjectStore.head` and
 :meth:`ObjectStore.open` can check what comes back.
 
+A storage resource holds at most its quota: a write beyond it is refused (``code`` ``quota_exceeded``,
+retryable: it fits again once objects are deleted). For the archive that is the cloud being unavailable: the
+segment stays on the gateway, within the disk budget, and the operator is warned (agent/archive/manager.py).
+
 The client is boto3: it speaks every S3 call used here, including the ones crash cleanup needs
 (ListMultipartUploads, AbortMultipartUpload), session tokens and caller-supplied checksums. It is the heaviest
 of the candidates in memory (about 40 MB once a client exists), so it is imported on first use only: an agent
@@ -35,6 +39,7 @@ from agent.archive import multipart
 from agent.archive.s3 import (
     CREDENTIAL_CODES,
     NOT_FOUND_CODES,
+    QUOTA_EXCEEDED,
     SHA256_METADATA,
     IncompleteUpload,
     ObjectStoreError,
@@ -54,6 +59,7 @@ __all__ = [
     "MIN_PART_SIZE",
     "MULTIPART_THRESHOLD",
     "PART_SIZE",
+    "QUOTA_EXCEEDED",
     "READ_CHUNK",
     "SHA256_METADATA",
     "IncompleteUpload",
@@ -96,6 +102,9 @@ class ObjectStore:
         self._lock = threading.Lock()
         self._location: StorageLocation | None = None
         self._client: S3Client | None = None
+        # What the last call that failed said, until a call succeeds (`edge-agent status` shows it).
+        self.last_error: ObjectStoreError | None = None
+        self.last_error_at: float | None = None
 
     # ------------------------------------------------------------------ credentials and the client
 
@@ -134,6 +143,15 @@ class ObjectStore:
 
     def _call(self, what: str, action: Callable[[StorageLocation, S3Client], T]) -> T:
         """Run one store call; refused credentials are replaced once and the call tried again."""
+        try:
+            result = self._attempt(what, action)
+        except ObjectStoreError as exc:
+            self.last_error, self.last_error_at = exc, self._clock()
+            raise
+        self.last_error = None
+        return result
+
+    def _attempt(self, what: str, action: Callable[[StorageLocation, S3Client], T]) -> T:
         location, client = self._current()
         try:
             return action(location, client)

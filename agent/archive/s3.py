@@ -4,7 +4,11 @@ store's error codes), keys and checksums, and the boto3 client behind it.
     AgentError
     └── ObjectStoreError     an object-store call failed; ``retryable`` says whether the same call may succeed
                              later (network, 5xx, credentials being replaced) or never will (a checksum the store
-                             refused, a missing bucket, a refused request); ``code`` is the store's error code
+                             refused, a missing bucket, a refused request); ``code`` is the store's error code,
+                             or one of the archive's: ``quota_exceeded`` (the storage resource is full: retryable,
+                             a write fits again once retention deletes objects), ``checksum_mismatch``,
+                             ``not_found``, ``unavailable`` (the network), ``location_unavailable`` (the
+                             resource API)
 
 boto3 is imported on first use only (see :mod:`agent.archive.objectstore`, which exports these names and where
 callers import them).
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CREDENTIAL_CODES",
     "NOT_FOUND_CODES",
+    "QUOTA_EXCEEDED",
     "SHA256_METADATA",
     "IncompleteUpload",
     "ObjectStoreError",
@@ -45,6 +50,10 @@ CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "ExpiredToken", "InvalidToke
 _RETRYABLE_CODES = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
                               "RequestTimeTooSkewed", "500", "502", "503", "504"})
 NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+# A full quota: Ceph's RGW (and the devcloud's S3 server) answer 403 QuotaExceeded, MinIO a code of its own.
+# Checked before the credential codes: a 403 that is a full quota is not a key to replace.
+_QUOTA_CODES = frozenset({"QuotaExceeded", "XMinioAdminBucketQuotaExceeded"})
+QUOTA_EXCEEDED = "quota_exceeded"
 
 
 
@@ -153,6 +162,9 @@ def map_error(what: str, exc: BaseException) -> ObjectStoreError:
                                     code="checksum_mismatch")
         if code in NOT_FOUND_CODES:
             return ObjectStoreError(f"{what}: not found", retryable=False, code="not_found")
+        if code in _QUOTA_CODES:
+            return ObjectStoreError(f"{what}: the storage resource's quota is full ({code}: {message})",
+                                    retryable=True, code=QUOTA_EXCEEDED)
         retryable = code in _RETRYABLE_CODES or code in CREDENTIAL_CODES
         return ObjectStoreError(f"{what}: {code}: {message}", retryable=retryable, code=code)
     if isinstance(exc, BotoCoreError | OSError):

@@ -55,6 +55,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     knobs.add_argument("--lease-ttl", type=float, default=defaults.lease_ttl_s, help="lease lifetime in seconds")
     knobs.add_argument("--credentials-ttl", type=float, default=defaults.credentials_ttl_s,
                        help=f"lifetime of storage credentials in seconds (default: {defaults.credentials_ttl_s})")
+    knobs.add_argument("--storage-gb-bytes", type=int, default=defaults.storage_gb_bytes,
+                       help="bytes per GB of a storage resource's quota (default: 10^9; smaller fills it quickly)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument("--export-openapi", type=Path, metavar="PATH", default=None,
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         knobs = Knobs(provisioning_delay_s=args.provisioning_delay, latency_s=args.latency,
                       bandwidth_bytes_per_s=args.bandwidth, error_rate=args.error_rate, outage=args.outage,
                       retry_after_s=args.retry_after, lease_ttl_s=args.lease_ttl,
-                      credentials_ttl_s=args.credentials_ttl)
+                      credentials_ttl_s=args.credentials_ttl, storage_gb_bytes=args.storage_gb_bytes)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         print(f"devcloud: {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)

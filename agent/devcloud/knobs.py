@@ -23,3 +23,6 @@ class Knobs(BaseModel):
     lease_ttl_s: float = Field(default=3600.0, gt=0, le=7 * 86_400, description="lease lifetime from its request")
     credentials_ttl_s: float = Field(default=900.0, gt=0, le=43_200,
                                      description="lifetime of a storage resource's access keys from their issue")
+    storage_gb_bytes: int = Field(default=10**9, ge=1, le=10**12,
+                                  description="bytes per GB of a new storage resource's quota (small in tests, to "
+                                  "fill one quickly)")

@@ -52,6 +52,11 @@ class StorageLocation(BaseModel):
     bucket: str
     prefix: str = Field(description="every object of the resource has a key starting with this")
     region: str
+    quota_bytes: int = Field(ge=1, description=(
+        "the most the resource holds, its objects and the parts of its incomplete multipart uploads together "
+        "(``quantity`` GB). The store refuses a write (PutObject, UploadPart, CopyObject) that would take it "
+        "beyond with HTTP 403 and the S3 error code ``QuotaExceeded``; deletes always succeed, and a write "
+        "succeeds again once there is room"))
     credentials: StorageCredentials | None = Field(
         description="present when the resource is created; GET leaves them out: POST .../credentials for new ones")
 

@@ -7,6 +7,10 @@ temporary credentials stop working. A client asks for new keys before its expire
 (``POST /api/v1/resources/{id}/credentials``). IAM allows two keys per user: a third request replaces the oldest.
 Releasing a resource deletes its objects, its incomplete uploads, its keys and its user.
 
+A resource holds at most its ``quantity`` GB (of ``gb_bytes`` bytes each: the devcloud's ``storage_gb_bytes``
+knob, a billion unless a test makes a quota quick to fill): the S3 server refuses a write beyond it with 403
+``QuotaExceeded`` (agent/devcloud/s3server.py says why the store, not the credentials, enforces it).
+
 Everything here blocks on HTTP calls to the S3 server: the app calls it with ``asyncio.to_thread``.
 """
 
@@ -21,12 +25,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from agent.devcloud.s3server import QUOTA_PATH
 from agent.telemetry import get_logger
 
 if TYPE_CHECKING:
@@ -38,6 +45,7 @@ log = get_logger("agent.devcloud.storage")
 BUCKET = "edge-archive"
 START_TIMEOUT_S = 60.0
 KEYS_PER_USER = 2  # IAM's limit, which moto enforces too
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a server on loopback: never a proxy
 
 
 class StorageUnavailable(Exception):
@@ -52,6 +60,7 @@ class S3Admin:
     region: str
     access_key_id: str
     secret_access_key: str
+    quota_token: str  # for the S3 server's /_devcloud/quotas
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +77,7 @@ class StorageResource:
     location: str
     prefix: str
     user: str
+    quota_bytes: int
     keys: list[Credentials] = field(default_factory=list)
     released_at: float | None = None  # monotonic
 
@@ -90,7 +100,8 @@ class S3Process:
         except (TimeoutError, ValueError) as exc:
             self.stop()
             raise StorageUnavailable(f"the S3 server did not start: {exc!r}") from exc
-        self.admin = S3Admin(ready["endpoint"], ready["region"], ready["access_key_id"], ready["secret_access_key"])
+        self.admin = S3Admin(ready["endpoint"], ready["region"], ready["access_key_id"], ready["secret_access_key"],
+                             ready["quota_token"])
         return self.admin
 
     @property
@@ -139,14 +150,17 @@ class StorageResources:
     def get(self, resource_id: str) -> StorageResource | None:
         return self._by_id.get(resource_id)
 
-    def create(self, quantity_gb: int, location: str, ttl_s: float) -> tuple[StorageResource, Credentials]:
+    def create(self, quantity_gb: int, location: str, ttl_s: float,
+               gb_bytes: int = 10**9) -> tuple[StorageResource, Credentials]:
         with self._reaching():
-            return self._create(quantity_gb, location, ttl_s)
+            return self._create(quantity_gb, location, ttl_s, gb_bytes)
 
-    def _create(self, quantity_gb: int, location: str, ttl_s: float) -> tuple[StorageResource, Credentials]:
+    def _create(self, quantity_gb: int, location: str, ttl_s: float,
+                gb_bytes: int) -> tuple[StorageResource, Credentials]:
         resource_id = f"s-{uuid.uuid4().hex}"
         resource = StorageResource(resource_id, quantity_gb, location, prefix=f"{resource_id}/",
-                                   user=f"edge-{resource_id}")
+                                   user=f"edge-{resource_id}", quota_bytes=quantity_gb * gb_bytes)
+        self._quota(resource.prefix, resource.quota_bytes)  # before any key exists: no write escapes it
         self._iam.create_user(UserName=resource.user)
         self._iam.put_user_policy(UserName=resource.user, PolicyName="own-prefix",
                                   PolicyDocument=json.dumps(_policy(resource.prefix)))
@@ -200,6 +214,28 @@ class StorageResources:
             self._iam.delete_user_policy(UserName=resource.user, PolicyName="own-prefix")
             self._iam.delete_user(UserName=resource.user)
             resource.released_at = time.monotonic()
+        self._quota(resource.prefix, None)
+
+    def used_bytes(self, resource: StorageResource) -> int:
+        """What the resource's objects and incomplete uploads hold now, as its quota counts them."""
+        with self._reaching():
+            query = urllib.parse.urlencode({"bucket": BUCKET, "prefix": resource.prefix})
+            return int(self._quota_call("GET", f"?{query}", None)["used_bytes"])
+
+    def _quota(self, prefix: str, limit: int | None) -> None:
+        self._quota_call("PUT", "", {"bucket": BUCKET, "prefix": prefix, "bytes": limit})
+
+    def _quota_call(self, method: str, query: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        request = urllib.request.Request(  # noqa: S310 - the devcloud's own S3 server
+            f"{self.admin.endpoint}{QUOTA_PATH}{query}", method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {self.admin.quota_token}", "Content-Type": "application/json"})
+        try:
+            with _DIRECT.open(request, timeout=10) as answer:
+                result: dict[str, Any] = json.loads(answer.read())
+        except OSError as exc:  # refused, reset, timed out, or an HTTP error (urllib's are OSErrors too)
+            raise StorageUnavailable(f"the S3 server's quotas cannot be reached: {exc}") from exc
+        return result
 
     def summary(self) -> dict[str, int]:
         with self._lock:

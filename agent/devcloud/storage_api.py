@@ -23,7 +23,7 @@ async def create(cloud: DevCloud, quantity_gb: int, location: str) -> StoredAnsw
                             "this resource API offers no storage (the devcloud was started without --storage)")
     try:
         stored, credentials = await asyncio.to_thread(cloud.storage.create, quantity_gb, location,
-                                                      cloud.knobs.credentials_ttl_s)
+                                                      cloud.knobs.credentials_ttl_s, cloud.knobs.storage_gb_bytes)
     except StorageUnavailable as exc:
         return storage_down(cloud, exc)
     log.info("devcloud_storage_created", resource=stored.id, quantity_gb=quantity_gb, location=location)
@@ -55,4 +55,5 @@ def view(cloud: DevCloud, stored: StorageResource, credentials: Credentials | No
         id=stored.id, type="storage", quantity=stored.quantity_gb, location=stored.location,
         status="released" if stored.released_at is not None else "ready", expires_at=None,
         storage=StorageLocation(endpoint=admin.endpoint, bucket=BUCKET, prefix=stored.prefix, region=admin.region,
+                                quota_bytes=stored.quota_bytes,
                                 credentials=credentials_body(credentials) if credentials is not None else None))
