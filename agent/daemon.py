@@ -148,7 +148,7 @@ class Daemon:
         self.introspection = Introspection(
             settings=lambda: self.settings, registry=self.registry, ingress=self.ingress, dispatcher=self.dispatcher,
             store=store, link=self.link, publisher=self.publisher, cloud=self.cloud, healthy=self._healthy,
-            ready=self._ready, clock=self._clock)
+            ready=self._ready, clock=self._clock, archive=self.archive)
         self.leave = Leave(store=store, link=self.link, ingress=self.ingress, dispatcher=self.dispatcher,
                            publisher=self.publisher, stopping=self.stopping, request_stop=self.request_stop,
                            announce=lambda: self.notifier.status(self._status_line()),

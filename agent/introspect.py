@@ -2,8 +2,9 @@
 
 The daemon serves two JSON endpoints on its metrics port (to clients on the gateway only, see agent/metrics.py):
 
-- ``/status``: connection, routes and their subscriptions, rates, backlog, store, cloud, estimates and the
-  recent warnings and errors (``edge-agent status``);
+- ``/status``: connection, routes and their subscriptions, rates, backlog, store, cloud, estimates, the archive
+  (when a route keeps its inputs: the report its manager leaves after each pass, agent/archive/report.py) and
+  the recent warnings and errors (``edge-agent status``);
 - ``/explain?kind=K&bytes=N&topic=T&placement=P``: the decision a task would get now (``explain --live``).
 
 Both are gathered on the event loop, where the stages live, so what they report is one consistent moment; the
@@ -35,6 +36,7 @@ from agent.tasks import TaskRegistry
 from agent.telemetry import PROBLEMS
 
 if TYPE_CHECKING:
+    from agent.archive.service import ArchiveService
     from agent.cloud import Cloud
     from agent.dispatch import Dispatcher
     from agent.egress import Publisher
@@ -181,7 +183,8 @@ class Introspection:
     def __init__(self, *, settings: Callable[[], Settings], registry: TaskRegistry, ingress: Ingress,
                  dispatcher: Dispatcher, store: Store, link: Link, publisher: Publisher,
                  cloud: Cloud | None, healthy: Callable[[], tuple[bool, str]],
-                 ready: Callable[[], tuple[bool, str]], clock: Callable[[], float] = time.monotonic) -> None:
+                 ready: Callable[[], tuple[bool, str]], clock: Callable[[], float] = time.monotonic,
+                 archive: ArchiveService | None = None) -> None:
         self._settings = settings
         self._registry = registry
         self._ingress = ingress
@@ -190,6 +193,7 @@ class Introspection:
         self._link = link
         self._publisher = publisher
         self._cloud = cloud
+        self._archive = archive
         self._healthy = healthy
         self._ready = ready
         self._clock = clock
@@ -305,6 +309,7 @@ class Introspection:
                       "bytes": self._store.outstanding_bytes, "max_tasks": self._store.max_tasks,
                       "max_bytes": self._store.max_bytes, "intake_paused": ingress.paused},
             "cloud": cloud,
+            "archive": None if self._archive is None else self._archive.report(),
             "estimates": estimates,
             "problems": PROBLEMS.latest(),
         }

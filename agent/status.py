@@ -11,6 +11,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from agent.config import Settings
@@ -165,6 +166,8 @@ def render_status(status: dict[str, Any]) -> str:
         uplink += f"; {estimates['uplink_queued_bytes']:,} bytes waiting to be uploaded"
     lines.append(uplink)
 
+    lines += _archive_lines(status.get("archive"), label)
+
     problems = status["problems"]
     if not problems:
         lines.append(f"{label('problems')}no warning or error since the start")
@@ -175,3 +178,47 @@ def render_status(status: dict[str, Any]) -> str:
             when = problem["time"][11:19] if len(problem["time"]) >= 19 else problem["time"]
             lines.append(f"  {when}Z {problem['level']:<7} {problem['event']}{count}  {problem['detail']}"[:200])
     return "\n".join(lines)
+
+
+def _archive_lines(archive: dict[str, Any] | None, label: Callable[[str], str]) -> list[str]:
+    """The archive's lines: none when no route keeps its inputs."""
+    if archive is None:
+        return []
+    if archive.get("as_of") is None:
+        return [f"{label('archive')}starting: its manager has not made a first pass yet"]
+    disk, cloud, routes = archive["disk"], archive["cloud"], archive["routes"]
+    share = 100.0 * disk["used_bytes"] / disk["budget_bytes"] if disk["budget_bytes"] else 0.0
+    head = (f"{label('archive')}disk {_size(disk['used_bytes'])} of its {_size(disk['budget_bytes'])} budget "
+            f"({share:.0f}%)")
+    if cloud is None:
+        head += "; no cloud (EDGE_AGENT_CLOUD__URL unset): every segment stays here"
+    else:
+        in_cloud = sum(route["bytes"]["cloud"] for route in routes)
+        quota = f" of its {cloud['quota_bytes'] / 1e9:g} GB quota" if cloud["quota_bytes"] else ""
+        head += (f"; cloud {_size(in_cloud)}{quota}, {'available' if cloud['available'] else 'UNAVAILABLE'}, "
+                 f"{cloud['uploads']:,} upload(s), {cloud['upload_failures']:,} failed")
+    if archive["uploads_pending"]:
+        head += f"; {archive['uploads_pending']:,} upload(s) pending ({_size(archive['uploads_pending_bytes'])})"
+    lines = [head]
+    width = max((len(route["route"]) for route in routes), default=0)
+    for route in routes:
+        segments, held = route["segments"], route["bytes"]
+        kept = f"kept {route['days']:g} days" if route["archived"] else "no longer archived, kept without retention"
+        rate = ""
+        if route["retrievals_per_month"] is not None:
+            rate = (f"; read back ~{route['retrievals_per_month']:.2f} times a month (prior "
+                    f"{route['prior_per_month']:g})")
+        here = segments["gateway"] + segments["uploading"]  # an upload under way is still on the disk
+        lines.append(f"{label('')}{route['route']:<{width}}  {kept}: gateway {here:,} segment(s), "
+                     f"{_size(held['gateway'] + held['uploading'])}; cloud {segments['cloud']:,}, "
+                     f"{_size(held['cloud'])}{rate}")
+    if cloud is not None and not cloud["available"]:
+        since = f" for {_duration(archive['as_of'] - cloud['down_since'])}" if cloud["down_since"] else ""
+        lines.append(f"{label('')}CLOUD UNAVAILABLE{since}: {cloud['error'] or 'a cloud call failed'}"[:200])
+        until = ", until retention frees room in the cloud" if cloud["reason"] == "quota_exceeded" else ""
+        lines.append(f"{label('')}  segments stay on the gateway, within its disk budget{until}; tried again "
+                     f"every {cloud['retry_every_s']:g} s")
+    if disk["full"]:
+        lines.append(f"{label('')}DISK BUDGET FULL: new inputs are not archived until segments leave or expire "
+                     f"({disk['inputs_refused']:,} so far); tasks still run")
+    return lines

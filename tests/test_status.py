@@ -71,6 +71,7 @@ def test_status_shows_the_running_agent_on_one_screen(broker: Mosquitto, agents:
     assert rates["window_s"] >= 1 and rates["received"] > 0 and rates["dead_lettered"] > 0
     assert status["store"]["pending"] == 0 and status["store"]["outbox"] == 0
     assert status["backlog"]["queued"] == 0 and status["cloud"] is None
+    assert status["archive"] is None  # no route keeps its inputs: nothing of the archive, not even a heading
     assert status["estimates"]["uplink_mbps"] == pytest.approx(2.0)  # the prior: no cloud measures it
     (dead,) = [p for p in status["problems"] if p["event"] == "dead_letter"]
     assert dead["level"] == "warning" and dead["count"] == 1 and "reason=invalid_json" in dead["detail"]
@@ -82,6 +83,7 @@ def test_status_shows_the_running_agent_on_one_screen(broker: Mosquitto, agents:
     assert f"routes     {TRAFFIC} → sensor.stats" in text and "subscribed, 31 message(s)" in text
     assert "since start 31 received, 30 done, 1 dead-lettered" in text
     assert "cloud      none configured" in text
+    assert "\narchive" not in text
     assert "warning dead_letter  reason=invalid_json" in text
 
     # Gone: said plainly, with the status LSB and systemctl use for a program that is not running.

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from agent.archive.catalog import Catalog
 from agent.archive.intake import Intake, Sealing
-from agent.archive.manager import Manager, RoutePolicy
+from agent.archive.manager import RoutePolicy
 from agent.archive.query import Reader
 from agent.archive.recovery import reconcile
+from agent.archive.report import ReportingManager
 from agent.archive.tap import Tap
 from agent.telemetry import get_logger
 
@@ -120,8 +121,11 @@ class ArchiveService:
         self.objects = self.cloud.objects if self.cloud is not None else None
         self._match = match
         self.tap = Tap(match, lambda: self._archived, self.intake)
-        self.manager = Manager(intake=self.intake, catalog=self.catalog, prices=s.prices(), routes=self.policies,
-                               objects=self.objects, clock=clock, tick_s=s.pass_interval_s, redecide_s=s.redecide_s)
+        # It leaves a report for `edge-agent status` after each pass, on its own thread (agent/archive/report.py).
+        self.manager = ReportingManager(
+            intake=self.intake, catalog=self.catalog, prices=s.prices(), routes=self.policies, objects=self.objects,
+            clock=clock, tick_s=s.pass_interval_s, redecide_s=s.redecide_s,
+            cloud_quota_bytes=None if self.objects is None else s.cloud_quota_gb * 10**9)
         self.reader = Reader(self.root, self.catalog, lambda: self.objects, unsealed=self.intake.unsealed,
                              clock=clock)
         self.responder: Responder | None = None
@@ -164,3 +168,7 @@ class ArchiveService:
 
     def alive(self) -> bool:
         return self.manager.alive()
+
+    def report(self) -> dict[str, Any]:
+        """The manager's report of its last pass (any thread may ask: it is never changed once made)."""
+        return self.manager.report or {"as_of": None}
