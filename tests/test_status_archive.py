@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import urllib.request
 from typing import Any
 
 import pytest
@@ -15,7 +17,7 @@ from test_status import cli_json
 
 from agent.cli import main
 
-from support import Agent, Agents, DevCloud, Mosquitto, citypulse_rows, free_port, publisher, wait_for
+from support import ROOT, Agent, Agents, DevCloud, Mosquitto, citypulse_rows, free_port, publisher, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -73,6 +75,18 @@ def test_status_shows_the_archive_and_a_full_disk_budget(broker: Mosquitto, agen
     assert "no cloud (EDGE_AGENT_CLOUD__URL unset)" in text
     assert f"           {KEPT}  kept 7 days: gateway {route['segments']['gateway']} segment(s)" in text
     assert "DISK BUDGET FULL: new inputs are not archived until segments leave or expire" in text
+
+    # The dashboard's archive row asks only for series such an agent exposes (tests/test_operations_e2e.py
+    # checks the other rows against an agent without an archive).
+    port = agent.env_file.read_text().split("EDGE_AGENT_METRICS__PORT=")[1].split()[0]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "edge-agent.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel.get("targets", [])
+            for name in re.findall(r"\b(edge_agent_archive_[a-z_]+)", target["expr"])}
+    exposed = re.findall(r"^# TYPE (edge_agent_archive_[a-z_]+) (\w+)", metrics, re.MULTILINE)
+    names = {name for name, _ in exposed} | {f"{name}_total" for name, kind in exposed if kind == "counter"}
+    assert len(used) >= 14 and used <= names, used - names
     assert agent.terminate() == 0
 
 
