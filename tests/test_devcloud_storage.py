@@ -1,5 +1,6 @@
 """The resource API's storage resources on the devcloud (``--storage``) and the agent's client for them: what
-the API answers and refuses, prefixes that keep resources apart, release, and the S3 server process's life."""
+the API answers and refuses, prefixes that keep resources apart, the quota the store holds each to, release,
+and the S3 server process's life."""
 
 from __future__ import annotations
 
@@ -194,6 +195,29 @@ def test_the_store_holds_a_storage_resource_to_its_quota(storage_devcloud: DevCl
     client.delete_object(Bucket=bucket, Key=key("a"))
     assert objects.put_file("one.seg", segment, hashlib.sha256(segment.read_bytes()).hexdigest()).size == 40_000
     assert objects.last_error is None
+
+
+def test_a_chunked_upload_that_states_no_length_is_counted_too(storage_devcloud: DevCloud,
+                                                              storage_client: StorageClient) -> None:
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    storage_devcloud.knobs(storage_gb_bytes=1000)
+    location = storage_client.request(1).location()
+
+    def put_chunked(name: str, size: int) -> int:
+        url = f"{location.endpoint}/{location.bucket}/{location.prefix}{name}"
+        signed = AWSRequest(method="PUT", url=url, headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD",
+                                                            "Transfer-Encoding": "chunked"})
+        SigV4Auth(Credentials(location.access_key_id, location.secret_access_key), "s3",
+                  location.region).add_auth(signed)
+        body = iter([b"x" * (size // 2), b"x" * (size - size // 2)])  # no Content-Length: chunked
+        return httpx.put(url, content=body, headers=dict(signed.headers.items())).status_code
+
+    assert put_chunked("a", 800) == 200
+    assert put_chunked("b", 800) == 403
+    assert s3(location).head_object(Bucket=location.bucket, Key=location.prefix + "a")["ContentLength"] == 800
 
 
 def test_an_agent_attaches_to_its_resource_after_a_restart(storage_devcloud: DevCloud, tmp_path: Path) -> None:

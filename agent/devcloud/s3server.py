@@ -232,7 +232,13 @@ def _incoming(environ: dict[str, Any]) -> int:
     """The bytes a write stores: its body (decoded, for aws-chunked bodies), or what it copies."""
     source = environ.get("HTTP_X_AMZ_COPY_SOURCE")
     if source is None:
-        return int(environ.get("HTTP_X_AMZ_DECODED_CONTENT_LENGTH") or environ.get("CONTENT_LENGTH") or 0)
+        stated = environ.get("HTTP_X_AMZ_DECODED_CONTENT_LENGTH") or environ.get("CONTENT_LENGTH")
+        if stated:
+            return int(stated)
+        # A chunked body states no length: it is read (werkzeug ends the stream at its last chunk) and counted.
+        body = environ["wsgi.input"].read() if environ.get("wsgi.input_terminated") else b""
+        environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
+        return len(body)
     copied = environ.get("HTTP_X_AMZ_COPY_SOURCE_RANGE", "")
     if copied.startswith("bytes="):
         first, _, last = copied.removeprefix("bytes=").partition("-")
