@@ -93,16 +93,17 @@ def test_a_multipart_upload_of_the_wrong_bytes_is_aborted(object_store: ObjectSt
     assert object_store.list_incomplete_uploads() == []  # the parts went with the abort
 
 
+@pytest.mark.parametrize("resume", [False, True])  # a resumable upload is not kept either: it holds the room
 def test_a_multipart_upload_past_the_quota_is_refused_and_aborted(storage_devcloud: DevCloud,
                                                                    storage_client: StorageClient,
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path, resume: bool) -> None:
     storage_devcloud.knobs(storage_gb_bytes=8 * MiB)  # room for one part of 5 MiB, not two
     resource = storage_client.request(1)
     objects = ObjectStore(resource.location, multipart_threshold=6 * MiB, part_size=5 * MiB)
     large = tmp_path / "large.seg"
     digest = make_file(large, 11 * MiB)
     with pytest.raises(ObjectStoreError) as full:
-        objects.put_file("traffic/0001.seg", large, digest)
+        objects.put_file("traffic/0001.seg", large, digest, resume=resume)
     assert full.value.code == QUOTA_EXCEEDED and full.value.retryable
     # The first part went in and was freed with the upload: nothing left holds the quota or shows.
     assert objects.list_incomplete_uploads() == [] and objects.list() == []

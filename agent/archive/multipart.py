@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from agent.archive.s3 import SHA256_METADATA, ObjectStoreError, b64, map_error
+from agent.archive.s3 import QUOTA_EXCEEDED, SHA256_METADATA, ObjectStoreError, b64, map_error
 
 if TYPE_CHECKING:
     from types_boto3_s3.client import S3Client
@@ -57,8 +57,10 @@ def put(client: S3Client, bucket: str, full_key: str, key: str, path: Path, sha2
         if resumed:
             _fix_metadata(client, bucket, full_key, sha256_hex)
     except BaseException as exc:
-        if resume and isinstance(exc, Exception) and map_error(key, exc).retryable:
-            raise  # kept for the next call to continue
+        error = map_error(key, exc) if isinstance(exc, Exception) else None
+        # Kept for the next call to continue, unless the quota is full: its parts would hold the room it lacks.
+        if resume and error is not None and error.retryable and error.code != QUOTA_EXCEEDED:
+            raise
         # Never leave the parts behind; if this fails too, the crash cleanup finds the upload later.
         with contextlib.suppress(Exception):  # the original failure is the one to report
             client.abort_multipart_upload(Bucket=bucket, Key=full_key, UploadId=upload_id)
