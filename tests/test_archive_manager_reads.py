@@ -2,20 +2,28 @@
 before a segment's deletion, the segment a query of the agent is about to read is the one that leaves (its
 upload carries the read), and the query reads it from the cloud; with room to spare, or for a query with no
 placement manager behind it (`edge-agent archive query`), it is read where it is (agent/archive/manager.py:
-before_read, agent/archive/cost.py: read_disk_used)."""
+before_read, agent/archive/cost.py: read_disk_used). The manager in-process, then the agent as a process
+answering the MQTT query on a real Mosquitto."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
+from test_archive_daemon import mqtt_query
 from test_archive_manager import PRICES, ROUTE, fill, make
+from test_archive_query import ARCHIVE_ENV, archived, catalog_of, cli_query
 
 from agent.archive.cost import KNEE, ArchivePrices
 from agent.archive.manager import Manager, object_key
 from agent.archive.objectstore import ObjectStore
 from agent.archive.query import Query, Reader
+
+from support import Agents, DevCloud, Mosquitto, citypulse_rows, publisher, wait_for
 
 EVERYTHING = Query(ROUTE, 0.0, float("inf"))
 
@@ -91,3 +99,54 @@ def test_the_query_command_reads_segments_where_they_are(tmp_path: Path, object_
     assert [r.task_id for r in reader(manager, object_store, moves=False).query(EVERYTHING)] == ids
     assert {e.place for e in manager.catalog.entries()} == {"gateway"}
     assert object_store.list() == []
+
+
+# --- in the running agent -------------------------------------------------------------------------------------
+
+KEPT = "city/+/parking/+/data"  # never read before: at its seal each segment stays on the gateway's disk
+BUDGET = 1_048_576  # the least the settings allow
+
+
+@pytest.mark.slow
+def test_the_agents_mqtt_query_moves_the_segment_it_reads_when_the_disk_will_need_the_room(
+        agents: Agents, broker: Mosquitto, storage_devcloud: DevCloud) -> None:
+    env = {**ARCHIVE_ENV, "EDGE_AGENT_ARCHIVE__DISK_BUDGET_BYTES": str(BUDGET)}
+    agent = agents(broker, "agent", routes=[{"topic": KEPT, "task": "sensor.stats",
+                                             "archive": {"days": 30, "retrievals_per_month": 0}}],
+                   extra_env={**storage_devcloud.agent_env(), **env})
+    agent.start()
+    agent.wait_logged("agent_ready")
+    device = publisher(broker.port)
+    for i, row in enumerate(citypulse_rows(200)):
+        # About 1 KB each in a segment (a random field does not compress): a fifth of the budget in all.
+        payload = json.dumps({**row, "note": os.urandom(1000).hex()}).encode()
+        device.publish(f"city/aarhus/parking/{i % 5}/data", payload, qos=1).wait_for_publish(10)
+        if i % 50 == 49:  # four segments at least
+
+            def sealed(sent: int = i + 1) -> bool:
+                return archived(agent) == sent
+
+            wait_for(sealed, 60, f"{i + 1} inputs sealed")
+    device.loop_stop()
+    device.disconnect()
+    catalog = catalog_of(agent)
+    entries = catalog.entries()
+    # Far from the budget now (every segment stayed), but 30 days of this route would fill it many times over.
+    assert len(entries) >= 3 and {e.place for e in entries} == {"gateway"}
+    assert catalog.disk_bytes() < 0.5 * BUDGET
+
+    target = entries[1]
+    chunks = mqtt_query(broker.port, agent.agent_id, {"route": KEPT, "from": target.first_at, "to": target.last_at})
+    messages = [m for c in chunks for m in c["messages"]]
+    assert len(messages) == target.count and "error" not in chunks[-1]
+    places = {e.segment_id: e for e in catalog.entries()}
+    assert places[target.segment_id].place == "cloud"
+    assert {e.place for e in places.values() if e.segment_id != target.segment_id} == {"gateway"}
+    decision = places[target.segment_id].decision
+    assert decision is not None and decision["reason"] == "read"
+    # Every archived message is still there, once and in order, from both places.
+    answer = cli_query(agent, KEPT)
+    assert len(answer) == 200 and len({m["task_id"] for m in answer}) == 200
+    assert [m["received_at"] for m in answer] == sorted(m["received_at"] for m in answer)
+    assert [m["task_id"] for m in messages] == [m["task_id"] for m in answer
+                                                if target.first_at <= m["received_at"] <= target.last_at]
