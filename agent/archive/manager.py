@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from agent.archive.catalog import Catalog, Entry
 from agent.archive.cost import (
     INFLOW_WINDOW_S,
+    KNEE,
     SECONDS_PER_MONTH,
     ArchivePrices,
     DiskForecast,
@@ -330,13 +331,16 @@ class Manager:
                 if current is None or current.place != "gateway" or policy is None or not self._cloud_usable(now):
                     return current or entry
                 used = self.disk_used()
+                # The price the read is given if the disk will need the room (read_disk_used): when the gateway
+                # wins even so, the forecast (which reads the whole catalog) is not needed.
+                placement = self.price(current, now, disk_used=max(used, int(KNEE * self.prices.disk_budget_bytes)),
+                                       reads_now=1)
+                if placement.choice != "cloud":
+                    return current
                 forecast = self.forecast_disk(now, used).peak(current.last_at + policy.days * DAY_S)
                 priced_at = read_disk_used(used, forecast, self.prices.disk_budget_bytes)
                 if priced_at is None:
                     return current  # the disk will have room: the read is answered from here
-                placement = self.price(current, now, disk_used=priced_at, reads_now=1)
-                if placement.choice != "cloud":
-                    return current
                 self._record(current, placement, now, forced=False, reason="read",
                              disk={"used_bytes": used, "forecast_bytes": round(forecast), "priced_at_bytes": priced_at})
                 if not self._upload(current, now):
