@@ -24,11 +24,8 @@ from agent.archive.cost import (
     ArchivePrices,
     RetrievalRate,
     SegmentFacts,
-    forecast_disk,
     place_segment,
-    read_disk_used,
     shadow_factor,
-    stays_on_empty_disk,
 )
 from agent.archive.explain import as_json, render
 
@@ -59,79 +56,6 @@ def test_each_term_is_its_formula() -> None:
     assert p.gateway.explain["shadow_factor"] == pytest.approx(factor)
     assert p.cloud.explain["upload"] == pytest.approx(1.0)
     assert p.cloud.explain["expected_reads"] == pytest.approx(reads)
-
-
-def test_a_read_being_answered_is_a_certain_read_in_both_places() -> None:
-    facts = SegmentFacts(size_bytes=2 * 10**9, months_left=0.5, retrievals_per_month=0.2,
-                         disk_used_bytes=150 * 10**9, reads_now=1)
-    p = place_segment(facts, PRICES)
-    expected = 0.2 * 0.5
-    assert p.gateway.retrieval == pytest.approx(2 * (expected + 1) * 0.5)  # over the uplink from here
-    # In the cloud: the upload, then the read at egress (the upload carries it over the uplink).
-    assert p.cloud.retrieval == pytest.approx(2 * (expected + 1) * 0.09)
-    assert p.cloud.storage == pytest.approx(2 * 0.5 + 2 * 0.5 * 0.023)
-    for terms in (p.gateway, p.cloud):
-        assert terms.explain["reads_now"] == 1.0 and terms.explain["expected_reads"] == pytest.approx(expected)
-        assert terms.explain["retrieved_gb"] == pytest.approx(2 * (expected + 1))
-    without = place_segment(SegmentFacts(2 * 10**9, 0.5, 0.2, 150 * 10**9), PRICES)
-    assert without.gateway.explain["reads_now"] == 0.0
-    assert p.gateway.storage == pytest.approx(without.gateway.storage)
-
-
-def test_the_disk_forecast_adds_the_inflow_and_takes_off_what_retention_deletes() -> None:
-    # 100 held now; 30 deleted at t=10 and 50 at t=20; a route sealing 2 a second (kept longer than this).
-    deletions = [(20.0, 50), (10.0, 30)]
-    steady = [(2.0, 1000.0)]
-    assert forecast_disk(100, 0.0, 5.0, deletions, steady) == pytest.approx(110)  # nothing deleted yet
-    # The most is just before a deletion, or at the end: 2 a second peaks before the first deletion (120, then
-    # 70 + 40, then 20 + 60), 5 a second at the second deletion and after (150, then 70 + 100, 20 + 150).
-    assert forecast_disk(100, 0.0, 30.0, deletions, steady) == pytest.approx(120)
-    assert forecast_disk(100, 0.0, 30.0, deletions, [(5.0, 1000.0)]) == pytest.approx(170)
-    assert forecast_disk(100, 0.0, 15.0, deletions, [(5.0, 1000.0)]) == pytest.approx(150)
-    assert forecast_disk(100, 0.0, 30.0, deletions, []) == pytest.approx(100)  # never more than now without inflow
-    assert forecast_disk(100, 15.0, 30.0, [(10.0, 30)], []) == pytest.approx(100)  # past deletions: already done
-    # What a route seals from now on is deleted after its retention: it holds at most a retention's worth.
-    assert forecast_disk(0, 0.0, 100.0, [], [(5.0, 4.0), (1.0, 1000.0)]) == pytest.approx(5 * 4 + 100)
-
-
-def test_a_read_moves_a_segment_only_if_the_disk_will_reach_the_knee_and_is_priced_there() -> None:
-    budget = 1000
-    knee = int(KNEE * budget)
-    assert read_disk_used(500, 700.0, budget) is None  # room to spare until the segment's deletion
-    assert read_disk_used(500, 5000.0, budget) == knee
-    assert read_disk_used(500, float(knee), budget) == knee
-    assert read_disk_used(990, 0.0, budget) == 990  # past the knee already: as full as it is
-
-
-def test_a_route_counts_as_inflow_only_if_its_segments_would_stay_on_an_empty_disk() -> None:
-    assert stays_on_empty_disk(1.0, 0.05, PRICES)
-    assert not stays_on_empty_disk(1.0, 5.0, PRICES)  # read five times: the cloud whatever the disk
-
-
-@given(deletions=st.lists(st.tuples(st.floats(-10.0, 100.0), st.integers(0, 50)), max_size=12),
-       rates=st.lists(st.tuples(st.floats(0.0, 5.0), st.floats(0.0, 200.0)), max_size=3),
-       used=st.integers(0, 1000), until=st.floats(0.0, 150.0))
-def test_the_forecast_is_the_most_over_every_instant_until_the_horizon(
-        deletions: list[tuple[float, int]], rates: list[tuple[float, float]], used: int, until: float) -> None:
-    def held(at: float) -> float:  # what the disk holds at ``at``, from the definition
-        return (used - sum(size for when, size in deletions if when <= at)
-                + sum(rate * min(at, retention) for rate, retention in rates))
-
-    # Just before each deletion (and at now and the horizon): where the most can be.
-    instants = [0.0, until] + [when - 1e-9 for when, _ in deletions if 0.0 < when <= until]
-    most = max(held(at) if at > 0.0 else float(used) for at in instants)
-    assert forecast_disk(used, 0.0, until, deletions, rates) == pytest.approx(most, abs=1e-6)
-
-
-@given(size=st.integers(1, 10**11), months=st.floats(0.0, 24.0), rate=st.floats(0.0, 10.0),
-       fill=st.floats(0.0, 0.999))
-def test_a_read_being_answered_never_makes_the_gateway_cheaper(size: int, months: float, rate: float,
-                                                               fill: float) -> None:
-    # It adds the uplink's price to the gateway and only the egress to the cloud (egress <= uplink here).
-    used = int(fill * PRICES.disk_budget_bytes)
-    before = place_segment(SegmentFacts(size, months, rate, used), PRICES)
-    after = place_segment(SegmentFacts(size, months, rate, used, reads_now=1), PRICES)
-    assert after.gateway.total - before.gateway.total >= after.cloud.total - before.cloud.total - 1e-9
 
 
 def test_shadow_factor_is_nothing_when_empty_one_at_the_knee_and_unbounded_at_the_budget() -> None:
@@ -326,15 +250,6 @@ def test_explain_says_why_a_segment_stays_within_the_margin() -> None:
     data = as_json("r", SegmentFacts(10**8, 1.0, even, 1), PRICES)
     assert data["reason"] == "margin"
     assert "neither place is cheaper by more than 10%" in render(data)
-
-
-def test_explain_shows_a_read_being_answered() -> None:
-    facts = SegmentFacts(10**8, 0.5, 0.2, int(KNEE * PRICES.disk_budget_bytes), reads_now=1)
-    data = json.loads(json.dumps(as_json("r", facts, PRICES), allow_nan=False))
-    assert data["segment"]["reads_now"] == 1
-    text = render(data)
-    assert text.count("(0.100 expected read(s) + 1 being answered now)") == 2
-    assert "being answered" not in render(as_json("r", SegmentFacts(10**8, 0.5, 0.2, 10**9), PRICES))
 
 
 def test_explain_says_when_the_expected_reads_are_the_prior() -> None:

@@ -151,16 +151,6 @@ class Catalog:
         row = self._db().execute("SELECT coalesce(sum(size), 0) FROM segments WHERE place != 'cloud'").fetchone()
         return int(row[0])
 
-    def on_gateway(self) -> list[tuple[str, float, int]]:
-        """(route, last receive time, size) of each segment on the gateway's disk, for the disk's forecast."""
-        return [(str(r[0]), float(r[1]), int(r[2])) for r in self._db().execute(
-            "SELECT route, last_at, size FROM segments WHERE place != 'cloud'")]
-
-    def sealed_since(self, at: float) -> list[tuple[str, int]]:
-        """(route, size) of each segment sealed at or after ``at`` still in the catalog, wherever it is."""
-        return [(str(r[0]), int(r[1])) for r in self._db().execute(
-            "SELECT route, size FROM segments WHERE sealed_at >= ?", (at,))]
-
     def get_meta(self, key: str) -> str | None:
         row = self._db().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])

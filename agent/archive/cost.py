@@ -24,28 +24,21 @@ Expected retrievals come from :class:`RetrievalRate`, learned per route from rea
 
 from __future__ import annotations
 
-import bisect
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
     "GB",
-    "INFLOW_WINDOW_S",
     "KNEE",
     "SECONDS_PER_MONTH",
     "ArchivePrices",
-    "DiskForecast",
     "Placement",
     "RetrievalRate",
     "SegmentFacts",
     "Terms",
-    "forecast_disk",
     "place_segment",
-    "read_disk_used",
     "shadow_factor",
-    "stays_on_empty_disk",
 ]
 
 GB = 1e9  # storage and transfer are priced per decimal gigabyte
@@ -57,8 +50,6 @@ SECONDS_PER_MONTH = 30 * 86_400.0  # a month of retention and of storage prices:
 # the cloud (measured with the archive replay's full-disk workload: 0.97 cost 0.8 % more than 0.98).
 KNEE = 0.98
 _STEEPNESS = 4.0
-# How far back the routes' seals are averaged for the disk's forecast at a read (:func:`forecast_disk`).
-INFLOW_WINDOW_S = 3 * 86_400.0
 
 Choice = Literal["gateway", "cloud"]
 
@@ -88,9 +79,6 @@ class SegmentFacts:
     months_left: float  # until retention deletes it
     retrievals_per_month: float  # expected reads of this segment's data per month (RetrievalRate.per_month)
     disk_used_bytes: int  # the archive's disk use now, this segment included
-    # Reads of this segment being answered now (a query about to read it from the gateway): each is a certain
-    # read in both places, over the uplink from here, or at egress after the upload (the upload carries it).
-    reads_now: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +118,7 @@ def place_segment(facts: SegmentFacts, prices: ArchivePrices) -> Placement:
     gb = facts.size_bytes / GB
     months = max(facts.months_left, 0.0)
     reads = max(facts.retrievals_per_month, 0.0) * months  # expected reads over the rest of its life
-    reads_now = max(facts.reads_now, 0)
-    retrieved_gb = gb * (reads + reads_now)
+    retrieved_gb = gb * reads
 
     upload = gb * prices.uplink_per_gb
     cloud_storage = upload + gb * months * prices.cloud_storage_per_gb_month
@@ -144,11 +131,10 @@ def place_segment(facts: SegmentFacts, prices: ArchivePrices) -> Placement:
         "gb_months": gb * months,
         "storage_per_gb_month": prices.cloud_storage_per_gb_month,
         "expected_reads": reads,
-        "reads_now": float(reads_now),
         "retrieved_gb": retrieved_gb,
         "egress_per_gb": prices.cloud_egress_per_gb,
         "storage_formula": "size_gb × uplink_per_gb + gb_months × storage_per_gb_month",
-        "retrieval_formula": "retrieved_gb × egress_per_gb (retrieved_gb = size_gb × (expected_reads + reads_now))",
+        "retrieval_formula": "retrieved_gb × egress_per_gb",
     })
 
     fill = facts.disk_used_bytes / prices.disk_budget_bytes
@@ -168,12 +154,11 @@ def place_segment(facts: SegmentFacts, prices: ArchivePrices) -> Placement:
         "cloud_month_per_gb": reference,
         "shadow_per_gb_month": shadow,
         "expected_reads": reads,
-        "reads_now": float(reads_now),
         "retrieved_gb": retrieved_gb,
         "uplink_per_gb": prices.uplink_per_gb,
         "storage_formula": "size_gb × months_left × shadow_per_gb_month "
                            "(shadow_per_gb_month = shadow_factor × cloud_month_per_gb)",
-        "retrieval_formula": "retrieved_gb × uplink_per_gb (retrieved_gb = size_gb × (expected_reads + reads_now))",
+        "retrieval_formula": "retrieved_gb × uplink_per_gb",
     })
 
     if math.isinf(gateway.total):
@@ -183,75 +168,6 @@ def place_segment(facts: SegmentFacts, prices: ArchivePrices) -> Placement:
     if gateway.total < cloud.total * (1.0 - prices.margin):
         return Placement(gateway, cloud, "gateway", "cheaper")
     return Placement(gateway, cloud, "gateway", "margin")
-
-
-class DiskForecast:
-    """The most the archive's disk would hold from ``now`` on if no segment left for the cloud: what it holds now
-    (``used_bytes``), less the segments retention deletes meanwhile (``deletions``: each one's time and size),
-    plus what the routes seal for the gateway (``inflows``: each route's bytes per second and retention in
-    seconds; what a route seals from now on is deleted in its turn, so it holds at most a retention's worth).
-    Retention's deletions are known in advance; the inflows are the routes' recent rates. Built once for an
-    instant, it answers :meth:`peak` for any horizon (each segment a query reads has its own)."""
-
-    __slots__ = ("_now", "_peaks", "_rates", "_times", "_uses")
-
-    def __init__(self, used_bytes: int, now: float, deletions: Iterable[tuple[float, int]],
-                 inflows: Iterable[tuple[float, float]]) -> None:
-        self._now = now
-        self._rates = [(max(rate, 0.0), max(retention_s, 0.0)) for rate, retention_s in inflows]
-        # Between two deletions the disk only grows: its most is just before a deletion, or at the horizon.
-        # _peaks[k]: the most before the k-th deletion (of those after now); _uses[k]: what is left after it.
-        use = peak = float(used_bytes)
-        self._times: list[float] = []
-        self._peaks: list[float] = [peak]
-        self._uses: list[float] = [use]
-        for at, size in sorted(deletions):
-            if at > now:
-                peak = max(peak, use + self.sealed_by(at))
-            use -= size
-            self._times.append(at)
-            self._peaks.append(peak)
-            self._uses.append(use)
-
-    def sealed_by(self, at: float) -> float:
-        """What the routes seal for the gateway from now until ``at`` and still hold then."""
-        return sum(rate * min(max(at - self._now, 0.0), retention_s) for rate, retention_s in self._rates)
-
-    def peak(self, until: float) -> float:
-        """The most the disk would hold from now until ``until``."""
-        k = bisect.bisect_right(self._times, until)
-        return max(self._peaks[k], self._uses[k] + self.sealed_by(until))
-
-
-def forecast_disk(used_bytes: int, now: float, until: float, deletions: Iterable[tuple[float, int]],
-                  inflows: Iterable[tuple[float, float]]) -> float:
-    """:meth:`DiskForecast.peak` for one horizon."""
-    return DiskForecast(used_bytes, now, deletions, inflows).peak(until)
-
-
-def stays_on_empty_disk(months_left: float, retrievals_per_month: float, prices: ArchivePrices) -> bool:
-    """Whether a route's segment would stay on the gateway if the disk were empty (whatever its size: every term
-    is proportional to it). Its seals count towards the disk's forecast; a route that goes to the cloud anyway
-    does not."""
-    facts = SegmentFacts(int(GB), months_left, retrievals_per_month, 0)
-    return place_segment(facts, prices).choice == "gateway"
-
-
-def read_disk_used(used_bytes: int, forecast_bytes: float, disk_budget_bytes: int) -> int | None:
-    """The disk fill a move at a read is priced at, or None when no read should move a segment: the disk will
-    not reach ``KNEE`` of its budget before the segment's deletion (:func:`forecast_disk`).
-
-    A segment being read is the cheapest one to move (its upload carries the read: the read costs the cloud's
-    egress instead of the uplink). But the read says nothing of its later reads, so it is a reason to move only
-    for room: if the disk will reach the knee while the segment would have stayed, the room it frees now spares
-    a later move, at the knee, of a segment no read carries; the read is priced with the disk there (or as full
-    as it is now, if fuller). Priced at the fill now instead, such moves wait until the disk is past the knee,
-    when segments at their seal are already leaving in their place (measured with the archive replay's full-disk
-    workload: 1.09 against 1.04 × the oracle)."""
-    knee_bytes = int(KNEE * disk_budget_bytes)
-    if max(used_bytes, forecast_bytes) < knee_bytes:
-        return None
-    return max(used_bytes, knee_bytes)
 
 
 class RetrievalRate:
@@ -346,4 +262,3 @@ class RetrievalRate:
         return {"per_month": self.per_month(now), "prior_per_month": self._prior,
                 "observed_per_month": self.observed_per_month(now), "weight": self.weight(now),
                 "half_life_days": self.half_life_days}
-

@@ -36,8 +36,7 @@ def as_json(route: str, facts: SegmentFacts, prices: ArchivePrices, *, placement
     return {
         "route": route,
         "segment": {"size_bytes": facts.size_bytes, "months_left": facts.months_left,
-                    "retrievals_per_month": facts.retrievals_per_month, "disk_used_bytes": facts.disk_used_bytes,
-                    "reads_now": facts.reads_now},
+                    "retrievals_per_month": facts.retrievals_per_month, "disk_used_bytes": facts.disk_used_bytes},
         "prices": {"uplink_per_gb": prices.uplink_per_gb,
                    "cloud_storage_per_gb_month": prices.cloud_storage_per_gb_month,
                    "cloud_egress_per_gb": prices.cloud_egress_per_gb,
@@ -88,25 +87,18 @@ def render(data: dict[str, Any]) -> str:
            f"{_share(g['shadow_factor'])} of a first",
            f"{'':<37}month in the cloud ({g['cloud_month_per_gb']:.4f}/GB, the upload and a month's storage), "
            f"all of it at {prices['knee']:.0%}")),
-        f"{'  retrieval':<24}{_money(gw['retrieval'])}   {_read_count(g)} × {gb:.3f} GB "
+        f"{'  retrieval':<24}{_money(gw['retrieval'])}   {g['expected_reads']:.3f} expected read(s) × {gb:.3f} GB "
         f"× {prices['uplink_per_gb']:g}/GB over the metered uplink",
         f"{'in the cloud':<24}{_money(cl['total'])}",
         f"{'  storage':<24}{_money(cl['storage'])}   upload {gb:.3f} GB × {prices['uplink_per_gb']:g}/GB = "
         f"{c['upload']:.4f}, + {c['gb_months']:.4f} GB-months × {prices['cloud_storage_per_gb_month']:g}"
         f"/GB-month",
-        f"{'  retrieval':<24}{_money(cl['retrieval'])}   {_read_count(c)} × {gb:.3f} GB "
+        f"{'  retrieval':<24}{_money(cl['retrieval'])}   {c['expected_reads']:.3f} expected read(s) × {gb:.3f} GB "
         f"× {prices['cloud_egress_per_gb']:g}/GB egress",
         "",
         _reads(seg["retrievals_per_month"], data.get("estimate")),
     ]
     return "\n".join(lines)
-
-
-def _read_count(terms: dict[str, Any]) -> str:
-    # A read being answered (a move before a read) is a certain read in both places, beside the expected ones.
-    now = terms.get("reads_now") or 0.0
-    expected = f"{terms['expected_reads']:.3f} expected read(s)"
-    return f"({expected} + {now:g} being answered now)" if now else expected
 
 
 def _share(fraction: float) -> str:

@@ -10,10 +10,6 @@ Runs on a thread of its own (``archive-manager``): every call to the object stor
 5. placement: each segment on the gateway is priced in both places (agent/archive/cost.py); the cheaper by the
    margin wins. Over the disk budget the oldest segments go to the cloud whatever the price.
 
-Between passes, a query of the agent about to read a segment on the gateway asks :meth:`Manager.before_read`:
-priced with that read, and with the disk as full as it is forecast to get before the segment's deletion, the
-segment may move to the cloud first, and the query reads it from there (its upload carries the read).
-
 A move is committed in steps: ``uploading`` (with its key) in the catalog, the upload (the store verifies the
 sha256), ``cloud`` in the catalog, and only then the local file is deleted. A crash anywhere in between leaves
 the segment whole in at least one place. When the cloud is unavailable the archive stays on the gateway: the
@@ -32,19 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.archive.catalog import Catalog, Entry
-from agent.archive.cost import (
-    INFLOW_WINDOW_S,
-    KNEE,
-    SECONDS_PER_MONTH,
-    ArchivePrices,
-    DiskForecast,
-    Placement,
-    RetrievalRate,
-    SegmentFacts,
-    place_segment,
-    read_disk_used,
-    stays_on_empty_disk,
-)
+from agent.archive.cost import SECONDS_PER_MONTH, ArchivePrices, Placement, RetrievalRate, SegmentFacts, place_segment
 from agent.archive.intake import Intake, route_key
 from agent.archive.objectstore import ObjectStoreError  # light: the S3 client is imported on first use
 from agent.telemetry import get_logger
@@ -71,7 +55,6 @@ class ManagerCounters:
     uploaded_bytes: int = 0
     upload_failures: int = 0
     forced_uploads: int = 0  # over the disk budget, whatever the price
-    read_moves: int = 0  # moved before a query read them (before_read)
     deleted_gateway: int = 0  # by retention
     deleted_cloud: int = 0
     decisions: int = 0
@@ -293,63 +276,13 @@ class Manager:
     def disk_used(self) -> int:
         return self.catalog.disk_bytes() + self.intake.unsealed_bytes()
 
-    def price(self, entry: Entry, now: float, disk_used: int | None = None, reads_now: int = 0) -> Placement:
+    def price(self, entry: Entry, now: float, disk_used: int | None = None) -> Placement:
         policy = self.routes.get(entry.route, RoutePolicy(days=30, retrievals_per_month=0.0))
         months_left = max(entry.last_at + policy.days * DAY_S - now, 0.0) / SECONDS_PER_MONTH
         facts = SegmentFacts(size_bytes=entry.size, months_left=months_left,
                              retrievals_per_month=self.rate(entry.route).per_month(now),
-                             disk_used_bytes=self.disk_used() if disk_used is None else disk_used,
-                             reads_now=reads_now)
+                             disk_used_bytes=self.disk_used() if disk_used is None else disk_used)
         return place_segment(facts, self.prices)
-
-    def forecast_disk(self, now: float, used: int) -> DiskForecast:
-        """What the disk would hold from now on if nothing left for the cloud (cost.DiskForecast): the deletions
-        retention has scheduled, and as what keeps coming, the seals of the last INFLOW_WINDOW_S of the routes
-        whose segments would stay on an empty disk."""
-        deletions = [(last_at + self.routes[route].days * DAY_S, size)
-                     for route, last_at, size in self.catalog.on_gateway() if route in self.routes]
-        stays = {route: stays_on_empty_disk(policy.days * DAY_S / SECONDS_PER_MONTH, self.rate(route).per_month(now),
-                                            self.prices)
-                 for route, policy in self.routes.items()}
-        inflow: dict[str, float] = {}
-        for route, size in self.catalog.sealed_since(now - INFLOW_WINDOW_S):
-            if stays.get(route, False):
-                inflow[route] = inflow.get(route, 0.0) + size / INFLOW_WINDOW_S
-        return DiskForecast(used, now, deletions,
-                            [(rate, self.routes[route].days * DAY_S) for route, rate in inflow.items()])
-
-    def before_read(self, entry: Entry) -> Entry:
-        """A query of the agent is about to read ``entry``: if it is on the gateway and, priced with this read
-        and with the disk as full as it will get before the segment's deletion (cost.read_disk_used), the cloud
-        wins, it moves there first, so that its upload carries the read (which then costs the cloud's egress
-        rather than the uplink). Returns the entry as it is now, for the query to read from its place."""
-        try:
-            with self._lock:
-                now = self._clock()
-                current = self.catalog.get(entry.route, entry.segment_id)
-                policy = self.routes.get(entry.route)
-                if current is None or current.place != "gateway" or policy is None or not self._cloud_usable(now):
-                    return current or entry
-                used = self.disk_used()
-                # The price the read is given if the disk will need the room (read_disk_used): when the gateway
-                # wins even so, the forecast (which reads the whole catalog) is not needed.
-                placement = self.price(current, now, disk_used=max(used, int(KNEE * self.prices.disk_budget_bytes)),
-                                       reads_now=1)
-                if placement.choice != "cloud":
-                    return current
-                forecast = self.forecast_disk(now, used).peak(current.last_at + policy.days * DAY_S)
-                priced_at = read_disk_used(used, forecast, self.prices.disk_budget_bytes)
-                if priced_at is None:
-                    return current  # the disk will have room: the read is answered from here
-                self._record(current, placement, now, forced=False, reason="read",
-                             disk={"used_bytes": used, "forecast_bytes": round(forecast), "priced_at_bytes": priced_at})
-                if not self._upload(current, now):
-                    return current
-                self.counters.read_moves += 1
-                return self.catalog.get(entry.route, entry.segment_id) or current
-        except Exception:  # the query reads the segment where it is
-            log.exception("archive_read_move_failed", route=entry.route, segment=entry.segment_id)
-            return entry
 
     def _place(self, now: float) -> None:
         for entry in self.catalog.entries(place="gateway"):
@@ -364,19 +297,15 @@ class Manager:
             if placement.choice == "cloud" and self._cloud_usable(now):
                 self._upload(entry, now)
 
-    def _record(self, entry: Entry, placement: Placement, now: float, *, forced: bool, reason: str | None = None,
-                disk: dict[str, int] | None = None) -> None:
-        """``reason``: "read" for a move before a read (``disk``: the fills it was priced from)."""
+    def _record(self, entry: Entry, placement: Placement, now: float, *, forced: bool) -> None:
         choice = "cloud" if forced else placement.choice
         decision: dict[str, Any] = {
-            "at": now, "choice": choice, "reason": "over_budget" if forced else reason or placement.reason,
+            "at": now, "choice": choice, "reason": "over_budget" if forced else placement.reason,
             "gateway": {"storage": placement.gateway.storage, "retrieval": placement.gateway.retrieval,
                         "total": placement.gateway.total},
             "cloud": {"storage": placement.cloud.storage, "retrieval": placement.cloud.retrieval,
                       "total": placement.cloud.total},
         }
-        if disk is not None:
-            decision["disk"] = disk
         first = entry.decision is None
         changed = first or entry.decision is None or entry.decision.get("choice") != choice
         self.catalog.set_decision(entry.route, entry.segment_id, decision)

@@ -6,10 +6,6 @@ Exactly once across a seal or a move happening during the query: journals are re
 catalog, and a segment sealed from a journal already read (same id) is skipped; a segment whose local file is
 gone when read (moved meanwhile) is read from the cloud. Each segment read is recorded in the catalog, which is
 how the agent learns each route's retrieval rate (agent/archive/cost.py: RetrievalRate).
-
-In the agent, the placement manager sees each segment on the gateway before it is read (``before_read``): one
-the disk will need the room of may move to the cloud first and be read from there (agent/archive/manager.py).
-`edge-agent archive query`, a process of its own, reads every segment where it is.
 """
 
 from __future__ import annotations
@@ -55,20 +51,16 @@ def _could_match(route: str, topic_filter: str) -> bool:
 
 class Reader:
     """One archive's segments for queries. ``unsealed(route)``: the open journal's records when the caller owns
-    the journals (the agent); otherwise journals are read from disk without touching them. ``before_read``: told
-    of each segment on the gateway before it is read, returns it as it is then (the agent's placement manager,
-    which may move it to the cloud first)."""
+    the journals (the agent); otherwise journals are read from disk without touching them."""
 
     def __init__(self, root: Path, catalog: Catalog, objects: Callable[[], ObjectStore | None],
                  unsealed: Callable[[str], list[tuple[str, list[Record]]]] | None = None,
-                 clock: Callable[[], float] = time.time,
-                 before_read: Callable[[Entry], Entry] | None = None) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.root = root
         self.catalog = catalog
         self._objects = objects
         self._unsealed = unsealed
         self._clock = clock
-        self._before_read = before_read
 
     def routes(self) -> list[str]:
         found = []
@@ -129,8 +121,6 @@ class Reader:
                       q: Query) -> Iterator[Record]:
         items: list[Record] = []
         for entry in entries:  # by first receive time
-            if self._before_read is not None and entry.place == "gateway":
-                entry = self._before_read(entry)
             matched = 0
             for record in self._segment(entry):
                 if q.start <= record.received_at <= q.end and topic_matches(q.topic_filter, record.topic):

@@ -8,9 +8,8 @@ its budget is a hard limit):
 
 - ``agent``: the daemon's decision code, :func:`agent.archive.cost.place_segment` at each seal and again each
   day for the segments still on the gateway (the daemon's manager asks every few minutes; the disk's fill
-  changes over hours), and before each read of a segment on the gateway the manager's ``before_read`` rule (when
-  the disk will reach its knee before the segment's deletion, the segment may move first and the read is the
-  cloud's), with a :class:`~agent.archive.cost.RetrievalRate` per route learning from the simulated queries;
+  changes over hours), with a :class:`~agent.archive.cost.RetrievalRate` per route learning from the simulated
+  queries;
 - ``always_local`` and ``always_cloud``;
 - ``oracle``: knows every segment's future reads and every future seal, and schedules each segment (stay, go at
   its seal, or leave after some days) at least cost within the disk budget. That is an integer program; the
@@ -20,9 +19,8 @@ its budget is a hard limit):
   the oracle is each segment's cheapest schedule, and the bound a hair lower (it allows moves between the
   grid's points at their least cost);
 - ``route_oracle``: the same search knowing only each route's true reads by age, not which segment a query
-  will hit: what the best policy that learns per route could do with moves planned ahead. The difference to
-  ``oracle`` is the price of not knowing the dice (which clip a complaint will be about), which no online policy
-  can know; a policy that moves the segment being read when the disk needs room recovers part of it.
+  will hit: what the best policy that learns per route could do. The difference to ``oracle`` is the price of
+  not knowing the dice (which clip a complaint will be about), which no online policy can know.
 
 Every policy runs under the placement manager's hard rule: after a seal that takes the disk over its budget, the
 oldest segments on the gateway move to the cloud until it fits. The replay begins with the archive in its steady

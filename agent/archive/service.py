@@ -127,7 +127,7 @@ class ArchiveService:
             clock=clock, tick_s=s.pass_interval_s, redecide_s=s.redecide_s,
             cloud_quota_bytes=None if self.objects is None else s.cloud_quota_gb * 10**9)
         self.reader = Reader(self.root, self.catalog, lambda: self.objects, unsealed=self.intake.unsealed,
-                             clock=clock, before_read=self.manager.before_read)
+                             clock=clock)
         self.responder: Responder | None = None
 
     def open(self, store_path: Path) -> None:

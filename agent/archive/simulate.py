@@ -9,23 +9,12 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
 
-from agent.archive.cost import (
-    GB,
-    INFLOW_WINDOW_S,
-    DiskForecast,
-    RetrievalRate,
-    SegmentFacts,
-    place_segment,
-    read_disk_used,
-    stays_on_empty_disk,
-)
+from agent.archive.cost import GB, RetrievalRate, SegmentFacts, place_segment
 from agent.archive.oracle import OracleSolution, oracle
 from agent.archive.replay import DAY, MONTH, POLICIES, ArchiveWorkload
 from agent.archive.world import Costs, World, evaluate, generate, peak_disk, segment_costs
@@ -63,12 +52,6 @@ class Policy(Protocol):
 
     def to_cloud(self, seg: int, now: float, disk_used: float) -> bool: ...
 
-    def move_to_read(self, seg: int, now: float, disk_used: float,
-                     on_disk: Callable[[], Iterable[tuple[float, float]]]) -> bool:
-        """Whether a segment on the gateway that a query is about to read moves to the cloud first (then the read
-        is the cloud's). ``on_disk``: each segment on the gateway, its deletion time and size."""
-        ...
-
 
 class Fixed:
     """``always_local`` or ``always_cloud``."""
@@ -87,72 +70,29 @@ class Fixed:
     def to_cloud(self, seg: int, now: float, disk_used: float) -> bool:
         return self.cloud
 
-    def move_to_read(self, seg: int, now: float, disk_used: float,
-                     on_disk: Callable[[], Iterable[tuple[float, float]]]) -> bool:
-        return False
-
 
 class Agent:
     """The daemon's decisions: :func:`~agent.archive.cost.place_segment` for each segment at its seal and
-    again every ``redecide_s`` while it is on the gateway, and before a query reads it from the gateway (priced
-    with that read, at the disk's forecast fill: :func:`~agent.archive.cost.read_disk_used`), with a
-    :class:`~agent.archive.cost.RetrievalRate` per route fed by the seals and the replay's reads.
-    ``reads_move=False``: no move at a read (the policy before it, for comparison)."""
+    again every ``redecide_s`` while it is on the gateway, with a
+    :class:`~agent.archive.cost.RetrievalRate` per route fed by the seals and the replay's reads."""
 
-    def __init__(self, world: World, workload: ArchiveWorkload, *, redecide_s: float | None = DAY,
-                 reads_move: bool = True) -> None:
+    def __init__(self, world: World, workload: ArchiveWorkload, *, redecide_s: float | None = DAY) -> None:
         self.redecide_s = redecide_s
-        self.reads_move = reads_move
         self._prices = workload.prices
         start = -workload.warmup_s
         self._rates = [RetrievalRate(r.retrievals_per_month, r.days, start=start) for r in workload.routes]
         self._route, self._size = world.route.tolist(), world.size.tolist()
         self._expires = world.expires.tolist()
-        self._retention = [r.days * DAY / MONTH for r in workload.routes]
-        self._recent: deque[tuple[float, int]] = deque()  # (seal time, segment) over INFLOW_WINDOW_S
-        self._forecast: tuple[tuple[float, float], DiskForecast] | None = None
 
     def sealed(self, seg: int, now: float) -> None:
         self._rates[self._route[seg]].sealed(now, int(self._size[seg]))
-        self._recent.append((now, seg))
 
     def read(self, seg: int, now: float) -> None:
         self._rates[self._route[seg]].read(now, int(self._size[seg]))
 
     def to_cloud(self, seg: int, now: float, disk_used: float) -> bool:
-        return self._place(seg, now, disk_used, 0)
-
-    def move_to_read(self, seg: int, now: float, disk_used: float,
-                     on_disk: Callable[[], Iterable[tuple[float, float]]]) -> bool:
-        if not self.reads_move:
-            return False
-        key = (now, disk_used)  # a query's reads share an instant; a move changes the disk
-        if self._forecast is None or self._forecast[0] != key:
-            self._forecast = (key, self._disk_forecast(now, disk_used, on_disk))
-        forecast = self._forecast[1].peak(self._expires[seg])
-        priced_at = read_disk_used(int(disk_used), forecast, self._prices.disk_budget_bytes)
-        return priced_at is not None and self._place(seg, now, priced_at, 1)
-
-    def _disk_forecast(self, now: float, disk_used: float,
-                       on_disk: Callable[[], Iterable[tuple[float, float]]]) -> DiskForecast:
-        # As the manager's: the routes' seals of the last INFLOW_WINDOW_S, of the routes whose segments would
-        # stay on an empty disk, are what keeps filling it.
-        while self._recent and self._recent[0][0] < now - INFLOW_WINDOW_S:
-            self._recent.popleft()
-        stays = [stays_on_empty_disk(months, rate.per_month(now), self._prices)
-                 for months, rate in zip(self._retention, self._rates, strict=True)]
-        inflow = [0.0] * len(stays)
-        for _, old in self._recent:
-            if stays[self._route[old]]:
-                inflow[self._route[old]] += self._size[old] / INFLOW_WINDOW_S
-        deletions = ((at, int(size)) for at, size in on_disk())
-        return DiskForecast(int(disk_used), now, deletions,
-                            zip(inflow, (months * MONTH for months in self._retention), strict=True))
-
-    def _place(self, seg: int, now: float, disk_used: float, reads_now: int) -> bool:
         rate = self._rates[self._route[seg]].per_month(now)
-        facts = SegmentFacts(int(self._size[seg]), (self._expires[seg] - now) / MONTH, rate, int(disk_used),
-                             reads_now)
+        facts = SegmentFacts(int(self._size[seg]), (self._expires[seg] - now) / MONTH, rate, int(disk_used))
         return place_segment(facts, self._prices).choice == "cloud"
 
 
@@ -175,27 +115,15 @@ def simulate(world: World, workload: ArchiveWorkload, policy: Policy) -> tuple[n
     def gone(seg: int, now: float) -> bool:
         return math.isfinite(moved_at[seg]) or expires[seg] <= now
 
-    def on_disk() -> list[tuple[float, float]]:
-        return [(at, size[seg]) for at, seg in expiring if not math.isfinite(moved_at[seg])]
-
-    def expire(now: float, disk: float) -> float:
+    for seg in range(n):
+        now = sealed[seg]
+        while pending is not None and pending[0] < now:
+            policy.read(pending[1], pending[0])
+            pending = next(reads, None)
         while expiring and expiring[0][0] <= now:
             _, old = heapq.heappop(expiring)
             if not math.isfinite(moved_at[old]):
                 disk -= size[old]
-        return disk
-
-    for seg in range(n):
-        now = sealed[seg]
-        while pending is not None and pending[0] < now:
-            t, hit = pending
-            disk = expire(t, disk)
-            if not gone(hit, t) and policy.move_to_read(hit, t, disk, on_disk):
-                moved_at[hit] = t  # before the read is answered: the read is the cloud's
-                disk -= size[hit]
-            policy.read(hit, t)
-            pending = next(reads, None)
-        disk = expire(now, disk)
         policy.sealed(seg, now)
         if policy.to_cloud(seg, now, disk + size[seg]):
             moved_at[seg] = now
