@@ -104,7 +104,6 @@ class ObjectStore:
         self._client: S3Client | None = None
         # What the last call that failed said, until a call succeeds (`edge-agent status` shows it).
         self.last_error: ObjectStoreError | None = None
-        self.last_error_at: float | None = None
 
     # ------------------------------------------------------------------ credentials and the client
 
@@ -146,7 +145,7 @@ class ObjectStore:
         try:
             result = self._attempt(what, action)
         except ObjectStoreError as exc:
-            self.last_error, self.last_error_at = exc, self._clock()
+            self.last_error = exc
             raise
         self.last_error = None
         return result
